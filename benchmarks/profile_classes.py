@@ -1,0 +1,113 @@
+"""FLOP share vs measured time share per operator class; our counter vs torch's FlopCounterMode.
+
+Writes the section between the ``profile-classes`` markers of docs/benchmarks.md. Run:
+
+    .venv/bin/python benchmarks/profile_classes.py [--device cuda] [--dtypes fp32 bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dynavit
+from dynavit.assets import deit_tiny_source
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} threads={torch.get_num_threads()}"
+
+
+def class_rows(p: dynavit.Profile) -> list[str]:
+    rows = []
+    for name, c in p.classes.items():
+        if c.flops or c.time_ms > 0.005 * p.instrumented_ms:
+            rows.append(f"| {name} | {c.macs / 1e9:.4f} | {c.share:.1%} | {c.flop_share:.1%} | "
+                        f"{c.time_ms:.2f} | {c.time_share:.1%} |")
+    return rows
+
+
+def torch_counter_gmacs(lm, size) -> float:
+    x = lm.example_input(1, size)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        lm(x)
+    return fc.get_total_flops() / 2e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32"])
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+
+    models = [
+        ("DeiT-tiny (real weights)", deit_tiny_source(), (224, 224)),
+        ("ViT-B/16 (config)", "config:vit-b16", (224, 224)),
+        ("Swin-T (config)", "config:swin-t", (224, 224)),
+        ("SegFormer-B2 (config, ADE20K head)", "config:segformer-b2", (512, 512)),
+    ]
+    out = [
+        f"Machine: {machine(args.device)}. Date: {dt.date.today()}. Command: "
+        f"`.venv/bin/python benchmarks/profile_classes.py --device {args.device} --dtypes {' '.join(args.dtypes)}"
+        f" --repeats {args.repeats}`. Batch 1. Time per class is the median of {args.repeats} instrumented runs; "
+        "latency is the median of the same number of uninstrumented runs.",
+        "",
+        "### MAC counts: dynavit vs `torch.utils.flop_counter.FlopCounterMode`",
+        "",
+        "| model | input | dynavit GMAC | FlopCounterMode GMAC | missed by FlopCounterMode |",
+        "|---|---|---|---|---|",
+    ]
+    loaded = {}
+    for title, src, size in models:
+        lm = dynavit.load(src)
+        loaded[title] = lm
+        ours = dynavit.cost.total_macs(lm.module, lambda lm=lm, size=size: lm(lm.example_input(1, size))) / 1e9
+        theirs = torch_counter_gmacs(lm, size)
+        out.append(f"| {title} | {size[0]}x{size[1]} | {ours:.4f} | {theirs:.4f} | {1 - theirs / ours:.1%} |")
+    for title, _src, size in models:
+        lm = loaded[title]
+        for dtype in args.dtypes:
+            p = dynavit.profile(lm, input_size=size, device=args.device, dtype=dtype, repeats=args.repeats)
+            out += [
+                "",
+                f"### {title}, {size[0]}x{size[1]}, {args.device} {dtype}: {p.total_macs / 1e9:.4f} GMAC, "
+                f"latency p50 {p.latency_ms:.2f} ms (instrumented sum {p.instrumented_ms:.2f} ms)",
+                "",
+                "| class | GMAC | MAC share | FLOP share | time ms | time share |",
+                "|---|---|---|---|---|---|",
+                *class_rows(p),
+            ]
+            print(out[-len(class_rows(p)) - 4])
+    section = "\n".join(out)
+    tag = f"profile-classes-{args.device}"
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    block = f"<!-- {tag}:start -->\n{section}\n<!-- {tag}:end -->"
+    pat = re.compile(rf"<!-- {tag}:start -->.*?<!-- {tag}:end -->", re.S)
+    text = pat.sub(lambda _m: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Shared fixtures: offline hub, fixed seeds, and the real assets (fail in CI if missing)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _assets_path() -> Path:
+    env = os.environ.get("DYNAVIT_ASSETS")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    """The real models and data; a missing folder fails under CI and skips elsewhere."""
+    p = _assets_path()
+    if not (p / "models" / "deit-tiny-patch16-224" / "config.json").is_file():
+        msg = f"real assets not found at {p} (set DYNAVIT_ASSETS)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return p
+
+
+@pytest.fixture(scope="session")
+def deit_tiny_path(assets: Path) -> Path:
+    return assets / "models" / "deit-tiny-patch16-224"
+
+
+@pytest.fixture(scope="session")
+def deit_tiny(deit_tiny_path: Path):
+    import dynavit
+
+    return dynavit.load(deit_tiny_path)
