@@ -192,9 +192,9 @@ def test_profile_json_schema_and_times(deit_tiny, tmp_path):
     assert d["classes"]["linear"]["time_ms"] > 0 and d["classes"]["attention"]["time_ms"] > 0
     mods = {m["name"]: m for m in d["modules"]}
     layer = vit_macs(192, 1, 3, 768, 16, 224, 224, 0)
-    assert mods["vit.layers.0"]["macs"] == layer["linear"] + layer["attention"]
-    assert mods["classifier"]["macs"] == 192 * 1000
-    assert mods["vit.layers.0.attention"]["macs"] + mods["vit.layers.0.mlp"]["macs"] == mods["vit.layers.0"]["macs"]
+    assert mods["blocks.0"]["macs"] == layer["linear"] + layer["attention"]
+    assert mods["head"]["macs"] == 192 * 1000
+    assert mods["blocks.0.attn"]["macs"] + mods["blocks.0.mlp"]["macs"] == mods["blocks.0"]["macs"]
     assert d["params"] == 5_717_416
     assert 0 < d["activation_peak_bytes"] <= d["activation_written_bytes"]
     assert p.latency_ms > 0 and p.instrumented_ms > 0

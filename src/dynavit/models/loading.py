@@ -91,7 +91,7 @@ class LoadedModel:
         """Logits: (B, labels) for classification, (B, labels, h, w) for segmentation."""
         if self.family == "timm":
             return self.module(pixel_values)
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if self.family == "vit" and tuple(pixel_values.shape[-2:]) != self.input_size:
             kwargs["interpolate_pos_encoding"] = True
         out = self.module(pixel_values=pixel_values, **kwargs)
@@ -133,7 +133,16 @@ def load(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu")
         else:
             lm = _load_hf(name, local=False)
     lm.module.to(device)
-    return lm
+    return _dynamic_if_supported(lm)
+
+
+def _dynamic_if_supported(lm: LoadedModel) -> LoadedModel:
+    """Families with a dynavit forward pass come back as a DynamicModel (same interface, plus knobs)."""
+    from dynavit.dynamic import DynamicModel, supports
+
+    if isinstance(lm, DynamicModel) or not supports(lm):
+        return lm
+    return DynamicModel.from_loaded(lm)
 
 
 def from_config(config: Any, *, seed: int = 0, source: str | None = None) -> LoadedModel:
@@ -141,7 +150,7 @@ def from_config(config: Any, *, seed: int = 0, source: str | None = None) -> Loa
     model_cls = _hf_model_class(config)
     torch.manual_seed(seed)
     module = model_cls(config).eval()
-    return _wrap_hf(module, source or f"{type(config).__name__}(random init)", preprocessor={})
+    return _dynamic_if_supported(_wrap_hf(module, source or f"{type(config).__name__}(random init)", preprocessor={}))
 
 
 def _hf_model_class(config: Any) -> type[nn.Module]:

@@ -1,0 +1,310 @@
+"""``ExecConfig``: one point in a model's space of execution paths, and ``Space``: the legal points.
+
+A config is data: frozen, hashable (so plans and measurements can be cached by it), and
+JSON round-trips. It is validated against the ``Space`` of the model it is applied to, and
+every bad value is a ``ConfigError`` (a ``ValueError``) naming the field, the value and the
+legal range. The default ``ExecConfig()`` is the unmodified model.
+
+Knob semantics (block indices count blocks across all stages, from 0):
+- ``skip_blocks`` / ``skip_attn`` / ``skip_mlp``: blocks, attention or MLP sub-layers not run
+  (their residual branch is dropped, the skip connection carries the input through).
+- ``heads``: heads kept per block (int for all blocks, or one per block): the first ``h``
+  heads, which calibration orders by importance.
+- ``mlp_width``: fraction of MLP hidden channels kept (float, or one per block).
+- ``granularity``: channel counts (MLP, decoder) round UP to a multiple of this, to match a
+  vector / tensor-core width. Heads are whole heads (``head_dim`` channels each).
+- ``token_keep`` at ``token_layers`` (CLS models): after the attention of each listed block,
+  keep ``ceil(token_keep * n)`` of the ``n`` patch tokens. ``token_method="prune"`` keeps the
+  tokens the CLS token attends to most (EViT; ``token_fuse`` folds the dropped ones into one
+  token); ``"merge"`` merges the most similar ones (ToMe bipartite matching, proportional
+  attention). ``token_threshold`` (prune only) keeps, per image, the fewest tokens whose
+  cumulative CLS attention reaches the threshold.
+- ``resolution``: the input is resized to (H, W) before the patch embedding.
+- ``decoder_width`` / ``decoder_branches`` (SegFormer): fraction of decoder channels, and
+  which of the four encoder scales feed the decoder.
+- ``variant``: which of several loaded models of one family runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from dynavit.errors import DynavitError
+
+
+class ConfigError(DynavitError, ValueError):
+    """A config value the model cannot take: names the field, the value and the legal range."""
+
+
+@dataclass(frozen=True)
+class Space:
+    """What one model supports: the legal range of every knob."""
+
+    family: str
+    num_blocks: int
+    heads: tuple[int, ...]  # heads per block
+    head_dim: tuple[int, ...]  # channels per head, per block
+    mlp_hidden: tuple[int, ...]  # MLP hidden channels per block
+    cls_token: bool = False
+    decoder_width: int = 0  # full decoder channels (0: no decoder knobs)
+    decoder_branches: int = 0
+    size_multiple: int = 1
+    default_resolution: tuple[int, int] = (224, 224)
+    variants: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _int_tuple(name: str, v: Any) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, (int,)) and not isinstance(v, bool):
+        return (v,)
+    try:
+        out = tuple(v)
+    except TypeError:
+        raise ConfigError(f"{name}={v!r} is not a list of block indices") from None
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in out):
+        raise ConfigError(f"{name}={v!r} must contain integers")
+    return tuple(sorted(set(out)))
+
+
+def _num_or_tuple(name: str, v: Any, kind: type) -> Any:
+    if v is None or isinstance(v, bool):
+        if v is None:
+            return None
+        raise ConfigError(f"{name}={v!r} must be a number or a list of numbers")
+    if isinstance(v, (int, float)):
+        return kind(v) if kind is float else v
+    try:
+        return tuple(kind(x) if kind is float else x for x in v)
+    except TypeError:
+        raise ConfigError(f"{name}={v!r} must be a number or a list of numbers") from None
+
+
+_FIELDS: dict[str, Any] = {
+    "skip_blocks": (),
+    "skip_attn": (),
+    "skip_mlp": (),
+    "heads": None,
+    "mlp_width": 1.0,
+    "granularity": 1,
+    "token_keep": 1.0,
+    "token_layers": (),
+    "token_method": "prune",
+    "token_fuse": False,
+    "token_threshold": None,
+    "resolution": None,
+    "decoder_width": 1.0,
+    "decoder_branches": None,
+    "variant": None,
+}
+
+
+@dataclass(frozen=True, init=False)
+class ExecConfig:
+    """One execution path. ``ExecConfig()`` is the unmodified model. See the module docstring."""
+
+    skip_blocks: tuple[int, ...]
+    skip_attn: tuple[int, ...]
+    skip_mlp: tuple[int, ...]
+    heads: int | tuple[int, ...] | None
+    mlp_width: float | tuple[float, ...]
+    granularity: int
+    token_keep: float
+    token_layers: tuple[int, ...]
+    token_method: str
+    token_fuse: bool
+    token_threshold: float | None
+    resolution: tuple[int, int] | None
+    decoder_width: float
+    decoder_branches: tuple[int, ...] | None
+    variant: str | None
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown ExecConfig field {unknown[0]!r} (fields: {', '.join(_FIELDS)})")
+        v = {**_FIELDS, **kwargs}
+        for name in ("skip_blocks", "skip_attn", "skip_mlp", "token_layers"):
+            v[name] = _int_tuple(name, v[name])
+        v["decoder_branches"] = None if v["decoder_branches"] is None else _int_tuple(
+            "decoder_branches", v["decoder_branches"])
+        v["heads"] = _num_or_tuple("heads", v["heads"], int)
+        v["mlp_width"] = _num_or_tuple("mlp_width", v["mlp_width"], float)
+        for name in ("token_keep", "decoder_width"):
+            if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
+                raise ConfigError(f"{name}={v[name]!r} must be a number in (0, 1]")
+            v[name] = float(v[name])
+        if v["token_threshold"] is not None:
+            v["token_threshold"] = float(v["token_threshold"])
+        res = v["resolution"]
+        if res is not None:
+            res = (res, res) if isinstance(res, int) else tuple(res)
+            if len(res) != 2 or not all(isinstance(r, int) and r > 0 for r in res):
+                raise ConfigError(f"resolution={v['resolution']!r} must be a positive int or (height, width)")
+            v["resolution"] = res
+        if v["token_method"] not in ("prune", "merge"):
+            raise ConfigError(f"token_method={v['token_method']!r} must be 'prune' or 'merge'")
+        if not isinstance(v["granularity"], int) or v["granularity"] < 1:
+            raise ConfigError(f"granularity={v['granularity']!r} must be a positive integer")
+        for name, value in v.items():
+            object.__setattr__(self, name, value)
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self, *, only_changed: bool = True) -> dict[str, Any]:
+        out = {}
+        for name, default in _FIELDS.items():
+            value = getattr(self, name)
+            if only_changed and value == ExecConfig._default_value(name, default):
+                continue
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @staticmethod
+    def _default_value(name: str, default: Any) -> Any:
+        return float(default) if name in ("token_keep", "decoder_width", "mlp_width") else default
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExecConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"an ExecConfig must be a JSON object, got {type(d).__name__}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> ExecConfig:
+        try:
+            return cls.from_dict(json.loads(s))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"not valid ExecConfig JSON: {e}") from None
+
+    def replace(self, **changes: Any) -> ExecConfig:
+        return ExecConfig(**{**self.to_dict(only_changed=False), **changes})
+
+    @property
+    def is_default(self) -> bool:
+        return not self.to_dict()
+
+    def __repr__(self) -> str:
+        return f"ExecConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What one block runs under a config (resolved against the Space)."""
+
+    attn: bool
+    mlp: bool
+    heads: int
+    mlp_dim: int
+    token_op: str | None = None  # "prune" | "merge" | "threshold" after this block's attention
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A config resolved against one model: everything the forward pass reads."""
+
+    config: ExecConfig
+    blocks: tuple[BlockPlan, ...]
+    token_keep: float = 1.0
+    token_fuse: bool = False
+    token_threshold: float | None = None
+    resolution: tuple[int, int] | None = None
+    decoder_dim: int = 0
+    decoder_branches: tuple[int, ...] = ()
+
+
+def keep_count(total: int, fraction: float, granularity: int = 1) -> int:
+    """Channels kept: ceil(fraction * total), rounded up to a multiple of ``granularity``, <= total."""
+    k = math.ceil(fraction * total - 1e-9)
+    k = -(-k // granularity) * granularity
+    return max(1, min(total, k))
+
+
+def default_token_layers(num_blocks: int) -> tuple[int, ...]:
+    """EViT's placement scaled to depth: blocks 3, 6, 9 of 12."""
+    return tuple(sorted({max(1, round(num_blocks * i / 4)) for i in (1, 2, 3)}))
+
+
+def _per_block(name: str, value: Any, n: int) -> tuple:
+    if isinstance(value, tuple):
+        if len(value) != n:
+            raise ConfigError(f"{name} has {len(value)} values but the model has {n} blocks (give one or {n})")
+        return value
+    return (value,) * n
+
+
+def resolve(cfg: ExecConfig, space: Space) -> Plan:
+    """Validate ``cfg`` against ``space`` and compute the per-block plan (no tensors touched)."""
+    n = space.num_blocks
+    for name in ("skip_blocks", "skip_attn", "skip_mlp", "token_layers"):
+        bad = [i for i in getattr(cfg, name) if not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"{name} contains block {bad[0]}, outside the model's blocks 0..{n - 1}")
+    heads = _per_block("heads", cfg.heads, n)
+    widths = _per_block("mlp_width", cfg.mlp_width, n)
+    for i, (h, full) in enumerate(zip(heads, space.heads, strict=True)):
+        if h is not None and not 1 <= h <= full:
+            raise ConfigError(f"heads={h} for block {i} is outside 1..{full} (the block has {full} heads)")
+    for i, w in enumerate(widths):
+        if not 0.0 < w <= 1.0:
+            raise ConfigError(f"mlp_width={w} for block {i} is outside (0, 1]")
+    token_change = cfg.token_keep < 1.0 or cfg.token_threshold is not None or cfg.token_fuse
+    if token_change or cfg.token_layers:
+        if not space.cls_token:
+            raise ConfigError(f"token knobs need a CLS-token model; {space.family} has no CLS token")
+        if not 0.0 < cfg.token_keep <= 1.0:
+            raise ConfigError(f"token_keep={cfg.token_keep} is outside (0, 1]")
+        if cfg.token_method == "merge" and cfg.token_keep < 0.5:
+            raise ConfigError(f"token_keep={cfg.token_keep} is outside [0.5, 1] for token_method='merge' "
+                              "(bipartite matching merges at most half the tokens per layer)")
+        if cfg.token_threshold is not None:
+            if not 0.0 < cfg.token_threshold <= 1.0:
+                raise ConfigError(f"token_threshold={cfg.token_threshold} is outside (0, 1]")
+            if cfg.token_method != "prune" or cfg.token_fuse:
+                raise ConfigError("token_threshold works with token_method='prune' and token_fuse=False only")
+    if cfg.resolution is not None:
+        h, w = cfg.resolution
+        m = space.size_multiple
+        if h % m or w % m:
+            raise ConfigError(f"resolution={h}x{w} is not a multiple of {m} ({space.family} needs multiples of {m})")
+    if cfg.decoder_width != 1.0 or cfg.decoder_branches is not None:
+        if not space.decoder_width:
+            raise ConfigError(f"decoder knobs need a model with a decoder; {space.family} has none")
+        if not 0.0 < cfg.decoder_width <= 1.0:
+            raise ConfigError(f"decoder_width={cfg.decoder_width} is outside (0, 1]")
+        if cfg.decoder_branches is not None:
+            bad = [b for b in cfg.decoder_branches if not 0 <= b < space.decoder_branches]
+            if bad or not cfg.decoder_branches:
+                raise ConfigError(f"decoder_branches={list(cfg.decoder_branches)} must be a non-empty subset "
+                                  f"of 0..{space.decoder_branches - 1}")
+
+    token_op = None
+    if space.cls_token and (cfg.token_keep < 1.0 or cfg.token_threshold is not None or cfg.token_fuse):
+        token_op = "threshold" if cfg.token_threshold is not None else cfg.token_method
+    layers = set(cfg.token_layers or (default_token_layers(n) if token_op else ()))
+    skip_all = set(cfg.skip_blocks)
+    blocks = tuple(
+        BlockPlan(
+            attn=i not in skip_all and i not in cfg.skip_attn,
+            mlp=i not in skip_all and i not in cfg.skip_mlp,
+            heads=space.heads[i] if heads[i] is None else heads[i],
+            mlp_dim=keep_count(space.mlp_hidden[i], widths[i], cfg.granularity),
+            token_op=token_op if (i in layers and i not in skip_all and i not in cfg.skip_attn) else None,
+        )
+        for i in range(n)
+    )
+    return Plan(
+        config=cfg, blocks=blocks, token_keep=cfg.token_keep, token_fuse=cfg.token_fuse,
+        token_threshold=cfg.token_threshold, resolution=cfg.resolution,
+        decoder_dim=keep_count(space.decoder_width, cfg.decoder_width, cfg.granularity) if space.decoder_width else 0,
+        decoder_branches=tuple(range(space.decoder_branches)) if cfg.decoder_branches is None
+        else cfg.decoder_branches,
+    )

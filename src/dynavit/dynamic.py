@@ -1,0 +1,148 @@
+"""``DynamicModel``: one loaded model, any execution path, switched in O(1).
+
+``configure(cfg)`` validates the config against the model's ``Space`` once, caches the
+resolved ``Plan`` by config, and hands it to the family model: no weight copies, no
+allocation of parameter memory, no recompilation. A rejected config leaves the model in
+its previous configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynavit.config import ConfigError, ExecConfig, Plan, Space, resolve
+from dynavit.models.base import FamilyModel
+from dynavit.models.loading import LoadedModel
+
+
+def _family_class(family: str, model_type: str) -> type[FamilyModel] | None:
+    if family == "vit" and model_type == "vit":
+        from dynavit.models.vit import DynViT
+
+        return DynViT
+    if family == "segformer":
+        try:
+            from dynavit.models.segformer import DynSegformer
+        except ImportError:
+            return None
+        return DynSegformer
+    if family == "swin":
+        try:
+            from dynavit.models.swin import DynSwin
+        except ImportError:
+            return None
+        return DynSwin
+    return None
+
+
+def supports(lm: LoadedModel) -> bool:
+    cfg = lm.config
+    return cfg is not None and _family_class(lm.family, getattr(cfg, "model_type", "")) is not None
+
+
+@dataclass(eq=False)
+class DynamicModel(LoadedModel):
+    """A ``LoadedModel`` whose forward is dynavit's own and takes any ``ExecConfig``."""
+
+    reference: nn.Module | None = None  # the source library's model, sharing every parameter
+    variants: dict[str, LoadedModel] = field(default_factory=dict)
+    _config: ExecConfig = field(default_factory=ExecConfig)
+    _plans: dict[tuple[str | None, ExecConfig], tuple[FamilyModel, Plan]] = field(default_factory=dict)
+    _base: FamilyModel | None = None
+    calibration: Any = None  # dynavit.calibrate.Calibration once calibrated
+
+    @classmethod
+    def from_loaded(cls, lm: LoadedModel) -> DynamicModel:
+        fam_cls = _family_class(lm.family, lm.config.model_type)
+        if fam_cls is None:
+            raise ConfigError(f"no dynamic implementation for {lm.family} ({lm.config.model_type}) yet")
+        impl = fam_cls(lm.module)
+        dm = cls(module=impl, family=lm.family, task=lm.task, id2label=lm.id2label, input_size=lm.input_size,
+                 source=lm.source, mean=lm.mean, std=lm.std, crop_pct=lm.crop_pct, extra=dict(lm.extra),
+                 reference=lm.module)
+        dm._base = impl
+        return dm
+
+    # ---- configuration -----------------------------------------------------------------------
+    @property
+    def space(self) -> Space:
+        return self.module.space
+
+    @property
+    def exec_config(self) -> ExecConfig:
+        return self._config
+
+    def configure(self, cfg: ExecConfig | dict[str, Any] | None = None, **changes: Any) -> DynamicModel:
+        """Switch to ``cfg`` (an ExecConfig, a dict, or keyword changes to the default)."""
+        if cfg is None:
+            cfg = ExecConfig(**changes)
+        elif isinstance(cfg, dict):
+            cfg = ExecConfig.from_dict(cfg)
+        elif changes:
+            cfg = cfg.replace(**changes)
+        key = (cfg.variant, cfg)
+        hit = self._plans.get(key)
+        if hit is None:
+            impl = self._impl_for(cfg.variant)
+            hit = (impl, resolve(cfg, impl.space))  # raises before anything changes
+            self._plans[key] = hit
+        impl, plan = hit
+        impl.plan = plan
+        self.module = impl
+        self._config = cfg
+        return self
+
+    def _impl_for(self, variant: str | None) -> FamilyModel:
+        if variant is None:
+            return self._base
+        if variant not in self.variants:
+            names = ", ".join(sorted(self.variants)) or "none loaded"
+            raise ConfigError(f"variant={variant!r} is not loaded (variants: {names})")
+        return self.variants[variant].module
+
+    def add_variant(self, name: str, model: LoadedModel | str) -> None:
+        """Load another model of the same family and task as a switchable variant."""
+        from dynavit.models.loading import load
+
+        other = load(model) if isinstance(model, str) else model
+        if not isinstance(other, DynamicModel):
+            other = DynamicModel.from_loaded(other)
+        if other.family != self.family or other.task != self.task:
+            raise ConfigError(f"variant {name!r} is a {other.family} {other.task} model; "
+                              f"this model is {self.family} {self.task}")
+        if other.num_labels != self.num_labels:
+            raise ConfigError(f"variant {name!r} has {other.num_labels} labels, this model {self.num_labels}")
+        self.variants[name] = other
+
+    # ---- calibration -------------------------------------------------------------------------
+    def calibrate(self, images: Any, *, criterion: str = "auto", batch_size: int = 16) -> Any:
+        """Rank channels/heads/blocks on ``images`` and reorder the weights (see ``dynavit.calibrate``)."""
+        from dynavit.calibrate import calibrate
+
+        self.calibration = calibrate(self, images, criterion=criterion, batch_size=batch_size)
+        return self.calibration
+
+    def save_calibration(self, folder: str | Path) -> Path:
+        if self.calibration is None:
+            raise ConfigError("nothing to save: call calibrate() first")
+        return self.calibration.save(folder)
+
+    def load_calibration(self, folder: str | Path) -> Any:
+        from dynavit.calibrate import Calibration, apply_saved
+
+        calib = Calibration.load(folder)
+        apply_saved(self, calib)
+        self.calibration = calib
+        return calib
+
+    # ---- inference ---------------------------------------------------------------------------
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.module(pixel_values)
+
+    def check_input_size(self, height: int, width: int) -> None:
+        super().check_input_size(height, width)

@@ -1,0 +1,1 @@
+"""Knob mechanics shared by every family: width slicing, head projection, token reduction."""

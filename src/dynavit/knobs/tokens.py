@@ -1,0 +1,125 @@
+"""Token reduction for CLS-token transformers: prune (EViT), merge (ToMe), adaptive threshold.
+
+All three run between a block's attention and its MLP and physically shrink the sequence
+(gather / merge), so the MLP and every later block do less work. Masking is not skipping.
+
+The state that travels with the tokens is a ``TokenState``:
+- ``size`` (merge only): how many original patches each token stands for; attention adds
+  ``log(size)`` to the keys' logits (ToMe's proportional attention) through SDPA's mask.
+- ``valid`` (adaptive threshold only): images of one batch keep different numbers of
+  tokens; the batch is padded to the largest count and padded keys get ``-inf``. This is
+  the padding strategy (not bucketing): one kernel per layer for the whole batch, paying
+  for the padded rows in the MLP. ``docs/benchmarks.md`` measures its cost.
+
+Math:
+- prune: CLS attention a_j = mean_h softmax(q_cls k^T / sqrt(d))_j over patch tokens j;
+  keep the top ``ceil(rho * n)``; ``fuse`` adds one token sum_j w_j x_j over the dropped
+  tokens with w = a / sum(a) (EViT's inattentive-token fusion).
+- merge: split patch tokens alternately into sets A and B, match each a in A to its most
+  similar b in B by cosine similarity of the keys (mean over heads), merge the r best pairs
+  by size-weighted average; CLS is never merged (ToMe's bipartite soft matching).
+- threshold: per image, keep the fewest tokens (by CLS attention) whose cumulative
+  attention reaches tau.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenState:
+    size: torch.Tensor | None = None  # (B, N, 1) patches per token, merge only
+    valid: torch.Tensor | None = None  # (B, N) bool, adaptive threshold only
+
+    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive SDPA mask (B, 1, 1, N) for proportional attention and/or padding."""
+        bias = None
+        if self.size is not None:
+            bias = self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+        if self.valid is not None:
+            pad = torch.zeros(self.valid.shape, dtype=dtype, device=self.valid.device)
+            pad = pad.masked_fill(~self.valid, float("-inf"))[:, None, None, :]
+            bias = pad if bias is None else bias + pad
+        return bias
+
+
+def cls_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(B, N-1): CLS token's attention to each patch token, mean over heads."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(-1).mean(1)[:, 0, 1:]
+
+
+def prune(x: torch.Tensor, scores: torch.Tensor, keep: float, fuse: bool) -> torch.Tensor:
+    """Keep CLS plus the top ``ceil(keep * n)`` patch tokens by ``scores`` (+1 fused token)."""
+    b, n1, c = x.shape
+    n = n1 - 1
+    k = math.ceil(keep * n - 1e-9)
+    if k >= n and not fuse:
+        return x
+    idx = scores.topk(k, dim=1).indices  # (B, k), most attended first
+    patches = x[:, 1:]
+    kept = patches.gather(1, idx.unsqueeze(-1).expand(b, k, c))
+    parts = [x[:, :1], kept]
+    if fuse and k < n:
+        dropped_w = scores.scatter(1, idx, 0.0)  # zero the kept ones
+        w = dropped_w / dropped_w.sum(1, keepdim=True).clamp_min(1e-12)
+        parts.append(w.unsqueeze(1) @ patches)  # (B, 1, C)
+    return torch.cat(parts, dim=1)
+
+
+def merge(x: torch.Tensor, keys: torch.Tensor, keep: float, state: TokenState) -> tuple[torch.Tensor, TokenState]:
+    """ToMe bipartite soft matching: merge r = n - ceil(keep * n) token pairs (r <= n/2)."""
+    b, n1, c = x.shape
+    n = n1 - 1
+    r = min(n - math.ceil(keep * n - 1e-9), n1 // 2)
+    if r <= 0:
+        return x, state
+    size = state.size if state.size is not None else torch.ones(b, n1, 1, dtype=x.dtype, device=x.device)
+    metric = keys.mean(1)  # (B, N, d): keys averaged over heads
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, bb = metric[:, ::2], metric[:, 1::2]
+    sim = a @ bb.transpose(-1, -2)
+    sim[:, 0, :] = float("-inf")  # CLS (index 0, in A) is never merged
+    best, best_idx = sim.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    unmerged = order[:, r:].sort(dim=-1).values  # keeps CLS first
+    src = order[:, :r]
+    dst = best_idx.gather(1, src)
+
+    def combine(t: torch.Tensor) -> torch.Tensor:
+        ta, tb = t[:, ::2], t[:, 1::2]
+        ch = t.shape[-1]
+        kept_a = ta.gather(1, unmerged.unsqueeze(-1).expand(b, unmerged.shape[1], ch))
+        moved = ta.gather(1, src.unsqueeze(-1).expand(b, r, ch))
+        tb = tb.scatter_add(1, dst.unsqueeze(-1).expand(b, r, ch), moved)
+        return torch.cat([kept_a, tb], dim=1)
+
+    x = combine(x * size)
+    size = combine(size)
+    return x / size, TokenState(size=size)
+
+
+def threshold(x: torch.Tensor, scores: torch.Tensor, tau: float, state: TokenState) -> tuple[torch.Tensor, TokenState]:
+    """Per image: the fewest tokens whose cumulative CLS attention reaches ``tau``; pad to the max."""
+    b, n1, c = x.shape
+    if state.valid is not None:
+        scores = scores.masked_fill(~state.valid[:, 1:], 0.0)
+    norm = scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
+    sorted_s, order = norm.sort(dim=1, descending=True)
+    counts = (sorted_s.cumsum(1) < tau).sum(1) + 1  # tokens needed per image
+    if state.valid is not None:
+        counts = torch.minimum(counts, state.valid[:, 1:].sum(1))
+    k = int(counts.max())
+    kept = x[:, 1:].gather(1, order[:, :k].unsqueeze(-1).expand(b, k, c))
+    valid = torch.arange(k + 1, device=x.device)[None, :] <= counts[:, None]  # CLS + counts[i] tokens
+    return torch.cat([x[:, :1], kept], dim=1), TokenState(valid=None if bool(valid.all()) else valid)
+
+
+__all__ = ["TokenState", "cls_attention", "merge", "prune", "threshold"]

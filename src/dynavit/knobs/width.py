@@ -1,0 +1,71 @@
+"""Width knobs as weight views: "keep k" means "use the first k rows/columns".
+
+Calibration orders channels and heads by importance once, so every slice here is a view of
+the shared parameter (no copy, no gather, no allocation). Output-channel slices
+(``weight[:k]``) are contiguous; input-channel slices (``weight[:, :k]``) are strided views
+that BLAS reads with a leading dimension, also without a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Calibration observes the inputs of the width-sliced layers: the MLP hidden activation (input
+# of ``linear_in``) and the per-head attention output (input of ``merge_heads``). A module-level
+# hook keeps this family-agnostic; when no recorder is set it costs one global read per call.
+_recorder: Callable[[nn.Module, torch.Tensor], None] | None = None
+
+
+@contextmanager
+def recording(fn: Callable[[nn.Module, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn(layer, input)`` for every width-sliced layer input while the context is open."""
+    global _recorder
+    previous, _recorder = _recorder, fn
+    try:
+        yield
+    finally:
+        _recorder = previous
+
+
+def linear_out(x: torch.Tensor, lin: nn.Linear, k: int) -> torch.Tensor:
+    """``lin`` restricted to its first ``k`` output features."""
+    if k == lin.out_features:
+        return F.linear(x, lin.weight, lin.bias)
+    return F.linear(x, lin.weight[:k], None if lin.bias is None else lin.bias[:k])
+
+
+def linear_in(x: torch.Tensor, lin: nn.Linear, k: int) -> torch.Tensor:
+    """``lin`` reading only its first ``k`` input features (x has k features)."""
+    if _recorder is not None:
+        _recorder(lin, x)
+    return F.linear(x, _columns(lin, k), lin.bias)
+
+
+def _columns(lin: nn.Linear, k: int) -> torch.Tensor:
+    return lin.weight if k == lin.in_features else lin.weight[:, :k]
+
+
+def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, k: int,
+        act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Two-layer MLP with ``k`` hidden channels."""
+    return linear_in(act(linear_out(x, fc1, k)), fc2, k)
+
+
+def heads_of(x: torch.Tensor, lin: nn.Linear, heads: int, head_dim: int) -> torch.Tensor:
+    """Project (B, N, C) to (B, heads, N, head_dim) with the first ``heads`` heads of ``lin``."""
+    b, n, _ = x.shape
+    return linear_out(x, lin, heads * head_dim).view(b, n, heads, head_dim).transpose(1, 2)
+
+
+def merge_heads(out: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    """(B, h, N, d) attention output through the output projection's first h*d input columns."""
+    b, h, n, d = out.shape
+    if _recorder is not None:
+        _recorder(proj, out)
+    merged = out.transpose(1, 2).reshape(b, n, h * d)
+    return F.linear(merged, _columns(proj, h * d), proj.bias)

@@ -1,0 +1,110 @@
+"""Calibration: importance ranking, in-place reordering that keeps the full model, persistence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import ViTConfig
+
+import dynavit
+from dynavit.calibrate import Calibration
+from dynavit.config import ExecConfig
+from dynavit.data.datasets import list_images, read_image
+
+SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=32,
+             patch_size=8, num_labels=10)
+
+
+def kl(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean"))
+
+
+@pytest.fixture()
+def small_and_images():
+    dm = dynavit.from_config(ViTConfig(**SMALL), seed=1)
+    g = torch.Generator().manual_seed(3)
+    return dm, torch.randn(24, 3, 32, 32, generator=g)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
+def test_reordering_keeps_the_full_model(small_and_images, criterion):
+    dm, imgs = small_and_images
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        before = dm(x)
+    ptrs = [p.data_ptr() for p in dm.module.parameters()]
+    cal = dm.calibrate(imgs, criterion=criterion, batch_size=8)
+    with torch.no_grad():
+        after = dm(x)
+        ref = dm.reference(pixel_values=x).logits  # shares the (reordered) tensors
+    assert float((after - before).norm() / before.norm()) <= 1e-5
+    assert float((after - ref).norm() / ref.norm()) <= 1e-5
+    assert [p.data_ptr() for p in dm.module.parameters()] == ptrs  # reordered in place
+    assert cal.criterion == criterion and len(cal.mlp_perms) == 3
+    for p in cal.mlp_perms:
+        assert sorted(p.tolist()) == list(range(128))
+    assert set(cal.block_kl) == {"block", "attn", "mlp"} and len(cal.block_order()) == 3
+
+
+def test_auto_compares_both_criteria_and_ranks_first_channels_first(small_and_images):
+    dm, imgs = small_and_images
+    cal = dm.calibrate(imgs, batch_size=8)
+    assert set(cal.comparison) == {"magnitude", "taylor"}
+    assert cal.criterion == min(cal.comparison, key=cal.comparison.get)
+
+
+def test_calibration_helps_reduced_paths_on_real_model(deit_tiny_path, assets):
+    """Calibrated on CamVid frames; reduced paths judged on ImageNet photos it never saw."""
+    dm = dynavit.load(deit_tiny_path)
+    calib = [read_image(p) for p in list_images(assets / "camvid" / "train" / "images")[::23][:16]]
+    held = torch.stack([dm.transform(read_image(p)) for p in list_images(assets / "imagenet-samples" / "images")[:32]])
+    cfgs = [ExecConfig(mlp_width=0.5), ExecConfig(heads=2)]
+
+    def kls() -> list[float]:
+        dm.configure(ExecConfig())
+        with torch.no_grad():
+            ref = dm(held)
+            out = []
+            for c in cfgs:
+                dm.configure(c)
+                out.append(kl(ref, dm(held)))
+        dm.configure(ExecConfig())
+        return out
+
+    before = kls()
+    dm.calibrate(calib, criterion="magnitude")
+    after = kls()
+    assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_save_load_round_trip_and_wrong_model(tmp_path, small_and_images):
+    dm, imgs = small_and_images
+    dm.calibrate(imgs, criterion="magnitude", batch_size=8)
+    dm.save_calibration(tmp_path / "cal")
+    fresh = dynavit.from_config(ViTConfig(**SMALL), seed=1)
+    loaded = fresh.load_calibration(tmp_path / "cal")
+    assert isinstance(loaded, Calibration) and loaded.block_kl == dm.calibration.block_kl
+    x = torch.randn(2, 3, 32, 32)
+    cfg = ExecConfig(mlp_width=0.5, heads=2)
+    with torch.no_grad():
+        assert torch.allclose(dm.configure(cfg)(x), fresh.configure(cfg)(x), atol=1e-6)
+    with pytest.raises(dynavit.DynavitError, match="already calibrated"):
+        fresh.load_calibration(tmp_path / "cal")
+    other = dynavit.from_config(ViTConfig(**SMALL), seed=2)
+    with pytest.raises(dynavit.DynavitError, match="other weights"):
+        other.load_calibration(tmp_path / "cal")
+    with pytest.raises(dynavit.DynavitError, match="cannot read calibration"):
+        other.load_calibration(tmp_path / "nothing-here")
+
+
+def test_recalibration_composes_relative_to_original(small_and_images):
+    dm, imgs = small_and_images
+    dm.calibrate(imgs[:12], criterion="magnitude", batch_size=6)
+    dm.calibrate(imgs[12:], criterion="taylor", batch_size=6)
+    fresh = dynavit.from_config(ViTConfig(**SMALL), seed=1)
+    from dynavit.calibrate import apply_permutations
+
+    apply_permutations(fresh.module, dm.calibration.mlp_perms, dm.calibration.head_perms)
+    for a, b in zip(fresh.module.parameters(), dm.module.parameters(), strict=True):
+        assert torch.equal(a, b)
