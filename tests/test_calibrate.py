@@ -108,3 +108,17 @@ def test_recalibration_composes_relative_to_original(small_and_images):
     apply_permutations(fresh.module, dm.calibration.mlp_perms, dm.calibration.head_perms)
     for a, b in zip(fresh.module.parameters(), dm.module.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_swin_calibration_permutes_heads_with_their_position_bias():
+    from transformers import SwinConfig
+
+    dm = dynavit.from_config(SwinConfig(embed_dim=32, depths=[2, 2], num_heads=[2, 4], image_size=64, window_size=4))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = dm(x)
+    cal = dm.calibrate(torch.randn(12, 3, 64, 64), criterion="magnitude", batch_size=6)
+    with torch.no_grad():
+        after = dm(x)
+    assert float((after - before).norm() / before.norm()) <= 1e-5
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in cal.head_perms)  # something was reordered

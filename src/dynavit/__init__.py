@@ -6,7 +6,9 @@ stands on: loading real models, reading real datasets, scoring them, and an exac
 operator-class profiler.
 """
 
+from dynavit.config import ConfigError, ExecConfig, Space
 from dynavit.cost import Profile, profile
+from dynavit.dynamic import DynamicModel
 from dynavit.errors import BadSampleError, DynavitError
 from dynavit.models import LoadedModel, from_config, load
 
@@ -26,6 +28,10 @@ def evaluate(model, data, **kwargs):
 
 __all__ = [
     "BadSampleError",
+    "ConfigError",
+    "DynamicModel",
+    "ExecConfig",
+    "Space",
     "DynavitError",
     "LoadedModel",
     "Profile",

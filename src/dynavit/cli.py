@@ -42,6 +42,30 @@ def _user_errors(fn):
     return wrapper
 
 
+ConfigOpt = Annotated[str | None, typer.Option(
+    "--config", help="Execution path: ExecConfig JSON, e.g. '{\"mlp_width\": 0.5}', or a .json file.")]
+CalibOpt = Annotated[Path | None, typer.Option("--calibration", help="Folder written by `dynavit calibrate`.")]
+
+
+def _load_configured(model: str, config: str | None, calibration: Path | None, device: str = "cpu"):
+    """Load ``model`` and put it on the requested execution path (after applying a calibration)."""
+    from dynavit.config import ExecConfig
+    from dynavit.dynamic import DynamicModel
+    from dynavit.models import load
+
+    lm = load(model, device=device)
+    if config is None and calibration is None:
+        return lm
+    if not isinstance(lm, DynamicModel):
+        raise DynavitError(f"{model} ({lm.family}) has no execution paths yet; drop --config/--calibration")
+    if calibration is not None:
+        lm.load_calibration(calibration)
+    if config is not None:
+        text = Path(config).read_text() if config.endswith(".json") and Path(config).is_file() else config
+        lm.configure(ExecConfig.from_json(text))
+    return lm
+
+
 @app.command("profile")
 @_user_errors
 def profile_cmd(
@@ -54,12 +78,13 @@ def profile_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full profile as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a FLOP-share vs time-share bar chart (PNG).")] = None,
     modules: Annotated[int, typer.Option(help="Show the top modules down to this depth (0: none).")] = 2,
+    config: ConfigOpt = None,
+    calibration: CalibOpt = None,
 ) -> None:
     """Exact MACs/FLOPs per operator class and per module, next to measured time per class."""
     from dynavit.cost import profile
-    from dynavit.models import load
 
-    lm = load(model)
+    lm = _load_configured(model, config, calibration)
     if input_size is not None:
         lm.check_input_size(*input_size)
     p = profile(lm, input_size=input_size, batch=batch, device=device, dtype=dtype, repeats=repeats)
@@ -83,17 +108,19 @@ def eval_cmd(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip and count unreadable images.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics as JSON.")] = None,
+    config: ConfigOpt = None,
+    calibration: CalibOpt = None,
 ) -> None:
     """Accuracy (top-1/top-5) or mIoU/pixel accuracy, each with a bootstrap 95% CI."""
     from dynavit.data import open_dataset
     from dynavit.evaluation import evaluate
-    from dynavit.models import load
 
     dataset = open_dataset(data, layout=layout)
-    lm = load(model, device=device)
+    lm = _load_configured(model, config, calibration, device)
     res = evaluate(lm, dataset, batch_size=batch_size, skip_bad=skip_bad, limit=limit, progress=sys.stderr.isatty())
     out = res.to_json()
-    out.update(model=lm.source, data=str(data), layout=dataset.layout)
+    out.update(model=lm.source, data=str(data), layout=dataset.layout,
+               config=getattr(getattr(lm, "exec_config", None), "to_dict", dict)())
     for key in ("top1", "top5", "miou", "pix_acc"):
         if key in res.metrics:
             m = res.metrics[key]
@@ -103,6 +130,37 @@ def eval_cmd(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(out, indent=2))
         console.print(f"wrote {json_out}")
+
+
+@app.command("calibrate")
+@_user_errors
+def calibrate_cmd(
+    model: Annotated[str, typer.Argument(help="Hugging Face hub id, local model folder, or config:<preset>.")],
+    images: Annotated[Path, typer.Option(help="Folder of calibration images (unlabelled; searched recursively).")],
+    out: Annotated[Path, typer.Option(help="Where to write calibration.safetensors + calibration.json.")],
+    criterion: Annotated[str, typer.Option(help="auto (measure both, keep the better), magnitude or taylor.")] = "auto",
+    limit: Annotated[int, typer.Option(help="Use at most this many images (spread over the folder).")] = 64,
+) -> None:
+    """Rank channels, heads and blocks by importance and save the reordering (applied with --calibration)."""
+    from dynavit.data.datasets import list_images, read_image
+    from dynavit.dynamic import DynamicModel
+    from dynavit.models import load
+
+    lm = load(model)
+    if not isinstance(lm, DynamicModel):
+        raise DynavitError(f"{model} ({lm.family}) has no execution paths to calibrate yet")
+    if not images.is_dir():
+        raise DynavitError(f"image folder {images} does not exist")
+    paths = list_images(images, recursive=True)
+    if not paths:
+        raise DynavitError(f"no images found under {images}")
+    paths = paths[:: max(1, len(paths) // limit)][:limit]
+    cal = lm.calibrate([read_image(p) for p in paths], criterion=criterion)
+    lm.save_calibration(out)
+    order = ", ".join(map(str, cal.block_order()[:5]))
+    console.print(f"calibrated on {cal.n_images} images in {cal.seconds:.1f}s; criterion {cal.criterion} "
+                  f"(held-out KL {', '.join(f'{k} {v:.3f}' for k, v in cal.comparison.items()) or 'n/a'})")
+    console.print(f"least important blocks first: {order} ...; wrote {out}/")
 
 
 @app.command("demo")

@@ -32,6 +32,17 @@ def recording(fn: Callable[[nn.Module, torch.Tensor], None]) -> Iterator[None]:
         _recorder = previous
 
 
+def observing() -> bool:
+    """True while calibration records; lets a family take a slower, observable route only then."""
+    return _recorder is not None
+
+
+def observe(layer: nn.Module, x: torch.Tensor) -> None:
+    """Report ``layer``'s input to an active calibration recorder (MLP hidden: (..., k); heads: (B, h, N, d))."""
+    if _recorder is not None:
+        _recorder(layer, x)
+
+
 def linear_out(x: torch.Tensor, lin: nn.Linear, k: int) -> torch.Tensor:
     """``lin`` restricted to its first ``k`` output features."""
     if k == lin.out_features:
@@ -41,8 +52,7 @@ def linear_out(x: torch.Tensor, lin: nn.Linear, k: int) -> torch.Tensor:
 
 def linear_in(x: torch.Tensor, lin: nn.Linear, k: int) -> torch.Tensor:
     """``lin`` reading only its first ``k`` input features (x has k features)."""
-    if _recorder is not None:
-        _recorder(lin, x)
+    observe(lin, x)
     return F.linear(x, _columns(lin, k), lin.bias)
 
 
@@ -65,7 +75,6 @@ def heads_of(x: torch.Tensor, lin: nn.Linear, heads: int, head_dim: int) -> torc
 def merge_heads(out: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     """(B, h, N, d) attention output through the output projection's first h*d input columns."""
     b, h, n, d = out.shape
-    if _recorder is not None:
-        _recorder(proj, out)
+    observe(proj, out)
     merged = out.transpose(1, 2).reshape(b, n, h * d)
     return F.linear(merged, _columns(proj, h * d), proj.bias)
