@@ -41,8 +41,8 @@ def test_reordering_keeps_the_full_model(small_and_images, criterion):
     assert float((after - before).norm() / before.norm()) <= 1e-5
     assert float((after - ref).norm() / ref.norm()) <= 1e-5
     assert [p.data_ptr() for p in dm.module.parameters()] == ptrs  # reordered in place
-    assert cal.criterion == criterion and len(cal.mlp_perms) == 3
-    for p in cal.mlp_perms:
+    assert cal.criterion == criterion and len(cal.perms["mlp"]) == 3
+    for p in cal.perms["mlp"]:
         assert sorted(p.tolist()) == list(range(128))
     assert set(cal.block_kl) == {"block", "attn", "mlp"} and len(cal.block_order()) == 3
 
@@ -105,7 +105,7 @@ def test_recalibration_composes_relative_to_original(small_and_images):
     fresh = dynavit.from_config(ViTConfig(**SMALL), seed=1)
     from dynavit.calibrate import apply_permutations
 
-    apply_permutations(fresh.module, dm.calibration.mlp_perms, dm.calibration.head_perms)
+    apply_permutations(fresh.module, dm.calibration.perms)
     for a, b in zip(fresh.module.parameters(), dm.module.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -121,4 +121,31 @@ def test_swin_calibration_permutes_heads_with_their_position_bias():
     with torch.no_grad():
         after = dm(x)
     assert float((after - before).norm() / before.norm()) <= 1e-5
-    assert any(not torch.equal(p, torch.arange(len(p))) for p in cal.head_perms)  # something was reordered
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in cal.perms["heads"])  # something was reordered
+
+
+def test_segformer_calibration_reorders_decoder_channels_too():
+    from dynavit.models.configs import segformer_config
+
+    dm = dynavit.from_config(segformer_config("b0", num_labels=5))
+    head = dm.reference.decode_head
+    with torch.no_grad():  # the random init zeroes parts of the head: make every decoder tensor matter
+        for t in (head.batch_norm.running_mean, head.batch_norm.running_var, head.batch_norm.weight):
+            t.copy_(torch.rand_like(t) + 0.5)
+        head.batch_norm.bias.normal_(0, 0.1)
+        head.classifier.weight.normal_(0, 0.05)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = dm(x)
+    cal = dm.calibrate(torch.randn(8, 3, 64, 64), criterion="magnitude", batch_size=4)
+    with torch.no_grad():
+        after = dm(x)
+    assert float((after - before).norm() / before.norm()) <= 1e-5
+    assert set(cal.perms) == {"mlp", "heads", "branch", "fuse"} and len(cal.perms["branch"]) == 4
+    assert not torch.equal(cal.perms["fuse"][0], torch.arange(256))
+    # after reordering, the first decoder channels are the ones the criterion ranks highest
+    from dynavit.calibrate import _scores
+
+    scores = _scores(dm, [torch.randn(4, 3, 64, 64)], "magnitude")
+    assert scores["fuse"][0][:64].mean() > scores["fuse"][0][-64:].mean()
+    assert scores["branch"][0][:64].mean() > scores["branch"][0][-64:].mean()

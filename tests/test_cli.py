@@ -77,6 +77,6 @@ def test_profile_writes_json_and_plot(tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "p.json").read_text())
     assert d["input_shape"] == [1, 3, 128, 128] and d["total_macs"] > 0
-    assert any(m["name"] == "decode_head.linear_fuse" for m in d["modules"])
+    assert any(m["name"] == "decoder.fuse" for m in d["modules"])
     assert (tmp_path / "p.png").stat().st_size > 10_000
     assert "attention" in r.output

@@ -44,8 +44,7 @@ class Calibration:
     """Permutations (relative to the original weights) and rankings; saved beside the model."""
 
     criterion: str
-    mlp_perms: list[torch.Tensor]
-    head_perms: list[torch.Tensor]
+    perms: dict[str, list[torch.Tensor]]  # "mlp", "heads" per block; "branch", "fuse" for a decoder
     block_kl: dict[str, list[float]] = field(default_factory=dict)  # "block" | "attn" | "mlp" -> per block
     comparison: dict[str, float] = field(default_factory=dict)  # criterion -> held-out mean KL
     n_images: int = 0
@@ -63,12 +62,11 @@ class Calibration:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"blocks.{i}.mlp_perm": p for i, p in enumerate(self.mlp_perms)}
-        tensors |= {f"blocks.{i}.head_perm": p for i, p in enumerate(self.head_perms)}
+        tensors = {f"{group}.{i}": p for group, ps in self.perms.items() for i, p in enumerate(ps)}
         tmp = folder / "calibration.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         tmp.replace(folder / "calibration.safetensors")
-        meta = {k: v for k, v in asdict(self).items() if k not in ("mlp_perms", "head_perms")}
+        meta = {k: v for k, v in asdict(self).items() if k != "perms"}
         (folder / "calibration.json").write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -82,9 +80,10 @@ class Calibration:
             tensors = load_file(str(folder / "calibration.safetensors"))
         except (OSError, ValueError) as e:
             raise DynavitError(f"cannot read calibration in {folder}: {e}") from None
-        n = len([k for k in tensors if k.endswith(".mlp_perm")])
-        return cls(mlp_perms=[tensors[f"blocks.{i}.mlp_perm"] for i in range(n)],
-                   head_perms=[tensors[f"blocks.{i}.head_perm"] for i in range(n)], **meta)
+        perms: dict[str, list[torch.Tensor]] = {}
+        for key in sorted(tensors, key=lambda k: (k.split(".")[0], int(k.split(".")[1]))):
+            perms.setdefault(key.split(".")[0], []).append(tensors[key])
+        return cls(perms=perms, **meta)
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -105,51 +104,83 @@ def _blocks(family_model: nn.Module) -> Sequence[nn.Module]:
 
 
 class _Stats:
-    """Per-block importance accumulators fed by the width recorder."""
+    """Importance accumulators fed by the width recorder (``knobs.width.observe``).
 
-    def __init__(self, blocks: Sequence[nn.Module], taylor: bool) -> None:
-        self.fc2 = {id(b.mlp.fc2): i for i, b in enumerate(blocks)}
-        self.proj = {id(b.attn.o): i for i, b in enumerate(blocks)}
-        self.blocks = blocks
-        self.taylor = taylor
-        n = len(blocks)
-        self.mlp = [torch.zeros(b.mlp.fc2.in_features) for b in blocks]
-        self.heads = [torch.zeros(b.attn.num_heads) for b in blocks]
+    Groups: per block, MLP hidden channels (input of fc2) and heads (per-head attention output,
+    (B, h, N, d), before the output projection); for a decoder (SegFormer), each branch's
+    ``linear_c`` output channels and the fused channels entering the classifier.
+    """
+
+    def __init__(self, model: nn.Module, taylor: bool) -> None:
+        blocks = _blocks(model)
+        self.blocks, self.taylor = blocks, taylor
+        self.route: dict[int, tuple[str, int]] = {}
+        for i, b in enumerate(blocks):
+            self.route[id(b.mlp.fc2)] = ("mlp", i)
+            self.route[id(b.attn.o)] = ("heads", i)
+        self.scores: dict[str, list[torch.Tensor]] = {
+            "mlp": [torch.zeros(b.mlp.fc2.in_features) for b in blocks],
+            "heads": [torch.zeros(b.attn.num_heads) for b in blocks],
+        }
+        self.decoder = getattr(model, "decoder", None)
+        if self.decoder is not None:
+            for i, lin in enumerate(self.decoder.linear_c):
+                self.route[id(lin)] = ("branch", i)
+            self.route[id(self.decoder.classifier)] = ("fuse", 0)
+            self.scores["branch"] = [torch.zeros(lin.out_features) for lin in self.decoder.linear_c]
+            self.scores["fuse"] = [torch.zeros(self.decoder.width)]
         self.saved: list[tuple[str, int, torch.Tensor]] = []
-        self.n = [0] * n
 
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> None:
-        key = id(layer)
-        if key in self.fc2:
-            i = self.fc2[key]
-            if self.taylor:
-                x.retain_grad()
-                self.saved.append(("mlp", i, x))
-            else:
-                w = self.blocks[i].mlp.fc2.weight.detach().norm(dim=0)
-                h = x.detach().abs()
-                self.mlp[i] += h.reshape(-1, h.shape[-1]).mean(0).cpu() * w.cpu()
-        elif key in self.proj and x.dim() == 4:
-            i = self.proj[key]
-            if self.taylor:
-                x.retain_grad()
-                self.saved.append(("heads", i, x))
-            else:
-                b, nh, n, d = x.shape
-                w = self.blocks[i].attn.o.weight.detach()[:, : nh * d].reshape(-1, nh, d)  # (C, h, d)
-                contrib = torch.einsum("bhnd,chd->bhnc", x.detach(), w)
-                self.heads[i] += contrib.norm(dim=-1).mean(dim=(0, 2)).cpu()
+        hit = self.route.get(id(layer))
+        if hit is None or (hit[0] == "heads" and x.dim() != 4):
+            return
+        kind, i = hit
+        if self.taylor:
+            x.retain_grad()
+            self.saved.append((kind, i, x))
+            return
+        a = x.detach()
+        if kind == "heads":
+            b, nh, n, d = a.shape
+            w = self.blocks[i].attn.o.weight.detach()[:, : nh * d].reshape(-1, nh, d)  # (C, h, d)
+            contrib = torch.einsum("bhnd,chd->bhnc", a, w)
+            self.scores["heads"][i] += contrib.norm(dim=-1).mean(dim=(0, 2)).cpu()
+            return
+        self.scores[kind][i] += _channel_mean_abs(a, kind).cpu() * self._out_weight_norm(kind, i).cpu()
+
+    def _out_weight_norm(self, kind: str, i: int) -> torch.Tensor:
+        """Norm of the weights each channel feeds: how much a unit of it moves the next layer."""
+        if kind == "mlp":
+            return self.blocks[i].mlp.fc2.weight.detach().norm(dim=0)
+        dec = self.decoder
+        if kind == "branch":
+            return dec.fuse.weight.detach()[:, dec.branch_columns(i)].reshape(dec.width, -1).norm(dim=0)
+        return dec.classifier.weight.detach().reshape(dec.classifier.out_channels, -1).norm(dim=0)
 
     def collect_taylor(self) -> None:
         for kind, i, x in self.saved:
             if x.grad is None:
                 continue
             s = (x * x.grad).detach()
-            if kind == "mlp":
-                self.mlp[i] += s.reshape(-1, s.shape[-1]).sum(0).abs().cpu()
+            if kind == "heads":
+                self.scores["heads"][i] += s.sum(dim=(0, 2, 3)).abs().cpu()
             else:
-                self.heads[i] += s.sum(dim=(0, 2, 3)).abs().cpu()
+                self.scores[kind][i] += _channel_sum(s, kind).abs().cpu()
         self.saved.clear()
+
+
+def _channel_mean_abs(a: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean |activation| per channel: last dim for tokens (B, N, C), dim 1 for maps (B, C, H, W)."""
+    if kind == "mlp":
+        return a.abs().reshape(-1, a.shape[-1]).mean(0)
+    return a.abs().transpose(0, 1).reshape(a.shape[1], -1).mean(1)
+
+
+def _channel_sum(a: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "mlp":
+        return a.reshape(-1, a.shape[-1]).sum(0)
+    return a.transpose(0, 1).reshape(a.shape[1], -1).sum(1)
 
 
 def _pseudo_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -157,9 +188,8 @@ def _pseudo_loss(logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, logits.detach().argmax(1))
 
 
-def _scores(dm: Any, batches: Sequence[torch.Tensor], criterion: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    blocks = _blocks(dm.module)
-    stats = _Stats(blocks, taylor=criterion == "taylor")
+def _scores(dm: Any, batches: Sequence[torch.Tensor], criterion: str) -> dict[str, list[torch.Tensor]]:
+    stats = _Stats(dm.module, taylor=criterion == "taylor")
     for x in batches:
         if criterion == "taylor":
             with torch.enable_grad(), recording(stats):
@@ -169,7 +199,7 @@ def _scores(dm: Any, batches: Sequence[torch.Tensor], criterion: str) -> tuple[l
             with torch.no_grad(), recording(stats):
                 dm(x)
     dm.module.zero_grad(set_to_none=True)
-    return stats.mlp, stats.heads
+    return stats.scores
 
 
 def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -185,40 +215,63 @@ def _outputs(dm: Any, batches: Sequence[torch.Tensor], cfg: ExecConfig) -> torch
 
 def _probe_configs(dm: Any) -> list[ExecConfig]:
     half_heads = tuple(max(1, h // 2) for h in dm.space.heads)
-    return [ExecConfig(mlp_width=w) for w in (0.25, 0.5, 0.75)] + [ExecConfig(heads=half_heads)]
+    probes = [ExecConfig(mlp_width=w) for w in (0.25, 0.5, 0.75)] + [ExecConfig(heads=half_heads)]
+    if dm.space.decoder_width:
+        probes += [ExecConfig(decoder_width=w) for w in (0.25, 0.5)]
+    return probes
 
 
-def _permute_rows(t: torch.Tensor, idx: torch.Tensor) -> None:
-    t.copy_(t[idx])
+Perms = dict[str, list[torch.Tensor]]  # group ("mlp", "heads", "branch", "fuse") -> one permutation per unit
 
 
-def apply_permutations(family_model: nn.Module, mlp_perms: Sequence[torch.Tensor],
-                       head_perms: Sequence[torch.Tensor]) -> None:
-    """Reorder weights in place (same storage): MLP hidden channels and heads, per block."""
+def apply_permutations(family_model: nn.Module, perms: Perms) -> None:
+    """Reorder weights in place (same storage) so each group's most important units come first."""
     with torch.no_grad():
-        for blk, mp, hp in zip(_blocks(family_model), mlp_perms, head_perms, strict=True):
+        for blk, mp, hp in zip(_blocks(family_model), perms["mlp"], perms["heads"], strict=True):
             m, a = blk.mlp, blk.attn
             dev = m.fc1.weight.device
             mp, hp = mp.to(dev), hp.to(dev)
-            _permute_rows(m.fc1.weight, mp)
-            if m.fc1.bias is not None:
-                _permute_rows(m.fc1.bias, mp)
-            dw = getattr(m, "dwconv", None)
+            _permute(m.fc1.weight, mp)
+            _permute(m.fc1.bias, mp)
+            dw = getattr(m, "dwconv", None)  # SegFormer's Mix-FFN depthwise conv: one channel per hidden unit
             if dw is not None:
-                _permute_rows(dw.weight, mp)
-                if dw.bias is not None:
-                    _permute_rows(dw.bias, mp)
-            m.fc2.weight.copy_(m.fc2.weight[:, mp])
+                _permute(dw.weight, mp)
+                _permute(dw.bias, mp)
+            _permute(m.fc2.weight, mp, dim=1)
             d = a.head_dim
             rows = (hp[:, None] * d + torch.arange(d, device=dev)[None, :]).reshape(-1)
             for lin in (a.q, a.k, a.v):
-                _permute_rows(lin.weight, rows)
-                if lin.bias is not None:
-                    _permute_rows(lin.bias, rows)
-            a.o.weight.copy_(a.o.weight[:, rows])
-            table = getattr(a, "rel_bias_table", None)  # (positions, heads) relative position bias
-            if table is not None:
-                table.copy_(table[:, hp])
+                _permute(lin.weight, rows)
+                _permute(lin.bias, rows)
+            _permute(a.o.weight, rows, dim=1)
+            _permute(getattr(a, "rel_bias_table", None), hp, dim=1)  # Swin: (positions, heads)
+        dec = getattr(family_model, "decoder", None)
+        if dec is not None and "fuse" in perms:
+            fuse_w = dec.fuse.weight
+            for i, bp in enumerate(perms["branch"]):
+                bp = bp.to(fuse_w.device)
+                _permute(dec.linear_c[i].weight, bp)
+                _permute(dec.linear_c[i].bias, bp)
+                cols = dec.branch_columns(i)
+                fuse_w[:, cols] = fuse_w[:, cols][:, bp]
+            fp = perms["fuse"][0].to(fuse_w.device)
+            _permute(fuse_w, fp)
+            for t in (dec.bn.weight, dec.bn.bias, dec.bn.running_mean, dec.bn.running_var):
+                _permute(t, fp)
+            _permute(dec.classifier.weight, fp, dim=1)
+
+
+def _permute(t: torch.Tensor | None, idx: torch.Tensor, dim: int = 0) -> None:
+    if t is not None:
+        t.copy_(t.index_select(dim, idx.to(t.device)))
+
+
+def _compose(old: Perms, new: Perms) -> Perms:
+    return {k: [o[p] for o, p in zip(old[k], new[k], strict=True)] for k in new}
+
+
+def _inverse(perms: Perms) -> Perms:
+    return {k: [p.argsort() for p in group] for k, group in perms.items()}
 
 
 def _to_batches(dm: Any, images: Any, batch_size: int) -> list[torch.Tensor]:
@@ -258,19 +311,18 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
     dm.configure(ExecConfig())
     try:
         candidates = CRITERIA if criterion == "auto" else (criterion,)
-        ranked = {c: _scores(dm, fit, c) for c in candidates}
-        perms = {c: ([s.argsort(descending=True, stable=True) for s in mlp],
-                     [s.argsort(descending=True, stable=True) for s in heads]) for c, (mlp, heads) in ranked.items()}
+        perms = {c: {k: [v.argsort(descending=True, stable=True) for v in group]
+                     for k, group in _scores(dm, fit, c).items()} for c in candidates}
         comparison: dict[str, float] = {}
         if len(candidates) > 1:
             ref = _outputs(dm, held, ExecConfig())
             probes = _probe_configs(dm)
             for c in candidates:
-                apply_permutations(dm.module, *perms[c])
+                apply_permutations(dm.module, perms[c])
                 comparison[c] = sum(_kl(ref, _outputs(dm, held, p)) for p in probes) / len(probes)
-                apply_permutations(dm.module, *_inverse(perms[c]))
+                apply_permutations(dm.module, _inverse(perms[c]))
         best = min(comparison, key=comparison.get) if comparison else candidates[0]
-        apply_permutations(dm.module, *perms[best])
+        apply_permutations(dm.module, perms[best])
         ref = _outputs(dm, batches, ExecConfig())
         n = dm.space.num_blocks
         block_kl = {
@@ -280,17 +332,10 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
     finally:
         dm.configure(previous)
     old = getattr(dm, "calibration", None)
-    mlp_p, head_p = perms[best]
-    if old is not None:  # compose with the earlier reordering: always relative to the original weights
-        mlp_p = [o[p] for o, p in zip(old.mlp_perms, mlp_p, strict=True)]
-        head_p = [o[p] for o, p in zip(old.head_perms, head_p, strict=True)]
-    return Calibration(criterion=best, mlp_perms=[p.cpu() for p in mlp_p], head_perms=[p.cpu() for p in head_p],
+    chosen = perms[best] if old is None else _compose(old.perms, perms[best])  # relative to the original weights
+    return Calibration(criterion=best, perms={k: [p.cpu() for p in v] for k, v in chosen.items()},
                        block_kl=block_kl, comparison=comparison, n_images=n_images, source=dm.source,
                        fingerprint=fp, seconds=time.perf_counter() - t0)
-
-
-def _inverse(perms: tuple[list[torch.Tensor], list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    return tuple([p.argsort() for p in group] for group in perms)  # type: ignore[return-value]
 
 
 def apply_saved(dm: Any, calib: Calibration) -> None:
@@ -301,6 +346,6 @@ def apply_saved(dm: Any, calib: Calibration) -> None:
     if calib.fingerprint and fp != calib.fingerprint:
         raise DynavitError(f"calibration was made for other weights ({calib.source}); this model is {dm.source}")
     blocks = _blocks(dm.module)
-    if len(calib.mlp_perms) != len(blocks):
-        raise DynavitError(f"calibration has {len(calib.mlp_perms)} blocks, this model {len(blocks)}")
-    apply_permutations(dm.module, calib.mlp_perms, calib.head_perms)
+    if len(calib.perms["mlp"]) != len(blocks):
+        raise DynavitError(f"calibration has {len(calib.perms['mlp'])} blocks, this model {len(blocks)}")
+    apply_permutations(dm.module, calib.perms)
