@@ -129,7 +129,8 @@ def main() -> None:
         f"`.venv/bin/python benchmarks/bench_paths.py --device {args.device} "
         f"--batches {' '.join(map(str, args.batches))}"
         f" --models {' '.join(args.models)}` ({(time.time() - t0) / 60:.1f} min). Medians of round-robin repetitions; "
-        "SegFormer-B2 and Swin-T use random weights (speed does not depend on them) and batch <= 8 at 512x512.",
+        "SegFormer-B2 (512x512) and Swin-T (224x224) use random weights (speed does not depend on them) and batch 8 "
+        "in place of 32 to keep the run short.",
         "",
         f"`configure()` median: **{us:.1f} µs** (30,000 switches among 3 configs).",
         "",

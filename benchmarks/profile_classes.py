@@ -65,6 +65,7 @@ def main() -> None:
         ("ViT-B/16 (config)", "config:vit-b16", (224, 224)),
         ("Swin-T (config)", "config:swin-t", (224, 224)),
         ("SegFormer-B2 (config, ADE20K head)", "config:segformer-b2", (512, 512)),
+        ("SegFormer-B2, stock transformers forward", "config:segformer-b2#reference", (512, 512)),
     ]
     out = [
         f"Machine: {machine(args.device)}. Date: {dt.date.today()}. Command: "
@@ -79,6 +80,9 @@ def main() -> None:
     ]
     loaded = {}
     for title, src, size in models:
+        if src.endswith("#reference"):  # the source library's own forward, same weights, same counter
+            loaded[title] = dynavit.load(src.removesuffix("#reference")).reference
+            continue
         lm = dynavit.load(src)
         loaded[title] = lm
         ours = dynavit.cost.total_macs(lm.module, lambda lm=lm, size=size: lm(lm.example_input(1, size))) / 1e9
@@ -87,6 +91,8 @@ def main() -> None:
     for title, _src, size in models:
         lm = loaded[title]
         for dtype in args.dtypes:
+            if isinstance(lm, torch.nn.Module) and dtype != "fp32":
+                continue
             p = dynavit.profile(lm, input_size=size, device=args.device, dtype=dtype, repeats=args.repeats)
             out += [
                 "",

@@ -98,7 +98,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib-images", type=int, default=64)
     ap.add_argument("--out-json", default=str(ROOT / "docs" / "resilience.json"))
+    ap.add_argument("--replot", action="store_true", help="redraw the PNG from --out-json, measuring nothing")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.out_json).read_text())
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for r in saved["rows"]:
+            curves.setdefault(r["family"], []).append((r["gmac"], r["top1"]["value"]))
+        plot(saved["base"], curves, ROOT / "docs" / "img" / "resilience.png")
+        return
     torch.manual_seed(0)
     root = assets_dir()
     assert root is not None, "needs the assets (set DYNAVIT_ASSETS)"
@@ -143,10 +151,15 @@ def plot(base, curves, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for fam, pts in curves.items():
+    colors = plt.get_cmap("tab20").colors
+    for k, (fam, pts) in enumerate(curves.items()):
         pts = sorted(pts)
+        xs, ys = [p[0] for p in pts], [100 * p[1] for p in pts]
+        if fam == "composed":  # independent configs, not a curve
+            ax.plot(xs, ys, "D", ms=6, color="black", mfc="none", label=fam)
+            continue
         style = "--" if fam.startswith(("EViT", "ToMe")) else "-"
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, marker="o", ms=3, label=fam)
+        ax.plot(xs, ys, style, marker="o", ms=3, color=colors[(2 * k) % 20], label=fam)
     ax.plot([base["gmac"]], [100 * base["top1"]["value"]], "k*", ms=12, label="full model")
     ax.set_xlabel("GMAC per image (exact, dispatch-level count)")
     ax.set_ylabel("top-1 % (500 ImageNet sample photos)")

@@ -9,6 +9,7 @@ expected, or ``BadSampleError`` for a file that cannot be decoded).
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -132,7 +133,7 @@ def _find_synset_file(folder: Path) -> Path | None:
 # ----------------------------------------------------------------------------- base classes
 
 
-class ImageDataset:
+class ImageDataset(ABC):
     """A sorted list of images with class-index or label-map targets.
 
     Subclasses define ``_scan`` (find files, return class names, images, targets) and
@@ -161,15 +162,17 @@ class ImageDataset:
 
     # -- to implement -------------------------------------------------------------------
     @classmethod
+    @abstractmethod
     def matches(cls, root: Path) -> bool:
         """Whether ``root`` looks like this layout (no full scan)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _scan(self) -> tuple[Sequence[str], list[Path], list[Any]]:
-        raise NotImplementedError
+        """(class names, image paths, targets) of the whole dataset."""
 
+    @abstractmethod
     def _target(self, i: int, img: Image.Image) -> int | np.ndarray:
-        raise NotImplementedError
+        """The label of image ``i`` (decoded image given for size checks)."""
 
     def _resolve_root(self, root: Path) -> Path:
         """Layouts with split subfolders of their own keep the root and pick the split inside."""
@@ -269,8 +272,9 @@ class SegmentationDataset(ImageDataset):
     CLASS_NAMES: ClassVar[Sequence[str]] = ()
     label_offset: ClassVar[int] = 0
 
+    @abstractmethod
     def _images_and_label_paths(self) -> list[tuple[Path, Path]]:
-        raise NotImplementedError
+        """(image, label) file pairs of this layout."""
 
     def _scan(self) -> tuple[Sequence[str], list[Path], list[Any]]:
         pairs = self._images_and_label_paths()
