@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import re
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from docsection import DOC, write_section
 
 import dynavit
 from dynavit.assets import deit_tiny_source
 from dynavit.config import ExecConfig
 from dynavit.cost import total_macs
-
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 MODELS: dict[str, tuple[str, tuple[int, int], dict[str, ExecConfig]]] = {
     "deit-tiny": (deit_tiny_source(), (224, 224), {
@@ -138,15 +135,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *rows,
     ])
-    tag = f"paths-{args.device}"
-    text = DOC.read_text()
-    block = f"<!-- {tag}:start -->\n{section}\n<!-- {tag}:end -->"
-    pat = re.compile(rf"<!-- {tag}:start -->.*?<!-- {tag}:end -->", re.S)
-    if pat.search(text):
-        text = pat.sub(lambda _m: block, text)
-    else:
-        text = text.rstrip() + f"\n\n## Execution paths: speed ({args.device})\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_section(f"paths-{args.device}", f"Execution paths: speed ({args.device})", section)
     print(f"configure {us:.1f} us; wrote {DOC}")
 
 

@@ -11,16 +11,14 @@ import argparse
 import datetime as dt
 import os
 import platform
-import re
 from pathlib import Path
 
 import torch
+from docsection import DOC, write_section
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynavit
 from dynavit.assets import deit_tiny_source
-
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def machine(device: str) -> str:
@@ -105,13 +103,8 @@ def main() -> None:
             ]
             print(out[-len(class_rows(p)) - 4])
     section = "\n".join(out)
-    tag = f"profile-classes-{args.device}"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"<!-- {tag}:start -->\n{section}\n<!-- {tag}:end -->"
-    pat = re.compile(rf"<!-- {tag}:start -->.*?<!-- {tag}:end -->", re.S)
-    text = pat.sub(lambda _m: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    heading = f"Profiler: FLOP share vs time share per operator class ({args.device})"
+    write_section(f"profile-classes-{args.device}", heading, section)
     print(f"wrote {DOC}")
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from docsection import DOC, write_section
 
 import dynavit
 from dynavit.assets import assets_dir, deit_tiny_source
@@ -28,7 +28,6 @@ from dynavit.data import ClassificationMeter, open_dataset
 from dynavit.data.datasets import list_images, read_image
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
 
 
 def families(cal) -> dict[str, list[tuple[str, ExecConfig]]]:
@@ -201,15 +200,7 @@ def write_doc(base, rows, curves, cal, n_calib, seconds) -> None:
             f"{t['value']:.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}] | {100 * (b['value'] - t['value']):.1f} | "
             f"{'' if e is None else f'{e:.3f}'} | {'' if m is None else f'{m:.3f}'} |")
     section = "\n".join(lines)
-    tag = "resilience"
-    text = DOC.read_text()
-    block = f"<!-- {tag}:start -->\n{section}\n<!-- {tag}:end -->"
-    pat = re.compile(rf"<!-- {tag}:start -->.*?<!-- {tag}:end -->", re.S)
-    if pat.search(text):
-        text = pat.sub(lambda _m: block, text)
-    else:
-        text = text.rstrip() + "\n\n## Resilience: DeiT-tiny top-1 vs GMAC per knob (training-free)\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_section("resilience", "Resilience: DeiT-tiny top-1 vs GMAC per knob (training-free)", section)
     print(f"wrote {DOC}")
 
 

@@ -8,6 +8,7 @@ costs a pointer assignment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,3 +44,33 @@ def resize_input(x: torch.Tensor, resolution: tuple[int, int] | None) -> torch.T
     if resolution is None or tuple(x.shape[-2:]) == tuple(resolution):
         return x
     return torch.nn.functional.interpolate(x, size=resolution, mode="bilinear", align_corners=False, antialias=True)
+
+
+class DerivedCache:
+    """Tensors computed from a parameter (interpolated position embeddings, gathered biases).
+
+    Cached for inference, keyed by the parameter's version counter, dtype and device, so that
+    training or reloading the parameter invalidates them; bypassed while autograd records, so
+    the computation stays in the graph and the model remains trainable.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[tuple, torch.Tensor] = {}
+
+    def get(self, param: torch.Tensor, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return make()
+        full = (key, param._version, param.dtype, param.device)
+        value = self._store.get(full)
+        if value is None:
+            self._store = {k: v for k, v in self._store.items() if k[1:] == full[1:]}  # drop stale versions
+            value = self._store[full] = make()
+        return value
+
+
+def interpolate_grid(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """(1, gh*gw, C) grid embeddings resized bicubically to ``size`` (transformers' interpolation)."""
+    dim = tokens.shape[-1]
+    g = tokens.reshape(1, *grid, dim).permute(0, 3, 1, 2)
+    g = torch.nn.functional.interpolate(g, size=size, mode="bicubic", align_corners=False)
+    return g.permute(0, 2, 3, 1).reshape(1, -1, dim)

@@ -33,7 +33,7 @@ from torch import nn
 
 from dynavit.config import BlockPlan, Space
 from dynavit.knobs.width import linear_in, linear_out, observe, observing
-from dynavit.models.base import FamilyModel, resize_input
+from dynavit.models.base import DerivedCache, FamilyModel, interpolate_grid, resize_input
 from dynavit.models.vit import MLP
 
 
@@ -92,7 +92,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = self.q.out_features // num_heads
         self.window = window
-        self._bias_cache: dict[tuple, torch.Tensor] = {}
+        self._bias_cache = DerivedCache()
 
     def forward(self, x: torch.Tensor, heads: int, win: Windows) -> torch.Tensor:
         """(B, L, C) normed tokens -> (B, L, C) window attention output of the first ``heads`` heads."""
@@ -115,15 +115,7 @@ class Attention(nn.Module):
 
     def bias(self, win: Windows, heads: int, dtype: torch.dtype) -> torch.Tensor:
         """Relative-position bias (+ shift mask) as (1, windows * heads, n, n)."""
-        if torch.is_grad_enabled():  # training: the table gather must stay in the graph
-            full = self._full_bias(win, dtype)
-        else:
-            table = self.rel_bias_table
-            key = (win.key, dtype, table.device, table._version)
-            full = self._bias_cache.get(key)
-            if full is None:
-                self._bias_cache = {k: v for k, v in self._bias_cache.items() if k[1:] == key[1:]}
-                full = self._bias_cache[key] = self._full_bias(win, dtype)
+        full = self._bias_cache.get(self.rel_bias_table, (win.key, dtype), lambda: self._full_bias(win, dtype))
         n = win.size * win.size
         if heads < self.num_heads:
             full = full[:, :heads]
@@ -206,7 +198,7 @@ class DynSwin(FamilyModel):
             default_resolution=(int(size[0]), int(size[1])),
         )
         self._windows: dict[tuple, Windows] = {}
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self._pos_cache = DerivedCache()
         self.set_plan(self.default_plan())
 
     def windows(self, h: int, w: int, shifted: bool, device: torch.device) -> Windows:
@@ -222,20 +214,8 @@ class DynSwin(FamilyModel):
         """Absolute position embeddings for a gh x gw grid: bicubic interpolation, cached per grid."""
         if (gh, gw) == self.grid:
             return self.pos_embed
-        if torch.is_grad_enabled():  # training: the interpolation must stay in the graph
-            return self._interpolate_pos(gh, gw)
-        key = (gh, gw, self.pos_embed._version, self.pos_embed.dtype, self.pos_embed.device)
-        cached = self._pos_cache.get(key)
-        if cached is None:
-            self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[2:] == key[2:]}
-            cached = self._pos_cache[key] = self._interpolate_pos(gh, gw)
-        return cached
-
-    def _interpolate_pos(self, gh: int, gw: int) -> torch.Tensor:
-        dim = self.pos_embed.shape[-1]
-        grid = self.pos_embed.reshape(1, *self.grid, dim).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
-        return grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        pos = self.pos_embed
+        return self._pos_cache.get(pos, (gh, gw), lambda: interpolate_grid(pos, self.grid, (gh, gw)))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         plan = self.plan

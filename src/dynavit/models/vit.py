@@ -16,7 +16,7 @@ from torch import nn
 from dynavit.config import BlockPlan, Plan, Space
 from dynavit.knobs import tokens
 from dynavit.knobs.width import heads_of, merge_heads, mlp
-from dynavit.models.base import FamilyModel, resize_input
+from dynavit.models.base import DerivedCache, FamilyModel, interpolate_grid, resize_input
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
@@ -94,29 +94,19 @@ class DynViT(FamilyModel):
             head_dim=(cfg.hidden_size // cfg.num_attention_heads,) * n, mlp_hidden=(cfg.intermediate_size,) * n,
             cls_token=True, size_multiple=self.patch_size, default_resolution=(int(size), int(size)),
         )
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self._pos_cache = DerivedCache()
         self.set_plan(self.default_plan())
 
     def position_embedding(self, gh: int, gw: int) -> torch.Tensor:
         """Position embeddings for a gh x gw patch grid: bicubic interpolation, cached per grid."""
         if (gh, gw) == (self.grid, self.grid):
             return self.pos_embed
-        if torch.is_grad_enabled():  # training: the interpolation must stay in the graph
-            return self._interpolate_pos(gh, gw)
-        # keyed on the parameter's version counter too: training or reloading invalidates it
-        key = (gh, gw, self.pos_embed._version, self.pos_embed.dtype, self.pos_embed.device)
-        cached = self._pos_cache.get(key)
-        if cached is None:
-            self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[2:] == key[2:]}
-            cached = self._pos_cache[key] = self._interpolate_pos(gh, gw)
-        return cached
+        pos = self.pos_embed
 
-    def _interpolate_pos(self, gh: int, gw: int) -> torch.Tensor:
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        dim = patch_pos.shape[-1]
-        grid = patch_pos.reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+        def make() -> torch.Tensor:
+            return torch.cat([pos[:, :1], interpolate_grid(pos[:, 1:], (self.grid, self.grid), (gh, gw))], dim=1)
+
+        return self._pos_cache.get(pos, (gh, gw), make)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         plan = self.plan
