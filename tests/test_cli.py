@@ -80,3 +80,25 @@ def test_profile_writes_json_and_plot(tmp_path):
     assert any(m["name"] == "decoder.fuse" for m in d["modules"])
     assert (tmp_path / "p.png").stat().st_size > 10_000
     assert "attention" in r.output
+
+
+def test_calibrate_then_eval_on_a_path(deit_tiny_path, tiny_imagenet, assets, tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for p in sorted((assets / "camvid" / "val" / "images").iterdir())[:4]:
+        Image.open(p).save(frames / p.name)
+    r = runner.invoke(app, ["calibrate", str(deit_tiny_path), "--images", str(frames), "--out", str(tmp_path / "cal"),
+                            "--criterion", "magnitude"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "cal" / "calibration.safetensors").is_file()
+    out = tmp_path / "m.json"
+    args = ["eval", str(deit_tiny_path), "--data", str(tiny_imagenet), "--skip-bad", "--calibration",
+            str(tmp_path / "cal"), "--config", '{"mlp_width": 0.75, "token_keep": 0.8}', "--json", str(out)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["config"] == {"mlp_width": 0.75, "token_keep": 0.8}
+    bad = args[:-2]
+    bad[bad.index("--config") + 1] = '{"mlp_width": 2}'
+    one_line_error(runner.invoke(app, bad), "mlp_width=2.0", "(0, 1]")
+    one_line_error(runner.invoke(app, ["calibrate", str(deit_tiny_path), "--images", str(tmp_path / "none"),
+                                       "--out", str(tmp_path / "c2")]), "does not exist")
