@@ -240,9 +240,11 @@ def apply_permutations(family_model: nn.Module, perms: Perms) -> None:
             _permute(m.fc2.weight, mp, dim=1)
             d = a.head_dim
             rows = (hp[:, None] * d + torch.arange(d, device=dev)[None, :]).reshape(-1)
-            for lin in (a.q, a.k, a.v):
-                _permute(lin.weight, rows)
-                _permute(lin.bias, rows)
+            parts = a.qkv_parts() if hasattr(a, "qkv_parts") else [(a.q, 0), (a.k, 0), (a.v, 0)]
+            for lin, off in parts:  # a fused qkv holds q, k and v as row blocks at offsets
+                width = len(rows)
+                _permute(lin.weight[off:off + width], rows)
+                _permute(None if lin.bias is None else lin.bias[off:off + width], rows)
             _permute(a.o.weight, rows, dim=1)
             _permute(getattr(a, "rel_bias_table", None), hp, dim=1)  # Swin: (positions, heads)
         dec = getattr(family_model, "decoder", None)

@@ -20,10 +20,12 @@ from dynavit.models.base import FamilyModel
 from dynavit.models.loading import LoadedModel
 
 
-def _family_class(family: str, model_type: str) -> type[FamilyModel] | None:
-    if family == "vit" and model_type == "vit":
-        from dynavit.models.vit import DynViT
+def _family_class(family: str, model_type: str, module: nn.Module | None = None) -> type[FamilyModel] | None:
+    if (family == "vit" and model_type == "vit") or family == "timm":
+        from dynavit.models.vit import DynViT, timm_unsupported
 
+        if family == "timm" and (module is None or timm_unsupported(module)):
+            return None
         return DynViT
     if family == "segformer":
         try:
@@ -41,8 +43,8 @@ def _family_class(family: str, model_type: str) -> type[FamilyModel] | None:
 
 
 def supports(lm: LoadedModel) -> bool:
-    cfg = lm.config
-    return cfg is not None and _family_class(lm.family, getattr(cfg, "model_type", "")) is not None
+    model_type = getattr(lm.config, "model_type", "")
+    return _family_class(lm.family, model_type, lm.module) is not None
 
 
 @dataclass(eq=False)
@@ -58,9 +60,11 @@ class DynamicModel(LoadedModel):
 
     @classmethod
     def from_loaded(cls, lm: LoadedModel) -> DynamicModel:
-        fam_cls = _family_class(lm.family, lm.config.model_type)
+        model_type = getattr(lm.config, "model_type", "")
+        fam_cls = _family_class(lm.family, model_type, lm.module)
         if fam_cls is None:
-            raise ConfigError(f"no dynamic implementation for {lm.family} ({lm.config.model_type}) yet")
+            what = model_type or type(lm.module).__name__
+            raise ConfigError(f"no dynamic implementation for {lm.family} ({what}) yet")
         impl = fam_cls(lm.module)
         dm = cls(module=impl, family=lm.family, task=lm.task, id2label=lm.id2label, input_size=lm.input_size,
                  source=lm.source, mean=lm.mean, std=lm.std, crop_pct=lm.crop_pct, extra=dict(lm.extra),
@@ -144,5 +148,5 @@ class DynamicModel(LoadedModel):
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.module(pixel_values)
 
-    def check_input_size(self, height: int, width: int) -> None:
-        super().check_input_size(height, width)
+    def _size_multiple(self) -> int:
+        return self.space.size_multiple

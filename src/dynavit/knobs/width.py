@@ -43,11 +43,12 @@ def observe(layer: nn.Module, x: torch.Tensor) -> None:
         _recorder(layer, x)
 
 
-def linear_out(x: torch.Tensor, lin: nn.Linear, k: int) -> torch.Tensor:
-    """``lin`` restricted to its first ``k`` output features."""
+def linear_out(x: torch.Tensor, lin: nn.Linear, k: int, offset: int = 0) -> torch.Tensor:
+    """``lin`` restricted to ``k`` output features from ``offset`` (a fused qkv keeps q, k, v at offsets)."""
     if k == lin.out_features:
         return F.linear(x, lin.weight, lin.bias)
-    return F.linear(x, lin.weight[:k], None if lin.bias is None else lin.bias[:k])
+    rows = slice(offset, offset + k)
+    return F.linear(x, lin.weight[rows], None if lin.bias is None else lin.bias[rows])
 
 
 def linear_in(x: torch.Tensor, lin: nn.Linear, k: int) -> torch.Tensor:
@@ -66,10 +67,10 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, k: int,
     return linear_in(act(linear_out(x, fc1, k)), fc2, k)
 
 
-def heads_of(x: torch.Tensor, lin: nn.Linear, heads: int, head_dim: int) -> torch.Tensor:
-    """Project (B, N, C) to (B, heads, N, head_dim) with the first ``heads`` heads of ``lin``."""
+def heads_of(x: torch.Tensor, lin: nn.Linear, heads: int, head_dim: int, offset: int = 0) -> torch.Tensor:
+    """Project (B, N, C) to (B, heads, N, head_dim) with the first ``heads`` heads of ``lin`` (from ``offset``)."""
     b, n, _ = x.shape
-    return linear_out(x, lin, heads * head_dim).view(b, n, heads, head_dim).transpose(1, 2)
+    return linear_out(x, lin, heads * head_dim, offset).view(b, n, heads, head_dim).transpose(1, 2)
 
 
 def merge_heads(out: torch.Tensor, proj: nn.Linear) -> torch.Tensor:

@@ -1,13 +1,15 @@
-"""ViT / DeiT (Hugging Face ``ViTForImageClassification``): dynavit's own forward pass.
+"""ViT / DeiT (transformers ``ViTForImageClassification`` or a plain timm ``VisionTransformer``).
 
-Same math as transformers' ViT in eval mode (pre-norm blocks, SDPA attention, GELU MLP,
-CLS classifier), over the very same parameter tensors, with every knob built in: depth
+Same math as the source in eval mode (pre-norm blocks, SDPA attention, GELU MLP, optional
+LayerScale, CLS classifier), over the very same parameter tensors, with every knob built in: depth
 (blocks and sub-layers), heads, MLP width, tokens (prune / merge / adaptive) and input
 resolution (bicubic position-embedding interpolation as transformers does it). The final
 LayerNorm runs on the CLS token only: the classifier reads nothing else.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,44 +24,64 @@ _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approxi
 
 
 class Attention(nn.Module):
-    def __init__(self, src: nn.Module, num_heads: int) -> None:
+    """Separate q/k/v projections (transformers) or one fused ``qkv`` (timm: q, k, v at row offsets 0, C, 2C)."""
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, num_heads: int) -> None:
         super().__init__()
-        self.q, self.k, self.v, self.o = src.q_proj, src.k_proj, src.v_proj, src.o_proj
+        self.fused = q is k
+        if self.fused:
+            self.qkv = q
+        else:
+            self.q, self.k, self.v = q, k, v
+        self.o = o
         self.num_heads = num_heads
-        self.head_dim = self.q.out_features // num_heads
+        self.head_dim = o.in_features // num_heads
+
+    def qkv_parts(self) -> list[tuple[nn.Linear, int]]:
+        """(projection, row offset) of q, k and v: what calibration permutes per head."""
+        if self.fused:
+            c = self.o.in_features
+            return [(self.qkv, 0), (self.qkv, c), (self.qkv, 2 * c)]
+        return [(self.q, 0), (self.k, 0), (self.v, 0)]
 
     def forward(self, x: torch.Tensor, heads: int, bias: torch.Tensor | None, token_op: str | None):
         """Attention output, plus what the following token op reads: keys (merge) or CLS attention."""
-        q = heads_of(x, self.q, heads, self.head_dim)
-        k = heads_of(x, self.k, heads, self.head_dim)
-        v = heads_of(x, self.v, heads, self.head_dim)
+        q, k, v = (heads_of(x, lin, heads, self.head_dim, off) for lin, off in self.qkv_parts())
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         extra = None if token_op is None else k if token_op == "merge" else tokens.cls_attention(q, k, bias)
         return merge_heads(out, self.o), extra
 
 
 class MLP(nn.Module):
-    def __init__(self, src: nn.Module, act: str) -> None:
+    def __init__(self, src: nn.Module, act: str | nn.Module) -> None:
         super().__init__()
         self.fc1, self.fc2 = src.fc1, src.fc2
-        self.act = _ACTS[act]
+        self.act = _ACTS[act] if isinstance(act, str) else act
 
     def forward(self, x: torch.Tensor, hidden: int) -> torch.Tensor:
         return mlp(x, self.fc1, self.fc2, hidden, self.act)
 
 
 class Block(nn.Module):
-    def __init__(self, src: nn.Module, num_heads: int, act: str) -> None:
+    def __init__(self, src: nn.Module, num_heads: int, act: str | None = None) -> None:
         super().__init__()
-        self.norm1, self.norm2 = src.layernorm_before, src.layernorm_after
-        self.attn = Attention(src.attention, num_heads)
-        self.mlp = MLP(src.mlp, act)
+        if hasattr(src, "layernorm_before"):  # transformers ViTLayer
+            self.norm1, self.norm2 = src.layernorm_before, src.layernorm_after
+            a = src.attention
+            self.attn = Attention(a.q_proj, a.k_proj, a.v_proj, a.o_proj, num_heads)
+            self.mlp = MLP(src.mlp, act)
+            self.ls1 = self.ls2 = None
+        else:  # timm Block: fused qkv, optional LayerScale (``ls1``/``ls2``: x * gamma)
+            self.norm1, self.norm2 = src.norm1, src.norm2
+            self.attn = Attention(src.attn.qkv, src.attn.qkv, src.attn.qkv, src.attn.proj, num_heads)
+            self.mlp = MLP(src.mlp, src.mlp.act)
+            self.ls1, self.ls2 = _layer_scale(src.ls1), _layer_scale(src.ls2)
 
     def forward(self, x: torch.Tensor, p: BlockPlan, plan: Plan, state: tokens.TokenState):
         if p.attn:
             bias = state.attn_bias(x.dtype)
             out, extra = self.attn(self.norm1(x), p.heads, bias, p.token_op)
-            x = x + out
+            x = x + (out if self.ls1 is None else out * self.ls1)
             if p.token_op == "prune":
                 x = tokens.prune(x, extra, plan.token_keep, plan.token_fuse)
             elif p.token_op == "merge":
@@ -67,8 +89,40 @@ class Block(nn.Module):
             elif p.token_op == "threshold":
                 x, state = tokens.threshold(x, extra, plan.token_threshold, state)
         if p.mlp:
-            x = x + self.mlp(self.norm2(x), p.mlp_dim)
+            out = self.mlp(self.norm2(x), p.mlp_dim)
+            x = x + (out if self.ls2 is None else out * self.ls2)
         return x, state
+
+
+def _layer_scale(m: nn.Module) -> torch.Tensor | None:
+    return getattr(m, "gamma", None)
+
+
+def timm_unsupported(model: nn.Module) -> str:
+    """Why a timm model is not the plain CLS-token ViT DynViT reproduces ("" when it is)."""
+    identity = nn.Identity
+    checks = {
+        "not a VisionTransformer": hasattr(model, "blocks") and hasattr(model, "patch_embed"),
+        "no class token": getattr(model, "cls_token", None) is not None,
+        "distillation token": getattr(model, "dist_token", None) is None,
+        "register tokens": getattr(model, "num_reg_tokens", 0) == 0,
+        "position embeddings without the class token": not getattr(model, "no_embed_class", False),
+        "pooling other than the class token": getattr(model, "global_pool", "token") == "token",
+        "pre-norm or fc-norm": isinstance(getattr(model, "norm_pre", identity()), identity)
+        and isinstance(getattr(model, "fc_norm", identity()), identity),
+    }
+    for why, ok in checks.items():
+        if not ok:
+            return why
+    for b in model.blocks:
+        a = b.attn
+        if type(b).__name__ != "Block" or not hasattr(a, "qkv"):
+            return f"block type {type(b).__name__}"
+        if not all(isinstance(getattr(a, n, identity()), identity) for n in ("q_norm", "k_norm", "norm")):
+            return "qk-norm or attention scale-norm"
+        if not isinstance(getattr(b.mlp, "norm", identity()), identity):
+            return "MLP scale-norm"
+    return ""
 
 
 class DynViT(FamilyModel):
@@ -76,23 +130,33 @@ class DynViT(FamilyModel):
 
     def __init__(self, source: nn.Module) -> None:
         super().__init__(source)
-        cfg = source.config
-        if cfg.model_type != "vit":
-            raise ValueError(f"DynViT needs a ViT model, got {cfg.model_type}")
-        emb = source.vit.embeddings
-        self.patch = emb.patch_embeddings.projection
-        self.cls_token, self.pos_embed = emb.cls_token, emb.position_embeddings
-        heads, act = cfg.num_attention_heads, cfg.hidden_act
-        self.blocks = nn.ModuleList(Block(layer, heads, act) for layer in source.vit.layers)
-        self.norm, self.head = source.vit.layernorm, source.classifier
-        self.patch_size = int(cfg.patch_size)
-        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        self.grid = int(size) // self.patch_size
+        if hasattr(source, "vit"):  # transformers ViTForImageClassification
+            cfg = source.config
+            if cfg.model_type != "vit":
+                raise ValueError(f"DynViT needs a ViT model, got {cfg.model_type}")
+            emb = source.vit.embeddings
+            self.patch = emb.patch_embeddings.projection
+            self.cls_token, self.pos_embed = emb.cls_token, emb.position_embeddings
+            heads = cfg.num_attention_heads
+            self.blocks = nn.ModuleList(Block(layer, heads, cfg.hidden_act) for layer in source.vit.layers)
+            self.norm, self.head = source.vit.layernorm, source.classifier
+        else:
+            problem = timm_unsupported(source)
+            if problem:
+                raise ValueError(f"DynViT cannot run this timm model: {problem}")
+            self.patch = source.patch_embed.proj
+            self.cls_token, self.pos_embed = source.cls_token, source.pos_embed
+            heads = source.blocks[0].attn.num_heads
+            self.blocks = nn.ModuleList(Block(b, heads) for b in source.blocks)
+            self.norm, self.head = source.norm, source.head
+        self.patch_size = int(self.patch.stride[0])
+        self.grid = math.isqrt(self.pos_embed.shape[1] - 1)  # position embeddings: CLS + grid x grid
         n = len(self.blocks)
+        first = self.blocks[0]
         self.space = Space(
-            family="vit", num_blocks=n, heads=(cfg.num_attention_heads,) * n,
-            head_dim=(cfg.hidden_size // cfg.num_attention_heads,) * n, mlp_hidden=(cfg.intermediate_size,) * n,
-            cls_token=True, size_multiple=self.patch_size, default_resolution=(int(size), int(size)),
+            family="vit", num_blocks=n, heads=(heads,) * n, head_dim=(first.attn.head_dim,) * n,
+            mlp_hidden=(first.mlp.fc1.out_features,) * n, cls_token=True, size_multiple=self.patch_size,
+            default_resolution=(self.grid * self.patch_size,) * 2,
         )
         self._pos_cache = DerivedCache()
         self.set_plan(self.default_plan())
