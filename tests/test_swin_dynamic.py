@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from helpers import ours, ref_logits, rel_err
 from transformers import SwinConfig
 
 import dynavit
@@ -41,21 +42,6 @@ def build(**overrides) -> DynamicModel:
 @pytest.fixture()
 def small():
     return build()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def ref_logits(hf, x, **kw) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(pixel_values=x, **kw).logits
-
-
-def ours(dm, x, cfg=None) -> torch.Tensor:
-    dm.configure(cfg or ExecConfig())
-    with torch.no_grad():
-        return dm(x)
 
 
 def swin_macs(dm, h: int, w: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 from torch import nn
 
 from dynavit.config import ExecConfig
@@ -116,10 +117,6 @@ def wrap(vt: nn.Module) -> LoadedModel:
                        input_size=(224, 224), source="timm:stand-in")
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.fixture(scope="module")
 def pair(deit_tiny):
     vt = timm_from_hf(deit_tiny.reference)
@@ -131,8 +128,8 @@ def test_timm_layout_reproduces_both_sources(pair):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         ours = timm_dm(x)
-        assert rel(ours, vt(x)) <= 1e-5
-        assert rel(ours, hf_dm.reference(pixel_values=x).logits) <= 1e-5
+        assert rel_err(ours, vt(x)) <= 1e-5
+        assert rel_err(ours, hf_dm.reference(pixel_values=x).logits) <= 1e-5
     assert {p.data_ptr() for p in timm_dm.module.parameters()} <= {p.data_ptr() for p in vt.parameters()}
 
 
@@ -148,7 +145,7 @@ def test_knobs_agree_across_layouts(pair, cfg):
         b = timm_dm.configure(cfg)(x)
     hf_dm.configure(ExecConfig())
     timm_dm.configure(ExecConfig())
-    assert rel(b, a) <= 1e-5
+    assert rel_err(b, a) <= 1e-5
 
 
 def test_layer_scale_and_calibration_on_fused_qkv():
@@ -159,10 +156,10 @@ def test_layer_scale_and_calibration_on_fused_qkv():
                                               source="timm:stand-in"))
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert rel(dm(x), vt(x)) <= 1e-5
+        assert rel_err(dm(x), vt(x)) <= 1e-5
     dm.calibrate(torch.randn(8, 3, 32, 32), criterion="magnitude", batch_size=4)
     with torch.no_grad():
-        assert rel(dm(x), vt(x)) <= 1e-5  # vt shares the reordered tensors: same function
+        assert rel_err(dm(x), vt(x)) <= 1e-5  # vt shares the reordered tensors: same function
 
 
 def test_unsupported_timm_models_stay_plain():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ours, ref_logits, rel_err
 from transformers import ViTConfig
 
 import dynavit
@@ -23,21 +24,6 @@ SMALL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, interme
 @pytest.fixture()
 def small():
     return dynavit.from_config(ViTConfig(**SMALL))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def ref_logits(hf, x, **kw) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(pixel_values=x, **kw).logits
-
-
-def ours(dm, x, cfg=None) -> torch.Tensor:
-    dm.configure(cfg or ExecConfig())
-    with torch.no_grad():
-        return dm(x)
 
 
 def vit_macs(dm, cfg: ExecConfig, h: int, w: int, token_counts: list[int] | None = None) -> int:
