@@ -9,7 +9,6 @@ costs a pointer assignment.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -33,10 +32,6 @@ class FamilyModel(nn.Module):
 
     def default_plan(self) -> Plan:
         return resolve(ExecConfig(), self.space)
-
-    def importance_targets(self) -> dict[str, Any]:
-        """Hook for calibration: the groups of channels/heads this family can reorder."""
-        return {}
 
 
 def resize_input(x: torch.Tensor, resolution: tuple[int, int] | None) -> torch.Tensor:
