@@ -51,6 +51,16 @@ class Calibration:
     source: str = ""
     fingerprint: str = ""
     seconds: float = 0.0
+    image_hashes: list[str] = field(default_factory=list)  # SHA-1 of the image files, when known
+
+    def identity(self) -> str:
+        """Short hash of what calibration changes (the permutations) and how it ranked blocks."""
+        h = hashlib.sha1(self.criterion.encode())
+        for group in sorted(self.perms):
+            for t in self.perms[group]:
+                h.update(group.encode() + t.to(torch.int64).numpy().tobytes())
+        h.update(json.dumps(self.block_kl, sort_keys=True).encode())
+        return f"{self.criterion}:{h.hexdigest()[:16]}"
 
     def block_order(self, kind: str = "block") -> list[int]:
         """Blocks from least to most important (the order in which to skip them)."""

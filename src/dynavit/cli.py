@@ -142,7 +142,7 @@ def calibrate_cmd(
     limit: Annotated[int, typer.Option(help="Use at most this many images (spread over the folder).")] = 64,
 ) -> None:
     """Rank channels, heads and blocks by importance and save the reordering (applied with --calibration)."""
-    from dynavit.data.datasets import list_images, read_image
+    from dynavit.data.datasets import file_sha1, list_images, read_image
     from dynavit.dynamic import DynamicModel
     from dynavit.models import load
 
@@ -156,11 +156,125 @@ def calibrate_cmd(
         raise DynavitError(f"no images found under {images}")
     paths = paths[:: max(1, len(paths) // limit)][:limit]
     cal = lm.calibrate([read_image(p) for p in paths], criterion=criterion)
+    cal.image_hashes = [file_sha1(p) for p in paths]  # a sweep on the same folder leaves these out
     lm.save_calibration(out)
     order = ", ".join(map(str, cal.block_order()[:5]))
     console.print(f"calibrated on {cal.n_images} images in {cal.seconds:.1f}s; criterion {cal.criterion} "
                   f"(held-out KL {', '.join(f'{k} {v:.3f}' for k, v in cal.comparison.items()) or 'n/a'})")
     console.print(f"least important blocks first: {order} ...; wrote {out}/")
+
+
+@app.command("sweep")
+@_user_errors
+def sweep_cmd(
+    model: Annotated[str, typer.Argument(help="Hugging Face hub id or local model folder.")],
+    data: Annotated[Path, typer.Option(help="Labelled dataset folder (layout detected).")],
+    store: Annotated[Path, typer.Option(help="SQLite result store; rerun the same command to resume.")] = Path(
+        "results.db"),
+    space: Annotated[str, typer.Option(help="Search space: preset (default, small) or a JSON file.")] = "default",
+    strategy: Annotated[str, typer.Option(help="grid, random, greedy or evolutionary.")] = "random",
+    budget: Annotated[int | None, typer.Option(help="How many configs to measure (needed except for grid).")] = None,
+    backend: Annotated[str, typer.Option(help="local, or ray (spreads configs over a Ray cluster).")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray actors (default: one per CPU).")] = None,
+    calibration: CalibOpt = None,
+    layout: Annotated[str | None, typer.Option(help="Force a dataset layout instead of detecting it.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use N images spread evenly over the dataset.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Evaluation (and throughput) batch size.")] = 32,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of random/evolutionary search and of the bootstrap.")] = 0,
+    latency_repeats: Annotated[int, typer.Option(help="Batch-1 latency samples per config.")] = 20,
+    reuse_prefix: Annotated[bool, typer.Option(help="Reuse activations of shared leading blocks.")] = True,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip and count unreadable images.")] = False,
+) -> None:
+    """Measure quality and cost of many execution paths; store each row; print the Pareto front."""
+    from dynavit.sweep.run import SweepTarget, run_sweep
+
+    target = SweepTarget(model=model, data=str(data), layout=layout,
+                         calibration=str(calibration) if calibration else None, limit=limit, skip_bad=skip_bad,
+                         batch_size=batch_size, device=device, seed=seed, latency_repeats=latency_repeats,
+                         reuse_prefix=reuse_prefix)
+    s = run_sweep(target, space=space if not Path(space).is_file() else Path(space), strategy=strategy,
+                  budget=budget, store=store, backend=backend, address=address, workers=workers, seed=seed,
+                  progress=sys.stderr.isatty())
+    if s.excluded_calibration_images:
+        console.print(f"left out {s.excluded_calibration_images} calibration images; evaluated {s.n_images}")
+    console.print(f"measured {s.measured} configs, {s.reused} already in {store}, {s.invalid} invalid; "
+                  f"{s.total} rows; {s.seconds:.0f} s")
+    _print_front(store, "macs", 20)
+
+
+def _fmt(v: float | None, places: int = 1) -> str:
+    return "" if v is None else f"{v:.{places}f}"
+
+
+def _print_front(store: Path, cost: str, top: int, show_all: bool = False) -> None:
+    from rich.table import Table
+
+    from dynavit.sweep.pareto import COSTS, pareto
+    from dynavit.sweep.store import ResultStore
+
+    with ResultStore(store, readonly=True) as rs:
+        rows, meta = rs.rows(), rs.meta
+    if not rows:
+        raise DynavitError(f"{store} has no results yet; run `dynavit sweep` first")
+    if cost not in COSTS:
+        raise DynavitError(f"unknown cost {cost!r} (choose from {', '.join(COSTS)})")
+    f = pareto(rows, cost, task=meta.get("task", "classification"))
+    base = next((r for r in rows if r.config.is_default), None)
+    metric = meta.get("metric", "quality")
+    t = Table(title=f"{meta.get('model')}: {'all configs' if show_all else 'Pareto front'} by {COSTS[cost]} "
+                    f"({len(f.front)} of {len(rows)} configs; * = not significantly dominated)")
+    t.add_column("config", min_width=24, overflow="fold")
+    for col in (f"{metric} %", "95% CI", "Δ pts", "paired CI", "GMACs", "MACs −%", "p50 ms", "p95 ms", "img/s"):
+        t.add_column(col, no_wrap=True, justify="right")
+    idx = range(len(f.rows)) if show_all else f.front
+    for i in list(idx)[:top]:
+        r = f.rows[i]
+        red = f"{100 * (1 - r.macs / base.macs):.1f}" if base else ""
+        t.add_row(("*" if i in f.plausible else "") + r.label, f"{100 * r.quality:.1f}",
+                  f"{100 * r.quality_lo:.1f}–{100 * r.quality_hi:.1f}", f"{100 * r.delta:+.1f}",
+                  f"{100 * r.delta_lo:+.1f}–{100 * r.delta_hi:+.1f}", f"{r.macs / 1e9:.3f}", red,
+                  _fmt(r.latency_p50_ms, 2), _fmt(r.latency_p95_ms, 2), _fmt(r.images_per_s))
+    (console if console.is_terminal else Console(width=170)).print(t)  # piped: do not fold at 80
+
+
+@app.command("pareto")
+@_user_errors
+def pareto_cmd(
+    store: Annotated[Path, typer.Argument(help="Result store written by `dynavit sweep`.")],
+    cost: Annotated[str, typer.Option(help="macs, latency_p50_ms, latency_p95_ms, batch_ms_per_image, energy_mj.")
+                    ] = "macs",
+    top: Annotated[int, typer.Option(help="Show at most N rows.")] = 50,
+    show_all: Annotated[bool, typer.Option("--all", help="List every config, not only the front.")] = False,
+) -> None:
+    """The menu: configs not dominated in quality and cost, with CIs and paired deltas."""
+    _print_front(store, cost, top, show_all)
+
+
+@app.command("export")
+@_user_errors
+def export_cmd(
+    store: Annotated[Path, typer.Argument(help="Result store written by `dynavit sweep`.")],
+    out: Annotated[Path, typer.Argument(help="A .csv or .parquet file.")],
+) -> None:
+    """Write the store's rows (without per-image data) as CSV or Parquet."""
+    from dynavit.sweep.store import ResultStore
+
+    with ResultStore(store, readonly=True) as rs:
+        console.print(f"wrote {rs.export(out)} ({len(rs)} rows)")
+
+
+@app.command("report")
+@_user_errors
+def report_cmd(
+    store: Annotated[Path, typer.Argument(help="Result store written by `dynavit sweep`.")],
+    out: Annotated[Path, typer.Option(help="Folder for index.html and the PNGs.")] = Path("report"),
+) -> None:
+    """A self-contained HTML report: fronts, per-knob resilience, FLOP vs time share."""
+    from dynavit.report import write_report
+
+    console.print(f"wrote {write_report(store, out)}")
 
 
 @app.command("demo")

@@ -18,7 +18,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,19 @@ class Profile:
         d["input_shape"] = list(self.input_shape)
         d["total_gmacs"] = self.total_macs / 1e9
         return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Profile:
+        """Inverse of ``to_json`` (e.g. a profile kept in a result store); ValueError if unreadable."""
+        names = {f.name for f in fields(cls)}
+        try:
+            kw = {k: v for k, v in d.items() if k in names}
+            kw["classes"] = {c: ClassCost(**v) for c, v in kw["classes"].items()}
+            kw["modules"] = [ModuleCost(**m) for m in kw.get("modules", [])]
+            kw["input_shape"] = tuple(kw["input_shape"])
+            return cls(**kw)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"the stored profile is not readable by this dynavit ({e})") from None
 
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)

@@ -9,6 +9,7 @@ expected, or ``BadSampleError`` for a file that cannot be decoded).
 from __future__ import annotations
 
 import copy
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -53,6 +54,11 @@ ADE20K_CLASSES = (
 
 
 # ----------------------------------------------------------------------------- file helpers
+
+
+def file_sha1(path: Path) -> str:
+    """Content hash of a file: tells whether two folders share an image, whatever its name."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
 def is_image_file(path: Path) -> bool:

@@ -129,6 +129,11 @@ def image_stats(cm: np.ndarray) -> np.ndarray:
     return np.stack([np.diag(cm), cm.sum(1), cm.sum(0)]).astype(np.int64)
 
 
+def stats_miou(stats: np.ndarray) -> float:
+    """Dataset-level mIoU from (N, 3, C) per-image statistics (the sum over images)."""
+    return float(_scores_from_sums(*np.asarray(stats).sum(0))["miou"])
+
+
 # ----------------------------------------------------------------------------- classification
 
 

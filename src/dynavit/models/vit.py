@@ -173,14 +173,30 @@ class DynViT(FamilyModel):
         return self._pos_cache.get(pos, (gh, gw), make)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        plan = self.plan
-        x = resize_input(pixel_values.to(self.patch.weight.dtype), plan.resolution)
+        carry = self.begin(pixel_values)
+        for i in range(len(self.blocks)):
+            carry = self.step(carry, i)
+        return self.end(carry)
+
+    # The forward in stages, so that a sweep can keep the activations after block k and run
+    # only the rest for the next config that executes the same first k blocks.
+    def begin(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tokens.TokenState]:
+        x = resize_input(pixel_values.to(self.patch.weight.dtype), self.plan.resolution)
         x = self.patch(x)  # (B, C, gh, gw)
         b, _, gh, gw = x.shape
         x = torch.cat([self.cls_token.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
-        x = x + self.position_embedding(gh, gw)
-        state = tokens.TokenState()
-        for blk, p in zip(self.blocks, plan.blocks, strict=True):
-            if p.attn or p.mlp:
-                x, state = blk(x, p, plan, state)
-        return self.head(self.norm(x[:, 0]))
+        return x + self.position_embedding(gh, gw), tokens.TokenState()
+
+    def step(self, carry: tuple[torch.Tensor, tokens.TokenState], i: int) -> tuple[torch.Tensor, tokens.TokenState]:
+        p = self.plan.blocks[i]
+        return self.blocks[i](*carry[:1], p, self.plan, carry[1]) if (p.attn or p.mlp) else carry
+
+    def end(self, carry: tuple[torch.Tensor, tokens.TokenState]) -> torch.Tensor:
+        return self.head(self.norm(carry[0][:, 0]))
+
+    @staticmethod
+    def prefix_key(plan: Plan, depth: int) -> tuple:
+        """Everything that decides the activations after ``depth`` blocks under ``plan``."""
+        blocks = plan.blocks[:depth]
+        token = (plan.token_keep, plan.token_fuse, plan.token_threshold) if any(b.token_op for b in blocks) else None
+        return plan.resolution, blocks, token

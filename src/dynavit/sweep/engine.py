@@ -1,0 +1,299 @@
+"""Measure one config: quality on a cached dataset, exact MACs, latency, throughput, energy.
+
+Speed comes from doing shared work once per sweep, not once per config:
+- ``CachedData`` decodes and preprocesses every image once; every config reads the same
+  tensors (the resolution knob resizes inside the model, so one cache serves all).
+- Prefix reuse: configs that execute the same first k blocks (same resolution, same block
+  plans, same token settings so far) produce the same activations after block k. When the
+  next config is known, the evaluator keeps those activations and the next config runs only
+  blocks k.. onwards. Families opt in by providing ``begin/step/end/prefix_key`` (DynViT).
+  The result is bit-identical to a full forward: the same ops run on the same tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dynavit.config import ExecConfig, resolve
+from dynavit.cost.energy import EnergyMeter
+from dynavit.cost.flops import count
+from dynavit.data.metrics import ClassificationMeter, SegmentationMeter
+from dynavit.errors import DynavitError
+from dynavit.evaluation import _check_compatible, _stream
+from dynavit.sweep import stats
+from dynavit.sweep.store import Row
+
+
+@dataclass
+class CachedData:
+    """A dataset decoded and preprocessed once: batches of pixels and their targets."""
+
+    batches: list[torch.Tensor]
+    targets: list[Any]  # per batch: LongTensor (classification) or list of (H, W) label arrays
+    task: str
+    num_classes: int
+    ignore_index: int
+    skipped: list[str]
+    describe: dict[str, Any]
+
+    @property
+    def n(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.batches)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of exactly what is evaluated: the preprocessed pixels and the targets."""
+        h = hashlib.sha256()
+        for px, tg in zip(self.batches, self.targets, strict=True):
+            h.update(px.contiguous().numpy().tobytes())
+            for t in (tg if isinstance(tg, list) else [tg.numpy()]):
+                h.update(np.ascontiguousarray(t).tobytes())
+        return h.hexdigest()[:24]
+
+
+def cache_dataset(model: Any, dataset: Any, *, batch_size: int = 32, skip_bad: bool = False,
+                  progress: bool = True, workers: int = 2, max_gb: float = 6.0) -> CachedData:
+    """Decode + transform every image once (threads), batched while the shapes agree."""
+    _check_compatible(model, dataset)
+    if len(dataset) == 0:
+        raise DynavitError(f"{getattr(dataset, 'root', 'the dataset')} has no images to sweep over")
+    h, w = model.input_size
+    need = len(dataset) * 3 * h * w * 4 / 2**30
+    if need > max_gb:
+        raise DynavitError(f"caching {len(dataset)} images at {h}x{w} needs about {need:.1f} GiB "
+                           f"(limit {max_gb} GiB); sweep over fewer images with --limit")
+    seg = dataset.task == "segmentation"
+    batches: list[torch.Tensor] = []
+    targets: list[Any] = []
+    skipped: list[str] = []
+    cur: list[Any] = []
+
+    def flush() -> None:
+        batches.append(torch.stack([s.pixels for s in cur]))
+        targets.append([s.target for s in cur] if seg else torch.tensor([s.target for s in cur]))
+        cur.clear()
+
+    stream = _stream(dataset, model.transform, range(len(dataset)), workers, max(2 * workers, 8))
+    for s in tqdm(stream, total=len(dataset), desc="decode", unit="img", disable=not progress,
+                  dynamic_ncols=True):
+        if s.error is not None:
+            if not skip_bad:
+                raise s.error
+            skipped.append(str(s.error.path))
+            continue
+        if cur and (len(cur) >= batch_size or s.pixels.shape != cur[0].pixels.shape):
+            flush()
+        cur.append(s)
+    if cur:
+        flush()
+    if not batches:
+        raise DynavitError(f"no image of {getattr(dataset, 'root', 'the dataset')} could be read")
+    return CachedData(batches, targets, dataset.task, dataset.num_classes,
+                      getattr(dataset, "ignore_index", 255), skipped,
+                      dataset.describe() if hasattr(dataset, "describe") else {})
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):  # noqa: SIM115
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu:{cpu} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import dynavit
+
+    return {"dynavit": dynavit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1e3, q))
+
+
+@dataclass
+class _Saved:
+    impl: Any
+    depth: int
+    key: tuple
+    carries: list[Any]
+
+
+class Evaluator:
+    """Measures configs of one ``DynamicModel`` on one ``CachedData``."""
+
+    def __init__(self, dm: Any, data: CachedData, *, latency_repeats: int = 20, warmup: int = 2,
+                 throughput_repeats: int = 3, measure_latency: bool = True, reuse_prefix: bool = True,
+                 n_boot: int = 1000, seed: int = 0, mac_images: int = 8) -> None:
+        self.dm, self.data = dm, data
+        self.latency_repeats, self.warmup = latency_repeats, warmup
+        self.throughput_repeats = throughput_repeats
+        self.measure_latency, self.reuse_prefix = measure_latency, reuse_prefix
+        self.n_boot, self.seed, self.mac_images = n_boot, seed, mac_images
+        param = next(dm.module.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.device_name = device_name(self.device)
+        self.versions = versions()
+        self.energy = EnergyMeter.for_device(self.device)
+        self._saved: _Saved | None = None
+        self.reused_blocks = 0  # block-batches not recomputed thanks to prefix reuse
+
+    # ---- quality -------------------------------------------------------------------------------
+    def _share_depth(self, impl: Any, cfg: ExecConfig, nxt: ExecConfig | None) -> int:
+        """How many leading blocks ``cfg`` and ``nxt`` execute identically (0: none)."""
+        if nxt is None or not hasattr(impl, "prefix_key") or nxt.variant != cfg.variant:
+            return 0
+        try:
+            other = resolve(nxt, impl.space)
+        except DynavitError:
+            return 0
+        d = 0
+        while d < len(impl.blocks) and impl.prefix_key(impl.plan, d + 1) == impl.prefix_key(other, d + 1):
+            d += 1
+        return d
+
+    def _forward_all(self, impl: Any, cfg: ExecConfig, nxt: ExecConfig | None,
+                     ) -> tuple[list[torch.Tensor], list[float], bool]:
+        staged = self.reuse_prefix and hasattr(impl, "prefix_key")
+        start, carries = 0, None
+        s = self._saved
+        if staged and s is not None and s.impl is impl and impl.prefix_key(impl.plan, s.depth) == s.key:
+            start, carries = s.depth, s.carries
+        save = self._share_depth(impl, cfg, nxt) if staged else 0
+        keep_old = save == start and carries is not None
+        new_carries: list[Any] = []
+        outs, times = [], []
+        for b, px in enumerate(self.data.batches):
+            t0 = time.perf_counter()
+            if staged:
+                carry = carries[b] if start else impl.begin(px.to(self.device, self.dtype))
+                for i in range(start, len(impl.blocks)):
+                    if i == save and save > start:
+                        new_carries.append(carry)
+                    carry = impl.step(carry, i)
+                if save == len(impl.blocks) and save > start:
+                    new_carries.append(carry)
+                out = impl.end(carry)
+            else:
+                out = impl(px.to(self.device, self.dtype))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - t0)
+            outs.append(out.float().cpu())
+        self.reused_blocks += start * len(self.data.batches)
+        if not keep_old:
+            self._saved = _Saved(impl, save, impl.prefix_key(impl.plan, save), new_carries) if save > start \
+                else None
+        return outs, times, start > 0
+
+    def _score(self, outs: list[torch.Tensor]) -> tuple[dict[str, Any], np.ndarray]:
+        d = self.data
+        if d.task == "segmentation":
+            meter = SegmentationMeter(d.num_classes, d.ignore_index)
+            for logits, tgts in zip(outs, d.targets, strict=True):
+                for j, t in enumerate(tgts):
+                    scores = logits[j:j + 1, :d.num_classes]
+                    if tuple(scores.shape[-2:]) != t.shape:
+                        scores = F.interpolate(scores, size=t.shape, mode="bilinear", align_corners=False)
+                    meter.update(scores.argmax(1)[0].numpy(), t)
+            return meter.result(self.n_boot, self.seed), meter.stats
+        meter = ClassificationMeter(self.dm.num_labels)
+        for logits, tgts in zip(outs, d.targets, strict=True):
+            meter.update(logits, tgts)
+        return meter.result(self.n_boot, self.seed), meter.correct.astype(np.uint8)
+
+    # ---- cost ----------------------------------------------------------------------------------
+    def _images(self, k: int) -> list[torch.Tensor]:
+        flat = [img for b in self.data.batches for img in b.split(1)]
+        return [flat[i * len(flat) // k].to(self.device, self.dtype) for i in range(min(k, len(flat)))]
+
+    def _macs(self, impl: Any, cfg: ExecConfig) -> dict[str, float]:
+        """Per-image MACs by class at batch 1 (averaged over images when the path is adaptive)."""
+        imgs = self._images(self.mac_images if cfg.token_threshold is not None else 1)
+        by_class: dict[str, float] = {}
+        for x in imgs:
+            for rec in count(impl, lambda x=x: impl(x), track_memory=False).records:
+                for c in rec.costs:
+                    if c.macs:
+                        by_class[c.cls] = by_class.get(c.cls, 0.0) + c.macs / len(imgs)
+        return by_class
+
+    def _latency(self, impl: Any) -> tuple[list[float], float | None]:
+        imgs = self._images(min(8, self.latency_repeats))
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        for i in range(self.warmup):
+            impl(imgs[i % len(imgs)])
+        times = []
+        if self.energy:
+            self.energy.start()
+        for i in range(self.latency_repeats):
+            sync()
+            t0 = time.perf_counter()
+            impl(imgs[i % len(imgs)])
+            sync()
+            times.append(time.perf_counter() - t0)
+        energy = self.energy.stop() / self.latency_repeats if self.energy else None
+        return times, energy
+
+    def _throughput(self, impl: Any) -> list[float]:
+        px = self.data.batches[0].to(self.device, self.dtype)
+        impl(px)
+        times = []
+        for _ in range(self.throughput_repeats):
+            t0 = time.perf_counter()
+            impl(px)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    # ---- one config ----------------------------------------------------------------------------
+    def measure(self, cfg: ExecConfig, *, next_config: ExecConfig | None = None, label: str = "",
+                strategy: str = "") -> Row:
+        t_start = time.perf_counter()
+        impl = self.dm.configure(cfg).module
+        impl.eval()
+        with torch.inference_mode():
+            outs, times, reused = self._forward_all(impl, cfg, next_config)
+            metrics, per_image = self._score(outs)
+            bs = len(self.data.batches[0])
+            full = [t for t, b in zip(times, self.data.batches, strict=True) if len(b) == bs]
+            if self.measure_latency:
+                lat, energy = self._latency(impl)
+                if reused or len(full) < 3:
+                    full = self._throughput(impl)
+            else:
+                lat, energy, full = [], None, []
+        macs = self._macs(impl, cfg)
+        main = stats.main_metric(self.data.task)
+        m = metrics[main]
+        return Row(
+            config=cfg, quality=m["value"], quality_lo=m["ci_low"], quality_hi=m["ci_high"], metrics=metrics,
+            macs=sum(macs.values()), macs_by_class=macs,
+            latency_p50_ms=_pct(lat, 50) if lat else None, latency_p95_ms=_pct(lat, 95) if lat else None,
+            batch=bs, batch_p50_ms=_pct(full, 50) if full else None, batch_p95_ms=_pct(full, 95) if full else None,
+            images_per_s=bs / float(np.median(full)) if full else None, per_image=per_image,
+            device=self.device_name, versions=self.versions, energy_mj=energy, label=label, strategy=strategy,
+            seconds=time.perf_counter() - t_start,
+        )

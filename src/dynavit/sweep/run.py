@@ -1,0 +1,286 @@
+"""The sweep: ask a strategy for configs, measure the new ones, store every row as it lands.
+
+``SweepTarget`` says how to build the model and the data; a Ray worker rebuilds the same
+target from it, so the local and the Ray backend measure identical things.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from dynavit.config import ExecConfig, resolve
+from dynavit.errors import DynavitError
+from dynavit.sweep import stats
+from dynavit.sweep.engine import CachedData, Evaluator, cache_dataset
+from dynavit.sweep.space import SearchSpace, load_space
+from dynavit.sweep.store import ResultStore, Row
+from dynavit.sweep.strategies import Point, Score, make
+
+
+@dataclass
+class SweepTarget:
+    """Everything that decides what a row means: model, calibration, data and protocol."""
+
+    model: str
+    data: str
+    layout: str | None = None
+    calibration: str | None = None
+    limit: int | None = None
+    exclude_calibration_images: bool = True
+    skip_bad: bool = False
+    batch_size: int = 32
+    device: str = "cpu"
+    n_boot: int = 1000
+    seed: int = 0
+    latency_repeats: int = 20
+    reuse_prefix: bool = True
+    measure_latency: bool = True
+
+    def build(self, *, progress: bool = False) -> tuple[Any, CachedData, Evaluator, int]:
+        """(model, cached data, evaluator, number of calibration images left out)."""
+        from dynavit.data import open_dataset
+        from dynavit.data.datasets import file_sha1
+        from dynavit.dynamic import DynamicModel
+        from dynavit.models import load
+
+        dataset = open_dataset(self.data, layout=self.layout)
+        dm = load(self.model, device=self.device)
+        if not isinstance(dm, DynamicModel):
+            raise DynavitError(f"{self.model} ({dm.family}) has no execution paths to sweep")
+        excluded = 0
+        if self.calibration:
+            calib = dm.load_calibration(self.calibration)
+            if self.exclude_calibration_images and calib.image_hashes:
+                used = set(calib.image_hashes)
+                keep = [i for i in range(len(dataset)) if file_sha1(dataset.path(i)) not in used]
+                excluded = len(dataset) - len(keep)
+                dataset = dataset.subset(keep)
+        dataset = dataset.limit(self.limit)
+        data = cache_dataset(dm, dataset, batch_size=self.batch_size, skip_bad=self.skip_bad, progress=progress)
+        ev = Evaluator(dm, data, latency_repeats=self.latency_repeats, reuse_prefix=self.reuse_prefix,
+                       measure_latency=self.measure_latency, n_boot=self.n_boot, seed=self.seed)
+        return dm, data, ev, excluded
+
+
+def identity(target: SweepTarget, dm: Any, data: CachedData) -> dict[str, Any]:
+    from dynavit.calibrate import fingerprint
+
+    calib = dm.calibration
+    return {
+        "model": str(dm.source),
+        "model_fingerprint": calib.fingerprint if calib is not None and calib.fingerprint else fingerprint(dm.module),
+        "calibration": calib.identity() if calib is not None else "none",
+        "dataset_fingerprint": f"{data.fingerprint()} ({data.n} images)",
+        "task": data.task,
+        "metric": stats.main_metric(data.task),
+        "protocol": {"batch_size": target.batch_size, "n_boot": target.n_boot, "seed": target.seed,
+                     "device": target.device, "input_size": list(dm.input_size)},
+    }
+
+
+# ---------------------------------------------------------------------------------------- backends
+
+
+def _sharing_order(cfgs: Sequence[ExecConfig], space: Any) -> list[int]:
+    """Order configs so that those executing the same leading blocks run back to back."""
+    def key(i: int) -> tuple:
+        plan = resolve(cfgs[i], space)
+        blocks = tuple((b.attn, b.mlp, b.heads, b.mlp_dim, b.token_op or "") for b in plan.blocks)
+        token = (plan.token_keep, plan.token_fuse, plan.token_threshold or 0.0)
+        return (cfgs[i].variant or "", plan.resolution or (0, 0), blocks, token)
+    return sorted(range(len(cfgs)), key=key)
+
+
+class LocalBackend:
+    """Measures configs one after another in this process."""
+
+    name = "local"
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self.evaluator = evaluator
+
+    def measure(self, cfgs: Sequence[ExecConfig], labels: Sequence[str], strategy: str) -> Iterator[Row]:
+        order = _sharing_order(cfgs, self.evaluator.dm.space)
+        for pos, i in enumerate(order):
+            nxt = cfgs[order[pos + 1]] if pos + 1 < len(order) else None
+            yield self.evaluator.measure(cfgs[i], next_config=nxt, label=labels[i], strategy=strategy)
+
+    def close(self) -> None:
+        pass
+
+
+class RayBackend:
+    """Spreads configs over Ray actors, each holding its own model and cached data."""
+
+    name = "ray"
+
+    def __init__(self, target: SweepTarget, space: Any, *, address: str | None = None,
+                 workers: int | None = None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise DynavitError("--backend ray needs Ray: pip install 'dynavit[ray]'") from None
+        self.ray, self.space = ray, space
+        self._started = not ray.is_initialized()
+        if self._started:
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False, ignore_reinit_error=True)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise DynavitError(f"cannot reach the Ray cluster at {address}: {e}") from None
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n = workers or max(1, cpus)
+        remote = ray.remote(num_cpus=1)(_RemoteEvaluator)
+        self.actors = [remote.remote(target) for _ in range(n)]
+
+    def measure(self, cfgs: Sequence[ExecConfig], labels: Sequence[str], strategy: str) -> Iterator[Row]:
+        order = _sharing_order(cfgs, self.space)
+        n = len(self.actors)
+        chunks = [order[k * len(order) // n:(k + 1) * len(order) // n] for k in range(n)]  # contiguous: sharing
+        futures = []
+        for actor, chunk in zip(self.actors, chunks, strict=True):
+            for pos, i in enumerate(chunk):
+                nxt = cfgs[chunk[pos + 1]] if pos + 1 < len(chunk) else None
+                futures.append(actor.measure.remote(cfgs[i], next_config=nxt, label=labels[i], strategy=strategy))
+        pending = list(futures)
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1)
+            yield self.ray.get(done[0])
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        if self._started:
+            self.ray.shutdown()
+
+
+class _RemoteEvaluator:
+    def __init__(self, target: SweepTarget) -> None:
+        self.evaluator = target.build()[2]
+
+    def measure(self, cfg: ExecConfig, **kw: Any) -> Row:
+        return self.evaluator.measure(cfg, **kw)
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class SweepSummary:
+    store: Path
+    measured: int = 0  # configs measured by this run
+    reused: int = 0  # configs found in the store
+    invalid: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    excluded_calibration_images: int = 0
+    n_images: int = 0
+    rows: list[Row] = field(default_factory=list)
+
+
+def run_sweep(target: SweepTarget, *, space: str | Path | dict = "default", strategy: str = "random",
+              budget: int | None = None, store: str | Path = "results.db", backend: str = "local",
+              address: str | None = None, workers: int | None = None, seed: int = 0, progress: bool = True,
+              on_row: Callable[[Row], None] | None = None) -> SweepSummary:
+    """Run (or resume) a sweep; every measured row is in the store before the next one starts."""
+    if backend not in ("local", "ray"):
+        raise DynavitError(f"unknown backend {backend!r} (choose local or ray)")
+    t0 = time.perf_counter()
+    dm, data, evaluator, excluded = target.build(progress=progress)
+    calib = dm.calibration
+    kinds = {"skip_blocks": "block", "skip_attn": "attn", "skip_mlp": "mlp"}
+    orders = {k: calib.block_order(v) for k, v in kinds.items() if calib is not None and v in calib.block_kl}
+    search: SearchSpace = load_space(space, dm.space, orders)
+    strat = make(strategy, search.shape, budget, seed)
+    summary = SweepSummary(Path(store), excluded_calibration_images=excluded, n_images=data.n)
+    rs = ResultStore(store)
+    try:
+        rs.bind(identity(target, dm, data))
+        if target.measure_latency and ExecConfig() not in rs.profiles():
+            from dynavit.cost import profile
+
+            dm.configure(ExecConfig())
+            rs.add_profile(ExecConfig(), profile(dm, device=target.device, time_budget_s=4.0).to_json())
+        run_id = rs.start_run({"target": asdict(target), "space": search.to_json(), "strategy": strategy,
+                               "budget": budget, "backend": backend, "seed": seed})
+        runner: LocalBackend | RayBackend = (LocalBackend(evaluator) if backend == "local" else
+                                             RayBackend(target, dm.space, address=address, workers=workers))
+        status = "failed"
+        bar = tqdm(total=budget or search.size, desc=f"sweep ({strategy})", unit="cfg", disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            default_row = rs.get(ExecConfig())
+            while True:
+                points = strat.ask()
+                if not points:
+                    break
+                results: dict[Point, Score | None] = {}
+                todo: dict[ExecConfig, tuple[Point, str]] = {}
+                for p in points:
+                    cfg = search.config(p)
+                    try:
+                        resolve(cfg, dm.space)
+                    except DynavitError:
+                        results[p] = None
+                        summary.invalid += 1
+                        continue
+                    row = rs.get(cfg)
+                    if row is not None:
+                        results[p] = (row.quality, row.macs)
+                        summary.reused += 1
+                        bar.update(1)
+                    elif cfg in todo:
+                        results[p] = None  # two points, one config (levels that coincide)
+                    else:
+                        todo[cfg] = (p, search.describe(p))
+                if default_row is None and todo:  # deltas need the default measured first
+                    default_cfg = ExecConfig()
+                    label = todo.pop(default_cfg, (None, "default"))[1]
+                    row = next(iter(LocalBackend(evaluator).measure([default_cfg], [label], strategy)))
+                    default_row = _store_row(rs, row, None, data.task, target, run_id)
+                    results[strat.default] = (row.quality, row.macs)
+                    summary.measured += 1
+                    bar.update(1)
+                cfgs = list(todo)
+                for row in runner.measure(cfgs, [todo[c][1] for c in cfgs], strategy):
+                    _store_row(rs, row, default_row, data.task, target, run_id)
+                    results[todo[row.config][0]] = (row.quality, row.macs)
+                    summary.measured += 1
+                    bar.update(1)
+                    if on_row:
+                        on_row(row)
+                strat.tell(results)
+            status = "done"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            bar.close()
+            runner.close()
+            with contextlib.suppress(DynavitError):  # a read-only or full store: the first error says so
+                rs.finish_run(run_id, status)
+        summary.rows = rs.rows()
+    finally:
+        rs.close()
+    summary.total = len(summary.rows)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _store_row(rs: ResultStore, row: Row, default: Row | None, task: str, target: SweepTarget,
+               run_id: int) -> Row:
+    if default is None:
+        row.delta, row.delta_lo, row.delta_hi = 0.0, 0.0, 0.0
+    else:
+        row.delta, row.delta_lo, row.delta_hi = stats.paired_delta(
+            row.per_image, default.per_image, task, target.n_boot, target.seed)
+    row.run_id = run_id
+    rs.add(row)
+    return row

@@ -1,0 +1,326 @@
+"""The result store: one SQLite file (WAL) per sweep target (model + calibration + dataset).
+
+Each measured config is one row written in its own transaction, so a sweep killed at any
+moment (even ``kill -9``) leaves every finished row intact and no half row; rerunning the
+same command skips the configs already stored. The ``meta`` table pins the model weights,
+calibration, dataset and evaluation protocol: a store refuses rows from anything else and
+names what differs, so rows of different experiments are never mixed.
+
+Schema (version 1)::
+
+    meta(key PRIMARY KEY, value)           -- schema_version, identity fields, created
+    runs(id, started, finished, status, args)
+    profiles(config_key PRIMARY KEY, profile)   -- Profile.to_json() of the default path
+    results(id, config_key UNIQUE, config, label, strategy, run_id,
+            quality, quality_lo, quality_hi,  -- the main metric (top1 or miou) in [0, 1]
+            delta, delta_lo, delta_hi,        -- paired difference to the default config
+            metrics,                          -- JSON: every metric with its CI
+            macs, macs_by_class,              -- per image (batch 1)
+            latency_p50_ms, latency_p95_ms,   -- batch 1
+            batch, batch_p50_ms, batch_p95_ms, images_per_s,  -- throughput batch
+            energy_mj, device, versions, per_image (npy bytes), seconds, created)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynavit.config import ExecConfig
+from dynavit.errors import DynavitError
+
+SCHEMA_VERSION = 1
+IDENTITY = ("model", "model_fingerprint", "calibration", "dataset_fingerprint", "task", "metric", "protocol")
+
+_COLUMNS = [
+    ("config_key", "TEXT NOT NULL UNIQUE"), ("config", "TEXT NOT NULL"), ("label", "TEXT"),
+    ("strategy", "TEXT"), ("run_id", "INTEGER"),
+    ("quality", "REAL"), ("quality_lo", "REAL"), ("quality_hi", "REAL"),
+    ("delta", "REAL"), ("delta_lo", "REAL"), ("delta_hi", "REAL"),
+    ("metrics", "TEXT"), ("macs", "REAL"), ("macs_by_class", "TEXT"),
+    ("latency_p50_ms", "REAL"), ("latency_p95_ms", "REAL"),
+    ("batch", "INTEGER"), ("batch_p50_ms", "REAL"), ("batch_p95_ms", "REAL"), ("images_per_s", "REAL"),
+    ("energy_mj", "REAL"), ("device", "TEXT"), ("versions", "TEXT"), ("per_image", "BLOB"),
+    ("seconds", "REAL"), ("created", "REAL"),
+]
+COLUMNS = [c for c, _ in _COLUMNS]
+_JSON_COLUMNS = ("metrics", "macs_by_class", "versions")
+
+
+def config_key(cfg: ExecConfig) -> str:
+    """Canonical text of a config: equal configs, equal keys."""
+    return json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _pack(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _unpack(b: bytes | None) -> np.ndarray | None:
+    return None if b is None else np.load(io.BytesIO(b), allow_pickle=False)
+
+
+@dataclass
+class Row:
+    """One measured config. ``per_image``: classification (n, 2) top-1/top-5 hits; segmentation
+    (n, 3, C) intersection / ground-truth / predicted pixel counts per class."""
+
+    config: ExecConfig
+    quality: float
+    quality_lo: float
+    quality_hi: float
+    metrics: dict[str, Any]
+    macs: float
+    macs_by_class: dict[str, float]
+    latency_p50_ms: float
+    latency_p95_ms: float
+    batch: int
+    batch_p50_ms: float | None
+    batch_p95_ms: float | None
+    images_per_s: float | None
+    per_image: np.ndarray
+    device: str
+    versions: dict[str, str]
+    energy_mj: float | None = None
+    label: str = ""
+    strategy: str = ""
+    seconds: float = 0.0
+    delta: float | None = None
+    delta_lo: float | None = None
+    delta_hi: float | None = None
+    id: int | None = None
+    run_id: int | None = None
+    created: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> str:
+        return config_key(self.config)
+
+
+class StoreError(DynavitError):
+    pass
+
+
+def _explain(err: sqlite3.Error, path: Path) -> str:
+    msg = str(err).lower()
+    if "readonly" in msg or "read-only" in msg:
+        return (f"cannot write to the result store {path}: it is read-only "
+                "(check its permissions or pick another --store)")
+    if "full" in msg:
+        return f"cannot write to the result store {path}: the disk is full (free space, then rerun to resume)"
+    if "not a database" in msg or "malformed" in msg:
+        return f"{path} is not a dynavit result store (SQLite says: {err})"
+    if "unable to open" in msg:
+        folder = path.parent
+        if not folder.is_dir():
+            return f"cannot open the result store {path}: the folder {folder} does not exist"
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            return (f"cannot write to the result store {path}: it is read-only "
+                    "(check its permissions or pick another --store)")
+        return f"cannot open the result store {path}: {err}"
+    return f"result store {path}: {err}"
+
+
+class ResultStore:
+    """Open (or create) a store; ``bind(identity)`` before writing rows."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly and not self.path.is_file():
+            raise StoreError(f"no result store at {self.path}")
+        try:
+            if readonly:
+                self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            else:
+                self.conn = sqlite3.connect(self.path, timeout=30)
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+                self._create()
+            self._check_version()
+        except sqlite3.Error as e:
+            raise StoreError(_explain(e, self.path)) from None
+
+    def _create(self) -> None:
+        cols = ",\n".join(f"{c} {t}" for c, t in _COLUMNS)
+        with self.conn:
+            self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started REAL, "
+                              "finished REAL, status TEXT, args TEXT)")
+            self.conn.execute(f"CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY, {cols})")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS profiles (config_key TEXT PRIMARY KEY, "
+                              "profile TEXT NOT NULL)")
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _check_version(self) -> None:
+        try:
+            row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.OperationalError:
+            raise StoreError(f"{self.path} is not a dynavit result store (no meta table)") from None
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            found = row[0] if row else "none"
+            raise StoreError(f"{self.path} has store schema version {found}; this dynavit reads version "
+                             f"{SCHEMA_VERSION} (use the dynavit version that wrote it, or start a new store)")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, sql: str, args: tuple = ()) -> int:
+        try:
+            with self.conn:
+                return self.conn.execute(sql, args).lastrowid or 0
+        except sqlite3.Error as e:
+            raise StoreError(_explain(e, self.path)) from None
+
+    # ---- identity ------------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+
+    def bind(self, identity: dict[str, Any]) -> None:
+        """Pin the store to one experiment; refuse a different one, naming each mismatch."""
+        identity = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in identity.items()}
+        missing = [k for k in IDENTITY if k not in identity]
+        if missing:
+            raise ValueError(f"identity lacks {missing}")
+        meta = self.meta
+        if "model" in meta:
+            diffs = [f"{k}: store has {_clip(meta.get(k))}, this sweep {_clip(identity[k])}"
+                     for k in IDENTITY if meta.get(k) != identity[k]]
+            if diffs:
+                raise StoreError(f"{self.path} holds results of another experiment; refusing to mix rows "
+                                 f"({'; '.join(diffs)}). Use a new --store for this one.")
+            return
+        rows = [(k, identity[k]) for k in IDENTITY] + [("created", str(time.time()))]
+        try:
+            with self.conn:
+                self.conn.executemany("INSERT INTO meta VALUES (?, ?)", rows)
+        except sqlite3.Error as e:
+            raise StoreError(_explain(e, self.path)) from None
+
+    # ---- runs ----------------------------------------------------------------------------------
+    def start_run(self, args: dict[str, Any]) -> int:
+        return self._write("INSERT INTO runs (started, status, args) VALUES (?, 'running', ?)",
+                           (time.time(), json.dumps(args, sort_keys=True, default=str)))
+
+    def finish_run(self, run_id: int, status: str) -> None:
+        self._write("UPDATE runs SET finished=?, status=? WHERE id=?", (time.time(), status, run_id))
+
+    # ---- rows ----------------------------------------------------------------------------------
+    def add(self, row: Row) -> int:
+        """Write one row atomically; a config already stored is left as it is (returns its id)."""
+        values = {c: getattr(row, c, None) for c in COLUMNS}
+        values.update(config_key=row.key, config=row.config.to_json(), per_image=_pack(row.per_image))
+        for c in _JSON_COLUMNS:
+            values[c] = json.dumps(values[c], sort_keys=True)
+        marks = ", ".join("?" for _ in COLUMNS)
+        rid = self._write(f"INSERT OR IGNORE INTO results ({', '.join(COLUMNS)}) VALUES ({marks})",
+                          tuple(values[c] for c in COLUMNS))
+        row.id = rid or self._id(row.key)
+        return row.id
+
+    def add_profile(self, cfg: ExecConfig, profile: dict[str, Any]) -> None:
+        """A full operator-class profile (``Profile.to_json()``) of one config, for the report."""
+        self._write("INSERT OR REPLACE INTO profiles VALUES (?, ?)", (config_key(cfg), json.dumps(profile)))
+
+    def profiles(self) -> dict[ExecConfig, dict[str, Any]]:
+        return {ExecConfig.from_dict(json.loads(k)): json.loads(v)
+                for k, v in self.conn.execute("SELECT config_key, profile FROM profiles")}
+
+    def _id(self, key: str) -> int:
+        return self.conn.execute("SELECT id FROM results WHERE config_key=?", (key,)).fetchone()[0]
+
+    def keys(self) -> set[str]:
+        return {k for (k,) in self.conn.execute("SELECT config_key FROM results")}
+
+    def __len__(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    def get(self, cfg: ExecConfig) -> Row | None:
+        cur = self.conn.execute(f"SELECT id, {', '.join(COLUMNS)} FROM results WHERE config_key=?",
+                                (config_key(cfg),))
+        r = cur.fetchone()
+        return None if r is None else _row(r)
+
+    def rows(self, *, per_image: bool = True) -> list[Row]:
+        cols = COLUMNS if per_image else [c for c in COLUMNS if c != "per_image"]
+        cur = self.conn.execute(f"SELECT id, {', '.join(cols)} FROM results ORDER BY id")
+        return [_row(r, cols) for r in cur]
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.rows())
+
+    # ---- export --------------------------------------------------------------------------------
+    def table(self) -> list[dict[str, Any]]:
+        """Flat records (no per-image data), for CSV / Parquet / pandas."""
+        out = []
+        for r in self.rows(per_image=False):
+            rec: dict[str, Any] = {"id": r.id, "config": r.config.to_json(), "label": r.label}
+            for c in COLUMNS:
+                if c in ("config", "config_key", "label", "per_image", "metrics", "macs_by_class", "versions"):
+                    continue
+                rec[c] = getattr(r, c)
+            for cls, v in sorted(r.macs_by_class.items()):
+                rec[f"macs_{cls}"] = v
+            for name, m in sorted(r.metrics.items()):
+                if isinstance(m, dict) and "value" in m:
+                    rec[name] = m["value"]
+            out.append(rec)
+        return out
+
+    def export(self, path: str | Path) -> Path:
+        """Write the table as .csv or .parquet (pyarrow)."""
+        path = Path(path)
+        records = self.table()
+        names: list[str] = []
+        for rec in records:
+            names += [k for k in rec if k not in names]
+        if path.suffix == ".csv":
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=names)
+                w.writeheader()
+                w.writerows(records)
+        elif path.suffix == ".parquet":
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise DynavitError("Parquet export needs pyarrow (pip install pyarrow), or export to .csv") from None
+            pq.write_table(pa.Table.from_pylist([{k: rec.get(k) for k in names} for rec in records]), path)
+        else:
+            raise DynavitError(f"cannot export to {path.name}: use a .csv or .parquet file name")
+        return path
+
+
+def _clip(v: str | None, n: int = 80) -> str:
+    if v is None:
+        return "nothing"
+    return v if len(v) <= n else v[: n - 3] + "..."
+
+
+def _row(r: tuple, cols: list[str] | None = None) -> Row:
+    cols = cols or COLUMNS
+    d = dict(zip(["id", *cols], r, strict=True))
+    for c in _JSON_COLUMNS:
+        d[c] = json.loads(d[c]) if d.get(c) else {}
+    d["per_image"] = _unpack(d.get("per_image"))
+    d["config"] = ExecConfig.from_json(d["config"])
+    d.pop("config_key")
+    return Row(**d)
