@@ -43,3 +43,4 @@ def deit_tiny(deit_tiny_path: Path):
     import dynavit
 
     return dynavit.load(deit_tiny_path)
+

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+
+import numpy as np
+import pytest
 import torch
 
 from dynavit.config import ExecConfig
+from dynavit.sweep.store import Row
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -23,3 +29,24 @@ def ours(dm, x: torch.Tensor, cfg: ExecConfig | None = None) -> torch.Tensor:
     dm.configure(cfg or ExecConfig())
     with torch.no_grad():
         return dm(x)
+
+
+def require(module: str):
+    """Import an optional dependency the dev install provides: fail under CI if missing, else skip."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is not installed (it is in the dev extra)")
+        pytest.skip(f"{module} is not installed")
+
+
+def make_row(cfg: ExecConfig, hits: np.ndarray, macs: float, **kw) -> Row:
+    """A synthetic sweep row (classification) for store, Pareto and controller tests; ``kw`` overrides."""
+    q = float(hits[:, 0].mean())
+    fields = dict(config=cfg, quality=q, quality_lo=q - 0.05, quality_hi=q + 0.05, metrics={"top1": {"value": q}},
+                  macs=macs, macs_by_class={"linear": macs}, latency_p50_ms=1.0, latency_p95_ms=1.2, batch=8,
+                  batch_p50_ms=5.0, batch_p95_ms=6.0, images_per_s=1600.0, per_image=hits, device="cpu:test",
+                  versions={"dynavit": "0"}, label=str(cfg.to_dict()))
+    fields.update(kw)
+    return Row(**fields)

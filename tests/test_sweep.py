@@ -6,6 +6,7 @@ import sqlite3
 
 import numpy as np
 import pytest
+from helpers import make_row, require
 
 from dynavit.config import ConfigError, ExecConfig
 from dynavit.errors import DynavitError
@@ -14,7 +15,7 @@ from dynavit.models.loading import from_config
 from dynavit.sweep import stats
 from dynavit.sweep.pareto import best_within, pareto
 from dynavit.sweep.space import build_space, load_space
-from dynavit.sweep.store import ResultStore, Row, StoreError
+from dynavit.sweep.store import ResultStore, StoreError
 from dynavit.sweep.strategies import dominates, fronts, make
 
 
@@ -142,14 +143,6 @@ def test_non_dominated_sorting() -> None:
 # ---------------------------------------------------------------------------------------- store
 
 
-def _row(cfg: ExecConfig, hits: np.ndarray, macs: float, **kw) -> Row:
-    q = float(hits[:, 0].mean())
-    return Row(config=cfg, quality=q, quality_lo=q - 0.05, quality_hi=q + 0.05, metrics={"top1": {"value": q}},
-               macs=macs, macs_by_class={"linear": macs}, latency_p50_ms=1.0, latency_p95_ms=1.2, batch=8,
-               batch_p50_ms=5.0, batch_p95_ms=6.0, images_per_s=1600.0, per_image=hits, device="cpu:test",
-               versions={"dynavit": "0"}, label=str(cfg.to_dict()), **kw)
-
-
 IDENT = {"model": "m", "model_fingerprint": "f", "calibration": "none", "dataset_fingerprint": "d",
          "task": "classification", "metric": "top1", "protocol": {"batch_size": 8}}
 
@@ -158,15 +151,15 @@ def test_store_round_trip_and_export(tmp_path) -> None:
     hits = (np.arange(40).reshape(20, 2) % 3 == 0).astype(np.uint8)
     with ResultStore(tmp_path / "r.db") as rs:
         rs.bind(IDENT)
-        rid = rs.add(_row(ExecConfig(mlp_width=0.5), hits, 2e9))
-        assert rs.add(_row(ExecConfig(mlp_width=0.5), hits, 9e9)) == rid  # stored once
+        rid = rs.add(make_row(ExecConfig(mlp_width=0.5), hits, 2e9))
+        assert rs.add(make_row(ExecConfig(mlp_width=0.5), hits, 9e9)) == rid  # stored once
         assert len(rs) == 1
     with ResultStore(tmp_path / "r.db", readonly=True) as rs:
         r = rs.get(ExecConfig(mlp_width=0.5))
         assert r.macs == 2e9 and np.array_equal(r.per_image, hits) and r.config == ExecConfig(mlp_width=0.5)
         csv = rs.export(tmp_path / "r.csv").read_text().splitlines()
         assert len(csv) == 2 and "macs_linear" in csv[0] and "top1" in csv[0]
-        pq = pytest.importorskip("pyarrow.parquet")
+        pq = require("pyarrow.parquet")
         assert pq.read_table(rs.export(tmp_path / "r.parquet")).num_rows == 1
         with pytest.raises(DynavitError, match="csv or .parquet"):
             rs.export(tmp_path / "r.xlsx")
@@ -199,11 +192,11 @@ def test_full_disk_is_a_clear_error_and_the_store_stays_intact(tmp_path) -> None
     hits = np.ones((4000, 2), np.uint8)
     with ResultStore(tmp_path / "r.db") as rs:
         rs.bind(IDENT)
-        rs.add(_row(ExecConfig(), hits, 1e9))
+        rs.add(make_row(ExecConfig(), hits, 1e9))
         pages = rs.conn.execute("PRAGMA page_count").fetchone()[0]
         rs.conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLite now answers SQLITE_FULL
         with pytest.raises(StoreError, match="disk is full"):
-            rs.add(_row(ExecConfig(mlp_width=0.5), np.zeros((4000, 2), np.uint8), 5e8))
+            rs.add(make_row(ExecConfig(mlp_width=0.5), np.zeros((4000, 2), np.uint8), 5e8))
     with ResultStore(tmp_path / "r.db", readonly=True) as rs:
         assert [r.config for r in rs.rows()] == [ExecConfig()]
         assert rs.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -224,8 +217,8 @@ def test_pareto_front_and_plausible_set() -> None:
     worse[:60, 0] = 0  # clearly worse: 60 hits lost
     slightly = base.copy()
     slightly[np.flatnonzero(base[:, 0])[:2], 0] = 0  # 2 hits lost: not significant
-    rows = [_row(ExecConfig(), base, 10.0), _row(ExecConfig(mlp_width=0.9), slightly, 9.0),
-            _row(ExecConfig(mlp_width=0.5), worse, 9.5), _row(ExecConfig(mlp_width=0.3), worse, 5.0)]
+    rows = [make_row(ExecConfig(), base, 10.0), make_row(ExecConfig(mlp_width=0.9), slightly, 9.0),
+            make_row(ExecConfig(mlp_width=0.5), worse, 9.5), make_row(ExecConfig(mlp_width=0.3), worse, 5.0)]
     f = pareto(rows, "macs", n_boot=500)
     menu = [r.config for r in f.menu()]
     assert menu == [ExecConfig(mlp_width=0.3), ExecConfig(mlp_width=0.9), ExecConfig()]
@@ -332,3 +325,31 @@ def test_sweep_refuses_a_store_of_another_dataset(target, tmp_path) -> None:
 def test_sqlite_wal_mode(tmp_path) -> None:
     ResultStore(tmp_path / "r.db").close()
     assert sqlite3.connect(tmp_path / "r.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_segmentation_sweep_with_decoder_knobs(assets, tmp_path) -> None:
+    import json
+
+    from dynavit.models.configs import segformer_config
+    from dynavit.sweep.run import SweepTarget, run_sweep
+
+    folder = tmp_path / "segformer-b0-camvid"
+    from_config(segformer_config("b0", num_labels=11), seed=0).reference.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"height": 128, "width": 160}, "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225], "do_resize": True, "do_normalize": True}))
+    target = SweepTarget(model=str(folder), data=str(assets / "camvid" / "val"), limit=6, batch_size=3,
+                         n_boot=100, latency_repeats=2)
+    space = {"decoder_width": [1.0, 0.5], "decoder_branches": [None, [0, 1, 2]]}
+    s = run_sweep(target, space=space, strategy="grid", store=tmp_path / "seg.db", progress=False)
+    assert s.measured == 4
+    rows = {r.config: r for r in s.rows}
+    full = rows[ExecConfig()]
+    half = rows[ExecConfig(decoder_width=0.5)]
+    both = rows[ExecConfig(decoder_width=0.5, decoder_branches=(0, 1, 2))]
+    assert full.per_image.shape == (6, 3, 11) and "miou" in full.metrics
+    assert full.quality == pytest.approx(stats.point(full.per_image, "segmentation"))
+    assert both.macs < half.macs < full.macs
+    assert 0 <= both.quality <= 1 and both.delta == pytest.approx(both.quality - full.quality)
+    with ResultStore(tmp_path / "seg.db", readonly=True) as rs:
+        assert rs.meta["metric"] == "miou" and rs.meta["task"] == "segmentation"

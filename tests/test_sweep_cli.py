@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import require
 
 from dynavit.sweep.store import ResultStore
 
@@ -139,7 +140,7 @@ def test_pareto_of_a_missing_or_foreign_file(tmp_path) -> None:
 
 
 def test_ray_and_local_backends_give_identical_quality_and_macs(assets, tmp_path) -> None:
-    pytest.importorskip("ray")
+    require("ray")
     from dynavit.sweep.run import SweepTarget, run_sweep
 
     target = SweepTarget(model=str(assets / "models" / "deit-tiny-patch16-224"),

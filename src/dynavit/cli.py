@@ -277,6 +277,153 @@ def report_cmd(
     console.print(f"wrote {write_report(store, out)}")
 
 
+@app.command("simulate")
+@_user_errors
+def simulate_cmd(
+    store: Annotated[Path, typer.Option(help="Result store of a classification sweep (the menu).")],
+    trace: Annotated[str, typer.Option(help="step, sine, random-walk, bursty, or a file of budgets (ms).")
+                     ] = "random-walk",
+    frames: Annotated[int, typer.Option(help="Frames in a generated trace.")] = 300,
+    lo: Annotated[float | None, typer.Option(help="Tightest budget, ms (default 1.2x the cheapest p95).")] = None,
+    hi: Annotated[float | None, typer.Option(help="Loosest budget, ms (default 4x lo).")] = None,
+    load_at: Annotated[float | None, typer.Option(help="Start a competing CPU load at this fraction.")] = None,
+    margin: Annotated[float, typer.Option(help="Safety margin on predicted latency.")] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed of generated traces.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write per-policy results as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write budgets vs measured latency per frame (PNG).")] = None,
+) -> None:
+    """Run real inferences frame by frame against per-frame budgets: controller vs baselines."""
+    from dynavit.runtime import Controller
+    from dynavit.runtime.simulate import load_trace, make_trace, plot_trace, simulate
+    from dynavit.sweep.run import SweepTarget
+    from dynavit.sweep.store import ResultStore
+
+    with ResultStore(store, readonly=True) as rs:
+        target = SweepTarget(**rs.last_target())
+    if load_at is not None and not 0 <= load_at < 1:
+        raise DynavitError(f"--load-at must be in [0, 1), got {load_at}")
+    dm, data, _, _ = target.build(progress=sys.stderr.isatty())
+    if data.task != "classification":
+        raise DynavitError("simulate scores classification sweeps (top-1 per frame); this store is "
+                           f"{data.task}")
+    ctrl = Controller.from_store(store, model=dm, margin=margin)
+    cheapest = min(e.latency_ms for e in ctrl.entries if e.latency_ms)
+    lo = lo or 1.2 * cheapest
+    hi = hi or 4 * lo
+    budgets = load_trace(trace) if Path(trace).is_file() else make_trace(trace, frames, lo, hi, seed)
+    pairs = [(px[j:j + 1], int(t[j])) for px, t in zip(data.batches, data.targets, strict=True) for j in range(len(px))]
+    res = simulate(dm, ctrl, pairs, budgets, load_at=load_at, progress=sys.stderr.isatty())
+    from rich.table import Table
+
+    t = Table(title=f"{len(budgets)} frames, budgets {budgets.min():.1f}-{budgets.max():.1f} ms ({trace})"
+                    + (f", competing load from frame {res.load_frame}" if res.load_frame is not None else ""))
+    cols = ["policy", "misses", "miss %", "top-1 %", "p50 ms"]
+    if res.load_frame is not None:
+        cols += ["misses before load", "misses under load"]
+    for c in cols:
+        t.add_column(c, justify="right" if c != "policy" else "left")
+    for row in res.table():
+        cells = [row["policy"], str(row["misses"]), f"{100 * row['miss_rate']:.1f}", f"{100 * row['top1']:.1f}",
+                 f"{row['latency_p50_ms']:.1f}"]
+        if res.load_frame is not None:
+            cells += [str(row["misses_before_load"]), str(row["misses_under_load"])]
+        t.add_row(*cells)
+    (console if console.is_terminal else Console(width=150)).print(t)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"trace": trace, "budgets": budgets.tolist(), "load_frame": res.load_frame,
+                                        "policies": res.table()}, indent=2))
+        console.print(f"wrote {json_out}")
+    if plot:
+        console.print(f"wrote {plot_trace(res, plot)}")
+
+
+@app.command("serve")
+@_user_errors
+def serve_cmd(
+    model: Annotated[str | None, typer.Argument(help="The store's model (default: the one the store names).")
+                     ] = None,
+    store: Annotated[Path, typer.Option(help="Result store of a sweep of MODEL: the menu.")] = Path("results.db"),
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[str | None, typer.Option(envvar="DYNAVIT_TOKEN", help="Require 'Authorization: Bearer TOKEN'.")
+                     ] = None,
+    max_batch: Annotated[int, typer.Option(help="Micro-batch size limit (1: no batching).")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request may wait for batch mates.")] = 5.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest accepted request body.")] = 20.0,
+    max_megapixels: Annotated[float, typer.Option(help="Largest accepted decoded image.")] = 40.0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Serve /v1/infer: each request gets the most accurate path within its budget."""
+    try:
+        import uvicorn
+
+        from dynavit.serve.app import create_app
+    except ImportError:
+        raise DynavitError("serving needs the serve extra: pip install 'dynavit[serve]'") from None
+    from dynavit.serve import load_for_store
+
+    if max_batch < 1 or max_wait_ms < 0:
+        raise DynavitError("--max-batch must be >= 1 and --max-wait-ms >= 0")
+    dm, ctrl = load_for_store(model, store, device)
+    app = create_app(dm, ctrl, token=token, max_body_bytes=int(max_body_mb * 2**20),
+                     max_pixels=int(max_megapixels * 1e6), max_batch=max_batch, max_wait_ms=max_wait_ms)
+    console.print(f"serving {dm.source} with {len(ctrl.entries)} paths on http://{host}:{port}")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+@app.command("infer")
+@_user_errors
+def infer_cmd(
+    image: Annotated[Path, typer.Argument(help="Image file to send.")],
+    url: Annotated[str, typer.Option(help="Server address.")] = "http://127.0.0.1:8000",
+    latency_ms: Annotated[float | None, typer.Option(help="Latency budget (ms).")] = None,
+    energy_mj: Annotated[float | None, typer.Option(help="Energy budget (mJ).")] = None,
+    gmacs: Annotated[float | None, typer.Option(help="Compute budget (GMACs).")] = None,
+    config: Annotated[str | None, typer.Option(help="An explicit config name from /v1/configs.")] = None,
+    token: Annotated[str | None, typer.Option(envvar="DYNAVIT_TOKEN", help="Bearer token.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")] = False,
+) -> None:
+    """Send one image to a running `dynavit serve` and print the answer."""
+    import mimetypes
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if not image.is_file():
+        raise DynavitError(f"image {image} does not exist")
+    params = {k: v for k, v in (("latency_ms", latency_ms), ("energy_mj", energy_mj), ("gmacs", gmacs),
+                                ("config", config)) if v is not None}
+    req = urllib.request.Request(f"{url.rstrip('/')}/v1/infer?{urllib.parse.urlencode(params)}",
+                                 data=image.read_bytes(), method="POST",
+                                 headers={"Content-Type": mimetypes.guess_type(image.name)[0] or
+                                          "application/octet-stream"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("error", e.reason)
+        except ValueError:
+            msg = e.reason
+        raise DynavitError(f"server answered {e.code}: {msg}") from None
+    except urllib.error.URLError as e:
+        raise DynavitError(f"cannot reach {url}: {e.reason}") from None
+    if json_out:
+        console.print_json(data=answer)
+        return
+    c = answer["config"]
+    console.print(f"path {c['name']} ({c['label']}): {answer['measured_ms']:.1f} ms measured"
+                  + (f", {answer['predicted_ms']:.1f} ms predicted" if answer.get("predicted_ms") else "")
+                  + f", budget met: {answer['budget_met']}")
+    for t in answer.get("topk", []):
+        console.print(f"  {100 * t['probability']:5.1f} %  {t['label']}")
+    if "classes" in answer:
+        console.print("  classes: " + ", ".join(answer["classes"].values()))
+
+
 @app.command("demo")
 @_user_errors
 def demo_cmd(

@@ -3,6 +3,10 @@
 1. Profile DeiT-tiny (real weights) at 224x224: where the FLOPs and the time go.
 2. Profile a SegFormer-B2 configuration at 512x512 (the dynamic-inference study's model).
 3. Evaluate DeiT-tiny on the ImageNet sample photographs with the DeiT protocol.
+4. Calibrate DeiT-tiny on every 5th photograph, sweep execution paths on the others (greedy,
+   small space), print the Pareto front and write the HTML report to ``out/report``.
+5. A short trace: real inferences against per-frame latency budgets, the budget controller
+   next to the baselines (always full, always smallest, best static, oracle).
 
 Offline it uses ``../shared/assets`` (or ``$DYNAVIT_ASSETS``); on an online machine without
 them, DeiT-tiny comes from the hub (``facebook/deit-tiny-patch16-224``) and step 3 runs
@@ -37,6 +41,61 @@ def _save_profile(p, out: Path, stem: str, console: Console) -> dict:
     }
 
 
+def _sweep(deit, data: Path, out: Path, limit: int | None, console: Console) -> dict:
+    """Calibrate on every 5th image, sweep the rest, report (a few minutes on 2 cores)."""
+    from dynavit.data.datasets import file_sha1, list_images, read_image
+    from dynavit.report import write_report
+    from dynavit.sweep import SweepTarget, pareto, run_sweep
+
+    console.rule("4/5 calibrate, sweep execution paths, report")
+    calib = out / "calibration"
+    images = list_images(data, recursive=True)[::5][:100]
+    if not (calib / "calibration.json").is_file():
+        from dynavit.models import load
+
+        fresh = load(deit.source)  # calibration reorders weights: keep the evaluated model as it was
+        cal = fresh.calibrate([read_image(p) for p in images])
+        cal.image_hashes = [file_sha1(p) for p in images]
+        fresh.save_calibration(calib)
+    target = SweepTarget(model=str(deit.source), data=str(data), calibration=str(calib),
+                         limit=min(limit or 200, 200), latency_repeats=10)
+    s = run_sweep(target, space="small", strategy="greedy", budget=12, store=out / "sweep.db")
+    front = pareto(s.rows, "macs")
+    base = next(r for r in s.rows if r.config.is_default)
+    console.print(f"{s.total} configs on {s.n_images} images (calibration images left out: "
+                  f"{s.excluded_calibration_images}); Pareto front by MACs:")
+    for r in front.menu():
+        console.print(f"  {100 * r.quality:5.1f} % top-1 ({100 * r.delta:+.1f} pts, paired CI "
+                      f"{100 * r.delta_lo:+.1f}..{100 * r.delta_hi:+.1f})  {r.macs / 1e9:.3f} GMACs "
+                      f"({100 * (1 - r.macs / base.macs):4.1f} % fewer)  {r.latency_p50_ms:.1f} ms  {r.label}")
+    report = write_report(out / "sweep.db", out / "report")
+    console.print(f"report: {report}  (menu: dynavit pareto {out / 'sweep.db'})")
+    trace = _trace(out / "sweep.db", console)
+    return {"trace": trace, "store": str(out / "sweep.db"), "report": str(report), "configs": s.total,
+            "front": [{"config": r.label, "top1": r.quality, "gmacs": r.macs / 1e9} for r in front.menu()]}
+
+
+def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
+    from dynavit.runtime import Controller
+    from dynavit.runtime.simulate import make_trace, simulate
+    from dynavit.sweep import ResultStore, SweepTarget
+
+    console.rule("5/5 budget controller on a random-walk trace of latency budgets")
+    with ResultStore(store, readonly=True) as rs:
+        target = SweepTarget(**rs.last_target())
+    dm, data, _, _ = target.build()
+    ctrl = Controller.from_store(store, model=dm)
+    lo = 1.2 * min(e.latency_ms for e in ctrl.entries)
+    budgets = make_trace("random-walk", frames, lo, 4 * lo, seed=0)
+    pairs = [(px[j:j + 1], int(t[j])) for px, t in zip(data.batches, data.targets, strict=True) for j in range(len(px))]
+    res = simulate(dm, ctrl, pairs, budgets)
+    console.print(f"{frames} frames, budgets {lo:.1f}-{4 * lo:.1f} ms, {len(ctrl.entries)} paths on the menu")
+    for r in res.table():
+        console.print(f"  {r['policy']:12s} misses {r['misses']:4d} ({100 * r['miss_rate']:5.1f} %)  "
+                      f"top-1 {100 * r['top1']:5.1f} %  p50 {r['latency_p50_ms']:6.1f} ms")
+    return res.table()
+
+
 def run_demo(out: Path, *, limit: int | None = None, console: Console | None = None,
              data: Path | None = None) -> dict:
     from dynavit.cost import profile
@@ -50,18 +109,18 @@ def run_demo(out: Path, *, limit: int | None = None, console: Console | None = N
     summary: dict = {}
 
     src = deit_tiny_source()
-    console.rule(f"1/3 profile DeiT-tiny ({src})")
+    console.rule(f"1/5 profile DeiT-tiny ({src})")
     deit = load(src)
     summary["deit_tiny"] = _save_profile(profile(deit), out, "deit_tiny", console)
 
-    console.rule("2/3 profile SegFormer-B2 configuration at 512x512 (ADE20K head, 150 classes)")
+    console.rule("2/5 profile SegFormer-B2 configuration at 512x512 (ADE20K head, 150 classes)")
     seg = load("config:segformer-b2")
     summary["segformer_b2"] = _save_profile(profile(seg, input_size=(512, 512), repeats=3), out,
                                             "segformer_b2", console)
 
     root = assets_dir()
     data = data or (root / "imagenet-samples" if root else None)
-    console.rule(f"3/3 evaluate DeiT-tiny on {data or '(no labelled images found)'}")
+    console.rule(f"3/5 evaluate DeiT-tiny on {data or '(no labelled images found)'}")
     if data is None:
         console.print("skipped: no dataset. Set DYNAVIT_ASSETS or run `dynavit eval MODEL --data DIR`.")
     else:
@@ -72,6 +131,7 @@ def run_demo(out: Path, *, limit: int | None = None, console: Console | None = N
             m = res.metrics[k]
             ci = f"95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f}"
             console.print(f"{k}: {m['value']:.4f} ({ci}) on {res.n_images} images")
+        summary["sweep"] = _sweep(deit, data, out, limit, console)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"[bold]wrote[/] {', '.join(sorted(p.name for p in out.iterdir()))} to {out}/")
     return summary

@@ -220,6 +220,13 @@ class ResultStore:
         return self._write("INSERT INTO runs (started, status, args) VALUES (?, 'running', ?)",
                            (time.time(), json.dumps(args, sort_keys=True, default=str)))
 
+    def last_target(self) -> dict[str, Any]:
+        """The ``SweepTarget`` fields of the latest sweep run, to rebuild its model and data."""
+        row = self.conn.execute("SELECT args FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None:
+            raise StoreError(f"{self.path} records no sweep run")
+        return json.loads(row[0])["target"]
+
     def finish_run(self, run_id: int, status: str) -> None:
         self._write("UPDATE runs SET finished=?, status=? WHERE id=?", (time.time(), status, run_id))
 

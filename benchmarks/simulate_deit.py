@@ -1,0 +1,79 @@
+"""Trace-driven run of the budget controller on DeiT-tiny (real inferences on this CPU).
+
+Uses the store written by ``benchmarks/sweep_deit.py``. Two runs of 400 frames:
+1. a random-walk trace whose budgets vary over 4x: misses and top-1 of the controller against
+   always-default, always-smallest, the best static config for the median budget, and the oracle;
+2. the same with a competing CPU load started half-way: the corrected controller against the
+   uncorrected one.
+Writes the ``simulate`` section of docs/benchmarks.md and docs/img/simulate_load.png:
+
+    .venv/bin/python benchmarks/simulate_deit.py [--frames 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from pathlib import Path
+
+import torch
+from docsection import write_section
+
+from dynavit.runtime import Controller
+from dynavit.runtime.simulate import make_trace, plot_trace, simulate
+from dynavit.sweep import ResultStore, SweepTarget
+from dynavit.sweep.engine import device_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def table(res, title: str) -> list[str]:
+    load = res.load_frame is not None
+    head = "| policy | misses | miss % | top-1 % | p50 ms |"
+    head += " misses before load | misses under load |" if load else ""
+    lines = [title, "", head, "|---" * (7 if load else 5) + "|"]
+    for r in res.table():
+        line = (f"| {r['policy']} | {r['misses']} | {100 * r['miss_rate']:.1f} | {100 * r['top1']:.1f} | "
+                f"{r['latency_p50_ms']:.1f} |")
+        if load:
+            line += f" {r['misses_before_load']} | {r['misses_under_load']} |"
+        lines.append(line)
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", type=Path, default=ROOT / "out" / "bench-sweep" / "deit-tiny.db")
+    ap.add_argument("--frames", type=int, default=400)
+    args = ap.parse_args()
+    with ResultStore(args.store, readonly=True) as rs:
+        target = SweepTarget(**rs.last_target())
+    dm, data, _, _ = target.build()
+    frames = [(px[j:j + 1], int(t[j])) for px, t in zip(data.batches, data.targets, strict=True)
+              for j in range(len(px))]
+    ctrl = Controller.from_store(args.store, model=dm)
+    lo = 1.2 * min(e.latency_ms for e in ctrl.entries)
+    hi = 4 * lo
+    budgets = make_trace("random-walk", args.frames, lo, hi, seed=0)
+    plain = simulate(dm, ctrl, frames, budgets, progress=True)
+    ctrl2 = Controller.from_store(args.store, model=dm)
+    loaded = simulate(dm, ctrl2, frames, budgets, load_at=0.5,
+                      policies=("controller", "uncorrected", "oracle", "static"), progress=True)
+    plot_trace(loaded, ROOT / "docs" / "img" / "simulate_load.png")
+    lines = [f"Machine: {device_name(torch.device('cpu'))}; {dt.date.today()}; command: "
+             f"`.venv/bin/python benchmarks/simulate_deit.py --frames {args.frames}`.", "",
+             f"Menu: the {len(ctrl.entries)}-config Pareto front (by batch-1 latency p95) of the DeiT-tiny sweep "
+             f"store; frames: the sweep's {len(frames)} held-out ImageNet sample photos, one per frame, batch 1. "
+             f"Budgets: a random walk in log space between {lo:.1f} and {hi:.1f} ms (4x). Every policy runs its own "
+             "choice on every frame; a miss is a measured forward time above the frame's budget.", ""]
+    lines += table(plain, f"No competing load ({args.frames} frames):")
+    lines += table(loaded, f"Competing load (a second process multiplying matrices on every core) from frame "
+                           f"{loaded.load_frame}:")
+    lines += ["![budget and latency per frame under load](img/simulate_load.png)"]
+    body = "\n".join(lines)
+    write_section("simulate", "Budget controller on a trace (DeiT-tiny, CPU)", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

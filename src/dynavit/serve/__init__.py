@@ -1,0 +1,25 @@
+"""HTTP serving: FastAPI app, micro-batching, Prometheus metrics (the ``serve`` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def load_for_store(model: str | None, store: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """The model as the store's sweep measured it (same calibration) and its controller."""
+    from dynavit.errors import DynavitError
+    from dynavit.models import load
+    from dynavit.runtime import Controller
+    from dynavit.sweep.store import ResultStore
+
+    with ResultStore(store, readonly=True) as rs:
+        target = rs.last_target()
+        meta = rs.meta
+    name = model or target["model"]
+    dm = load(name, device=device)
+    if str(dm.source) != meta.get("model"):
+        raise DynavitError(f"{store} was measured on {meta.get('model')}, not on {dm.source}")
+    if target.get("calibration"):
+        dm.load_calibration(target["calibration"])
+    return dm, Controller.from_store(store, model=dm)

@@ -1,0 +1,358 @@
+"""The HTTP inference server: one model, many paths, the controller picks one per request.
+
+Requests that choose the same config are micro-batched: a batcher collects them for up to
+``max_wait_ms`` (or until ``max_batch``) and runs one forward pass, so throughput grows with
+load while a lone request waits at most ``max_wait_ms``. The model runs on one worker
+thread: the event loop keeps accepting and decoding while it computes.
+
+Every bad request gets a 4xx JSON ``{"error": ...}`` that says what was wrong; the server keeps
+serving. Images are checked before they are decoded: body size, content type, and the pixel
+count from the header (decompression bombs are refused before any pixel is allocated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import io
+import math
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from PIL import Image, UnidentifiedImageError
+from prometheus_client import generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dynavit.config import ExecConfig
+from dynavit.errors import DynavitError
+from dynavit.runtime.controller import Controller, Entry
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff",
+               "application/octet-stream")
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """RGB image from bytes; 400 for non-images and truncated files, 413 for too many pixels."""
+    if not data:
+        raise RequestError(400, "the request has no image (empty body)")
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # PIL's own ceiling, above ours
+        raise RequestError(413, f"{e}; this server accepts at most {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise RequestError(400, "the body is not an image this server can decode (JPEG, PNG, WebP, BMP, ...)"
+                           ) from None
+    w, h = img.size
+    if w * h > max_pixels or w <= 0 or h <= 0:
+        raise RequestError(413, f"image is {w}x{h} = {w * h} pixels; this server accepts at most {max_pixels}")
+    try:
+        img.load()
+        return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise RequestError(400, f"the image could not be decoded (truncated or corrupt: {e})") from None
+
+
+@dataclass
+class _Job:
+    pixels: torch.Tensor
+    size: tuple[int, int]  # original (w, h), for segmentation masks
+    future: asyncio.Future
+    arrived: float
+
+
+@dataclass
+class Batcher:
+    """Per-config queues drained by one task; one forward per batch on the model thread."""
+
+    dm: Any
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    queues: dict[ExecConfig, list[_Job]] = field(default_factory=dict)
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "dynavit-model"))
+
+    def __post_init__(self) -> None:
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self.batch_sizes: list[int] = []
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def submit(self, cfg: ExecConfig, job: _Job) -> Any:
+        if self._closing:
+            raise RequestError(503, "the server is shutting down")
+        self.queues.setdefault(cfg, []).append(job)
+        self._wake.set()
+        return await job.future
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while any(self.queues.values()):
+                cfg = min((c for c, q in self.queues.items() if q), key=lambda c: self.queues[c][0].arrived)
+                wait = self.queues[cfg][0].arrived + self.max_wait_ms / 1e3 - time.perf_counter()
+                if len(self.queues[cfg]) < self.max_batch and wait > 0 and not self._closing:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                    self._wake.clear()
+                    continue
+                jobs, self.queues[cfg] = self.queues[cfg][: self.max_batch], self.queues[cfg][self.max_batch:]
+                await self._run(cfg, jobs)
+            if self._closing:
+                return
+
+    async def _run(self, cfg: ExecConfig, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        self.batch_sizes.append(len(jobs))
+        try:
+            out, ms = await loop.run_in_executor(self.executor, self._forward, cfg, [j.pixels for j in jobs])
+        except Exception as e:  # noqa: BLE001 - delivered to each waiting request as a 500
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(e)
+            return
+        for k, j in enumerate(jobs):
+            if not j.future.done():
+                j.future.set_result((out[k], ms, len(jobs)))
+
+    def _forward(self, cfg: ExecConfig, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.dm.configure(cfg)
+            same = len({p.shape for p in pixels}) == 1  # else (segmentation keeps aspect): one pass each
+            out = self.dm(torch.stack(pixels)) if same else [self.dm(p[None])[0] for p in pixels]
+        return out, (time.perf_counter() - t0) * 1e3
+
+    async def close(self) -> None:
+        """Finish everything queued, then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        self.executor.shutdown(wait=True)
+
+
+class Metrics:
+    """Prometheus metrics on a private registry (several apps may live in one process)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("dynavit_requests_total", "HTTP requests", ["endpoint", "status"],
+                                registry=self.registry)
+        buckets = (1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000, 5000)
+        self.latency = Histogram("dynavit_infer_latency_ms", "End-to-end /v1/infer time (ms)", buckets=buckets,
+                                 registry=self.registry)
+        self.model_ms = Histogram("dynavit_model_ms", "Forward-pass time per batch (ms)", buckets=buckets,
+                                  registry=self.registry)
+        self.batch = Histogram("dynavit_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64),
+                               registry=self.registry)
+        self.misses = Counter("dynavit_budget_misses_total", "Inferences that exceeded their latency budget",
+                              registry=self.registry)
+        self.per_config = Counter("dynavit_config_requests_total", "Inferences per chosen config", ["config"],
+                                  registry=self.registry)
+
+
+def _names(entries: list[Entry]) -> dict[str, Entry]:
+    """Stable short names for menu items, cheapest first: p0, p1, ..."""
+    order = sorted(entries, key=lambda e: (e.gmacs or 0, -e.quality))
+    return {f"p{i}": e for i, e in enumerate(order)}
+
+
+def create_app(dm: Any, controller: Controller, *, token: str | None = None, max_body_bytes: int = 20 * 2**20,
+               max_pixels: int = 40_000_000, max_batch: int = 8, max_wait_ms: float = 5.0, topk: int = 5) -> FastAPI:
+    """The FastAPI app (``dynavit serve`` runs it with uvicorn)."""
+    names = _names(controller.entries)
+    by_label = {e.label: n for n, e in names.items()}
+    metrics = Metrics()
+    state: dict[str, Any] = {"ready": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher = Batcher(dm, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        batcher.start()
+        state["batcher"] = batcher
+        loop = asyncio.get_running_loop()
+        x = torch.zeros(1, 3, *dm.input_size)
+        for e in names.values():  # warm every path before declaring readiness
+            await loop.run_in_executor(batcher.executor, batcher._forward, e.config, [x[0]])
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        await batcher.close()
+
+    app = FastAPI(title="dynavit", version="1", lifespan=lifespan,
+                  description="Run-time adaptive ViT inference: the most accurate path within each request's budget.")
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):  # auth, body size, metrics
+        path = request.url.path
+        if token and path != "/healthz" and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
+            metrics.requests.labels("other", "401").inc()
+            return JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > max_body_bytes
+            except ValueError:
+                return error(400, f"Content-Length {length!r} is not a number")
+            if too_big:
+                metrics.requests.labels("other", "413").inc()
+                return error(413, f"body of {length} bytes exceeds the limit of {max_body_bytes}")
+        response = await call_next(request)
+        metrics.requests.labels(path if path in known else "other", str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+        return error(e.status, e.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors()]
+        return error(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error(e.status_code, str(e.detail))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/configs")
+    async def configs() -> dict[str, Any]:
+        return {"model": str(dm.source), "task": dm.task, "configs": [
+            {"name": n, "label": e.label, "config": e.config.to_dict(), "quality": e.quality,
+             "latency_p95_ms": e.latency_ms, "latency_p50_ms": e.latency_p50_ms, "gmacs": e.gmacs,
+             "energy_mj": e.energy_mj} for n, e in names.items()]}
+
+    @app.post("/v1/infer")
+    async def infer(request: Request, latency_ms: float | None = None, energy_mj: float | None = None,
+                    gmacs: float | None = None, config: str | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        data = await _read_image_bytes(request, max_body_bytes)
+        budgets = {k: v for k, v in (("latency_ms", latency_ms), ("energy_mj", energy_mj), ("gmacs", gmacs))
+                   if v is not None}
+        if config is not None:
+            if budgets:
+                raise RequestError(422, "give either a config name or a budget, not both")
+            name = config if config in names else by_label.get(config)
+            if name is None:
+                raise RequestError(404, f"unknown config {config!r}; GET /v1/configs lists the names")
+            entry, predicted, budget_ok, kind, budget = names[name], None, True, "config", None
+        else:
+            if not budgets:
+                raise RequestError(422, "give a budget: latency_ms, energy_mj or gmacs (or a config name)")
+            for k, v in budgets.items():
+                if not math.isfinite(v) or v <= 0:
+                    raise RequestError(422, f"{k} must be a positive finite number, got {v}")
+            try:
+                choice = controller.select(**budgets)
+            except DynavitError as e:
+                raise RequestError(422, str(e)) from None
+            entry, predicted, budget_ok, kind, budget = (choice.entry, choice.predicted, choice.budget_met,
+                                                         choice.kind, choice.budget)
+            name = next(n for n, e in names.items() if e is entry)
+        img = await asyncio.to_thread(decode_image, data, max_pixels)
+        pixels = await asyncio.to_thread(dm.transform, img)
+        loop = asyncio.get_running_loop()
+        job = _Job(pixels, img.size, loop.create_future(), time.perf_counter())
+        out, model_ms, batch = await state["batcher"].submit(entry.config, job)
+        total_ms = (time.perf_counter() - t0) * 1e3
+        controller.observe(entry.config, model_ms / batch if batch > 1 else model_ms)
+        met = total_ms <= budget if kind == "latency_ms" else (budget_ok if kind != "config" else None)
+        if kind == "latency_ms" and not met:
+            metrics.misses.inc()
+        metrics.latency.observe(total_ms)
+        metrics.model_ms.observe(model_ms)
+        metrics.batch.observe(batch)
+        metrics.per_config.labels(name).inc()
+        result = {"config": {"name": name, "label": entry.label, "exec_config": entry.config.to_dict()},
+                  "predicted_ms": predicted if kind == "latency_ms" else _none_if(entry.latency_ms),
+                  "measured_ms": total_ms, "model_ms": model_ms, "batch_size": batch, "budget": budget,
+                  "budget_kind": kind, "budget_met": met, "predicted_to_fit": budget_ok}
+        result.update(_prediction(dm, out, img.size, topk))
+        return result
+
+    known = {"/healthz", "/readyz", "/metrics", "/v1/configs", "/v1/infer", "/docs", "/openapi.json"}
+    return app
+
+
+def _none_if(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else v
+
+
+async def _read_image_bytes(request: Any, limit: int) -> bytes:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except Exception as e:  # noqa: BLE001 - malformed multipart of any kind is the client's error
+            raise RequestError(400, f"malformed multipart body: {e}") from None
+        upload = form.get("image") or form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise RequestError(422, "multipart body needs an 'image' file field")
+        data = await upload.read(limit + 1)
+    elif ctype in IMAGE_TYPES or ctype.startswith("image/"):
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                break
+    else:
+        raise RequestError(415, f"content type {ctype or '(none)'!r} is not accepted; send image bytes "
+                                "(image/jpeg, image/png, ...) or multipart/form-data with an 'image' field")
+    if len(data) > limit:
+        raise RequestError(413, f"body exceeds the limit of {limit} bytes")
+    return data
+
+
+def _prediction(dm: Any, out: torch.Tensor, size: tuple[int, int], topk: int) -> dict[str, Any]:
+    if dm.task == "segmentation":
+        import torch.nn.functional as F
+
+        w, h = size
+        mask = F.interpolate(out[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
+        buf = io.BytesIO()
+        Image.fromarray(mask.numpy().astype(np.uint8)).save(buf, format="PNG")
+        present = sorted(int(c) for c in torch.unique(mask))
+        return {"task": "segmentation", "mask_png_base64": base64.b64encode(buf.getvalue()).decode(),
+                "classes": {str(c): dm.id2label.get(c, str(c)) for c in present}}
+    probs = out.float().softmax(-1)
+    p, idx = probs.topk(min(topk, probs.numel()))
+    return {"task": "classification", "topk": [
+        {"index": int(i), "label": dm.id2label.get(int(i), str(int(i))), "probability": float(v)}
+        for v, i in zip(p, idx, strict=True)]}

@@ -1,0 +1,147 @@
+"""The budget controller: selection, reported misses, online correction, and trace simulation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_row
+
+from dynavit.config import ExecConfig
+from dynavit.errors import DynavitError
+from dynavit.runtime import Controller, Entry
+from dynavit.runtime.simulate import CompetingLoad, load_trace, make_trace, simulate
+from dynavit.sweep.store import ResultStore
+
+FULL, MID, SMALL = ExecConfig(), ExecConfig(mlp_width=0.5), ExecConfig(resolution=160)
+MENU = [Entry(SMALL, 0.70, latency_ms=2.0, gmacs=0.5, batch=8, batch_ms=10.0, label="small"),
+        Entry(MID, 0.75, latency_ms=4.0, gmacs=0.8, batch=8, batch_ms=20.0, label="mid"),
+        Entry(FULL, 0.80, latency_ms=8.0, gmacs=1.25, batch=8, batch_ms=40.0, label="full")]
+
+
+def test_select_the_most_accurate_that_fits() -> None:
+    c = Controller(MENU, margin=0.0)
+    assert c.select(latency_ms=10).config == FULL
+    assert c.select(latency_ms=7.9).config == MID
+    assert c.select(gmacs=0.6).config == SMALL
+    ch = c.select(latency_ms=1.0)
+    assert ch.config == SMALL and ch.budget_met is False and ch.predicted == 2.0  # reported, not silent
+    assert Controller(MENU, margin=0.1).select(latency_ms=8.5).config == MID  # 8 * 1.1 > 8.5
+
+
+def test_batch_prediction_interpolates_between_measured_batches() -> None:
+    c = Controller(MENU, margin=0.0)
+    assert c.predict(MENU[2], batch=8) == 40.0
+    assert c.predict(MENU[2], batch=1) == 8.0
+    assert c.predict(MENU[2], batch=4) == pytest.approx(8 + 32 * 3 / 7)
+    assert c.select(latency_ms=25, batch=8).config == MID
+
+
+@pytest.mark.parametrize("budget, match", [
+    ({"latency_ms": -1}, "positive"), ({"latency_ms": float("nan")}, "positive"), ({"latency_ms": 0}, "positive"),
+    ({}, "exactly one"), ({"latency_ms": 1, "gmacs": 1}, "exactly one"), ({"latency_ms": "fast"}, "a number"),
+    ({"energy_mj": 5}, "energy"),
+])
+def test_bad_budgets(budget, match) -> None:
+    with pytest.raises(DynavitError, match=match):
+        Controller(MENU).select(**budget)
+
+
+def test_online_correction_moves_down_under_slowdown_and_back_after() -> None:
+    c = Controller(MENU, margin=0.05)
+    assert c.select(latency_ms=9).config == FULL
+    for _ in range(10):  # the machine is 1.6x slower
+        ch = c.select(latency_ms=9)
+        c.observe(ch.config, 1.6 * {FULL: 8.0, MID: 4.0, SMALL: 2.0}[ch.config])
+    assert c.slowdown == pytest.approx(1.6, rel=0.05)
+    assert c.select(latency_ms=9).config == MID  # 8 * 1.6 no longer fits; 4 * 1.6 does
+    for _ in range(15):  # load gone
+        ch = c.select(latency_ms=9)
+        c.observe(ch.config, {FULL: 8.0, MID: 4.0, SMALL: 2.0}[ch.config])
+    assert c.select(latency_ms=9).config == FULL
+    frozen = Controller(MENU, correct=False)
+    frozen.observe(FULL, 100.0)
+    assert frozen.select(latency_ms=9).config == FULL and frozen.slowdown == 1.0
+
+
+def test_from_store_uses_the_front_and_refuses_another_model(tmp_path) -> None:
+    hits = np.ones((10, 2), np.uint8)
+    worse = hits.copy()
+    worse[:3, 0] = 0
+    with ResultStore(tmp_path / "r.db") as rs:
+        rs.bind({"model": "m", "model_fingerprint": "f", "calibration": "none", "dataset_fingerprint": "d",
+                 "task": "classification", "metric": "top1", "protocol": {}})
+        rs.add(make_row(FULL, hits, 1.25e9, latency_p50_ms=7.0, latency_p95_ms=8.0))
+        rs.add(make_row(MID, worse, 0.8e9, latency_p50_ms=3.0, latency_p95_ms=4.0))
+        rs.add(make_row(SMALL, worse, 0.5e9, latency_p50_ms=5.0, latency_p95_ms=9.0))  # dominated in latency
+    c = Controller.from_store(tmp_path / "r.db")
+    assert [e.config for e in c.entries] == [MID, FULL]
+    with pytest.raises(DynavitError, match="was measured on m"):
+        Controller.from_store(tmp_path / "r.db", model=type("M", (), {"source": "other"})())
+    with pytest.raises(DynavitError, match="no model"):
+        c.run(None, latency_ms=5)
+
+
+def test_run_and_budget_context_on_a_real_forward() -> None:
+    from dynavit.models.configs import preset_config
+    from dynavit.models.loading import from_config
+
+    dm = from_config(preset_config("vit-t16"), seed=0)
+    c = Controller(MENU, model=dm, margin=0.0)
+    x = dm.example_input()
+    out = c.run(x, latency_ms=5)
+    assert out.choice.config == MID and out.output.shape == (1, dm.num_labels)
+    assert out.measured_ms > 0 and out.deadline_met == (out.measured_ms <= 5)
+    assert c.history[-1][0] == MID and c.history[-1][2] == out.measured_ms
+    dm.configure(FULL)
+    with c.budget(gmacs=0.6) as choice:
+        assert dm.exec_config == SMALL == choice.config
+        dm(x)
+    assert dm.exec_config == FULL  # restored
+    assert len(c.history) == 2
+
+
+def test_traces() -> None:
+    for kind in ("step", "sine", "random-walk", "bursty"):
+        t = make_trace(kind, 200, 5.0, 20.0, seed=1)
+        assert len(t) == 200 and t.min() >= 5.0 - 1e-9 and t.max() <= 20.0 + 1e-9
+    assert np.array_equal(make_trace("random-walk", 50, 1, 4, 3), make_trace("random-walk", 50, 1, 4, 3))
+    step = make_trace("step", 8, 1.0, 4.0)
+    assert step.tolist() == [4, 4, 1, 1, 4, 4, 1, 1]
+    with pytest.raises(DynavitError, match="unknown trace"):
+        make_trace("square", 10, 1, 2)
+
+
+def test_trace_file(tmp_path) -> None:
+    f = tmp_path / "t.txt"
+    f.write_text("# budgets\n5\n6.5, frame 2\n\n7\n")
+    assert load_trace(f).tolist() == [5, 6.5, 7]
+    f.write_text("5\n-1\n")
+    with pytest.raises(DynavitError, match="t.txt:2"):
+        load_trace(f)
+    f.write_text("fast\n")
+    with pytest.raises(DynavitError, match="not a latency budget"):
+        load_trace(f)
+
+
+def test_simulate_runs_every_policy_on_every_frame() -> None:
+    from dynavit.models.configs import preset_config
+    from dynavit.models.loading import from_config
+
+    dm = from_config(preset_config("vit-t16"), seed=0)
+    g = torch.Generator().manual_seed(0)
+    frames = [(torch.randn(1, 3, 224, 224, generator=g), i) for i in range(3)]
+    ctrl = Controller(MENU, model=dm)
+    res = simulate(dm, ctrl, frames, make_trace("step", 8, 3.0, 12.0), progress=False, warmup=1)
+    for name, p in res.policies.items():
+        assert len(p.met) == 8, name
+        assert p.met == [ms <= b for ms, b in zip(p.latency_ms, res.budgets, strict=True)]
+    assert set(res.policies["smallest"].configs) == {"small"}
+    assert set(res.policies["default"].configs) == {"full"}
+    assert len(res.slowdown) == 8 and res.table()[0]["policy"] == "controller"
+
+
+def test_competing_load_is_stopped() -> None:
+    with CompetingLoad() as load:
+        assert load.proc.poll() is None
+    assert load.proc.poll() is not None
