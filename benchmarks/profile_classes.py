@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
-from pathlib import Path
 
 import torch
 from docsection import DOC, write_section
@@ -19,20 +17,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynavit
 from dynavit.assets import deit_tiny_source
+from dynavit.sweep.engine import cpu_name
 
 
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} threads={torch.get_num_threads()}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} threads={torch.get_num_threads()}"
 
 
 def class_rows(p: dynavit.Profile) -> list[str]:

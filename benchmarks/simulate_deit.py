@@ -67,8 +67,8 @@ def main() -> None:
              f"Budgets: a random walk in log space between {lo:.1f} and {hi:.1f} ms (4x). Every policy runs its own "
              "choice on every frame; a miss is a measured forward time above the frame's budget.", ""]
     lines += table(plain, f"No competing load ({args.frames} frames):")
-    lines += table(loaded, f"Competing load (a second process multiplying matrices on every core) from frame "
-                           f"{loaded.load_frame}:")
+    lines += table(loaded, f"Competing load from frame {loaded.load_frame}: a second process multiplying "
+                           "matrices on one core, busy half of every 10 ms:")
     lines += ["![budget and latency per frame under load](img/simulate_load.png)"]
     body = "\n".join(lines)
     write_section("simulate", "Budget controller on a trace (DeiT-tiny, CPU)", body)

@@ -145,3 +145,21 @@ def test_competing_load_is_stopped() -> None:
     with CompetingLoad() as load:
         assert load.proc.poll() is None
     assert load.proc.poll() is not None
+
+
+def test_prediction_covers_the_jitter_tail() -> None:
+    """Prediction = p50 x level (median of recent ratios) x tail (99th percentile of jitter)."""
+    menu = [Entry(MID, 0.75, latency_ms=4.4, latency_p50_ms=4.0), Entry(FULL, 0.8, latency_ms=8.8, latency_p50_ms=8.0)]
+    c = Controller(menu, margin=0.0, target_miss=0.01, min_obs=8)
+    assert c.predict(menu[1]) == pytest.approx(8.8)  # too few observations: the sweep's p95
+    rng = np.random.default_rng(0)
+    jitter = np.where(rng.random(400) < 0.05, 1.5, 1.0)  # 5 % of runs take 1.5x
+    for j in jitter:
+        c.observe(FULL, 8.0 * j)
+    assert c.slowdown == pytest.approx(1.0)  # single spikes do not move the level
+    assert c.tail == pytest.approx(1.5, rel=0.02)  # but the tail covers them
+    assert c.predict(menu[1]) == pytest.approx(12.0, rel=0.05)
+    assert c.select(latency_ms=10).config == MID
+    for _ in range(9):  # a sustained 2x slowdown moves the level within a few runs
+        c.observe(MID, 8.0)
+    assert c.slowdown == pytest.approx(2.0, rel=0.05)

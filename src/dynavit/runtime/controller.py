@@ -1,21 +1,26 @@
 """The budget controller: for each inference, the most accurate path whose cost fits its budget.
 
 The menu is a sweep's Pareto front (or any table of config -> quality, cost). Latency is
-predicted, not known, and the machine's speed drifts (other processes, thermal limits,
-frequency scaling), so predictions are corrected online:
+predicted, not known, and it varies twice over: the machine's speed drifts (other processes,
+thermal limits, frequency scaling), and single runs jitter (caches, scheduling). Predictions are
+corrected online from what the controller observes, as a slow level times a fast jitter:
 
-    predicted_c = p95_c * g * r_c
+    predicted_c = p50_c * level * tail * r_c
 
-- ``p95_c``: the config's measured batch-1 latency p95 from the sweep (the tail, not the median,
-  because a deadline is missed by the tail);
-- ``g``: a machine-wide slowdown, an exponentially weighted mean of observed / expected over
-  every observation (alpha). It carries a slowdown seen on one path to all the others, so the
-  controller moves to cheaper paths as soon as the machine slows, and back when it recovers;
-- ``r_c``: a slower per-config residual (beta), for paths whose speed changed unlike the rest.
+- ``p50_c``: the config's measured batch-1 median latency from the sweep;
+- ``level``: the median of observed / p50 over the last ``level_window`` inferences of *any*
+  path. A slowdown caused by other load slows every path while only the chosen one is observed,
+  so one level serves all. The median ignores single spikes and follows a sustained change
+  within a few inferences, down to cheaper paths and back up;
+- ``tail``: the (1 - target_miss) quantile of (observed / p50) / level over the last
+  ``window`` inferences: the jitter a deadline must survive. A sweep measures p50 with warm
+  caches, one config at a time; at run time paths and images alternate and the tail is wider;
+- ``r_c``: a slow per-path residual (beta), for paths whose speed changed unlike the rest.
 
-A config is chosen when ``predicted_c * (1 + margin) <= budget``. When nothing fits, the
-cheapest config is returned with ``budget_met=False``: a miss is always reported, never silent.
-MACs are exact and need no correction; energy is corrected like latency when the store has it.
+Until ``min_obs`` inferences were observed, ``p95_c * g`` is used (g: an exponentially
+weighted mean of observed / p95). A config is chosen when ``predicted_c * (1 + margin) <=
+budget``. When nothing fits, the cheapest config is returned with ``budget_met=False``: a miss
+is always reported, never silent. MACs are exact and need no correction; energy is scaled by g.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dynavit.config import ExecConfig
@@ -74,19 +81,25 @@ class Outcome:
 
 @dataclass
 class _Correction:
-    g: float = 1.0
+    g: float = 1.0  # exponentially weighted mean of observed / expected (p95-based)
     r: dict[ExecConfig, float] = field(default_factory=dict)
+    recent: deque[float] = field(default_factory=deque)  # observed / p50, all paths: the level
+    jitter: deque[float] = field(default_factory=deque)  # (observed / p50) / level: the tail
 
 
 class Controller:
     def __init__(self, entries: Sequence[Entry], *, model: Any = None, margin: float = 0.05, alpha: float = 0.3,
-                 beta: float = 0.05, correct: bool = True) -> None:
+                 beta: float = 0.05, correct: bool = True, target_miss: float = 0.01, window: int = 256,
+                 level_window: int = 9, min_obs: int = 8) -> None:
         if not entries:
             raise DynavitError("the controller needs at least one config in its menu")
+        if not 0 < target_miss < 1 or window < 1 or level_window < 1 or margin < 0:
+            raise DynavitError("need 0 < target_miss < 1, window >= 1, level_window >= 1 and margin >= 0")
         self.entries = list(entries)
         self.model = model
         self.margin, self.alpha, self.beta, self.correct = margin, alpha, beta, correct
-        self._c = _Correction()
+        self.target_miss, self.min_obs = target_miss, min_obs
+        self._c = _Correction(recent=deque(maxlen=level_window), jitter=deque(maxlen=window))
         self.history: list[tuple[ExecConfig, float, float]] = []  # (config, predicted ms, observed ms)
 
     # ---- construction ----------------------------------------------------------------------------
@@ -120,14 +133,34 @@ class Controller:
         # linear between the two measured batch sizes (and beyond): fixed overhead + per-image work
         return e.latency_ms + (e.batch_ms - e.latency_ms) * (batch - 1) / (e.batch - 1)
 
+    def _median_ms(self, e: Entry, batch: int) -> float | None:
+        tail = self._base_ms(e, batch)
+        if tail is None or not e.latency_p50_ms or not e.latency_ms:
+            return tail
+        return tail * e.latency_p50_ms / e.latency_ms
+
     def predict(self, e: Entry, kind: str = "latency_ms", batch: int = 1) -> float | None:
         if kind == "gmacs":
             return None if e.gmacs is None else e.gmacs * batch
-        base = self._base_ms(e, batch) if kind == "latency_ms" else (
-            None if e.energy_mj is None else e.energy_mj * batch)
-        if base is None:
-            return None
-        return base * self._c.g * self._c.r.get(e.config, 1.0) if self.correct else base
+        if kind == "energy_mj":
+            return None if e.energy_mj is None else e.energy_mj * batch * (self._c.g if self.correct else 1.0)
+        base = self._base_ms(e, batch)
+        if base is None or not self.correct:
+            return base
+        r = self._c.r.get(e.config, 1.0)
+        if len(self._c.jitter) >= self.min_obs:
+            return self._median_ms(e, batch) * self._level() * self.tail * r
+        return base * self._c.g * r
+
+    def _level(self) -> float:
+        return float(np.median(np.fromiter(self._c.recent, float))) if self._c.recent else 1.0
+
+    @property
+    def tail(self) -> float:
+        """The jitter factor a deadline must survive: a high quantile of observed / expected."""
+        if not self._c.jitter:
+            return 1.0
+        return float(np.quantile(np.fromiter(self._c.jitter, float), 1 - self.target_miss))
 
     # ---- selection -------------------------------------------------------------------------------
     def select(self, *, latency_ms: float | None = None, energy_mj: float | None = None,
@@ -163,11 +196,16 @@ class Controller:
         c = self._c
         r = c.r.get(config, 1.0)
         c.g = (1 - self.alpha) * c.g + self.alpha * measured_ms / (base * r)
-        c.r[config] = (1 - self.beta) * r + self.beta * measured_ms / (base * c.g)
+        ratio = measured_ms / self._median_ms(e, batch)
+        c.recent.append(ratio)
+        level = self._level()
+        c.jitter.append(ratio / (level * r))
+        c.r[config] = (1 - self.beta) * r + self.beta * ratio / level  # this path vs the rest
 
     @property
     def slowdown(self) -> float:
-        return self._c.g
+        """How much slower than in the sweep the machine runs now (median of recent observed / p50)."""
+        return self._level() if self._c.recent else self._c.g
 
     # ---- running ---------------------------------------------------------------------------------
     def _need_model(self) -> Any:

@@ -13,8 +13,9 @@ when the measured latency exceeds that frame's budget. Policies:
   measured latency fit (the cheapest when none did): what a controller that knew each
   frame's true latency would have picked.
 
-``load_at`` starts a competing CPU load (a second process multiplying matrices on every core)
-that far into the trace, to show the correction at work.
+``load_at`` starts a competing CPU load (a second process multiplying matrices on
+``load_threads`` cores, busy ``load_duty`` of the time) that far into the trace, to show the
+correction at work.
 """
 
 from __future__ import annotations
@@ -131,13 +132,30 @@ class SimResult:
 
 
 class CompetingLoad:
-    """A second process that keeps every core busy with matrix products until stopped."""
+    """A second process that keeps ``threads`` cores busy ``duty`` of the time until stopped.
 
-    CODE = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = (a @ a).tanh()\n"
+    Busy and idle alternate every few milliseconds, like a co-located service, so the model
+    slows down by a sustained factor instead of stopping.
+    """
+
+    CODE = ("import sys, time, torch\n"
+            "threads, duty = int(sys.argv[1]), float(sys.argv[2])\n"
+            "torch.set_num_threads(threads)\n"
+            "a = torch.randn(256, 256)\n"
+            "while True:\n"
+            "    t = time.perf_counter()\n"
+            "    while time.perf_counter() - t < 0.01 * duty:\n"
+            "        a = (a @ a).tanh()\n"
+            "    time.sleep(0.01 * (1 - duty))\n")
+
+    def __init__(self, threads: int = 1, duty: float = 0.5) -> None:
+        if not 0 < duty <= 1:
+            raise DynavitError(f"load duty must be in (0, 1], got {duty}")
+        self.threads, self.duty = threads, duty
 
     def __enter__(self) -> CompetingLoad:
-        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, str(self.threads), str(self.duty)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -146,8 +164,9 @@ class CompetingLoad:
 
 
 def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tensor, int]], budgets: np.ndarray, *,
-             load_at: float | None = None, policies: Sequence[str] = POLICIES, warmup: int = 3,
-             progress: bool = True) -> SimResult:
+             load_at: float | None = None, load_threads: int = 1, load_duty: float = 0.5,
+             policies: Sequence[str] = POLICIES,
+             warmup: int = 3, progress: bool = True) -> SimResult:
     """Run every policy on every frame; ``frames`` are (pixels (1, 3, H, W), label) pairs, cycled."""
     unknown = set(policies) - set(POLICIES)
     if unknown:
@@ -155,7 +174,7 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
     if not frames:
         raise DynavitError("no frames to run")
     entries = controller.entries
-    plain = Controller(entries, model=dm, margin=controller.margin, correct=False)
+    plain = Controller(entries, model=dm, margin=controller.margin, correct=False)  # same rule, frozen
     median = float(np.median(budgets))
     static = plain.select(latency_ms=median).entry
     smallest = min(entries, key=lambda e: e.latency_ms or math.inf)
@@ -179,7 +198,7 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
         try:
             for i, budget in enumerate(budgets):
                 if load_frame is not None and i == load_frame:
-                    load = CompetingLoad().__enter__()
+                    load = CompetingLoad(load_threads, load_duty).__enter__()
                 x, label = frames[i % len(frames)]
                 order = list(policies[i % len(policies):]) + list(policies[:i % len(policies)])
                 for name in order:

@@ -16,6 +16,7 @@ import hashlib
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -105,18 +106,21 @@ def cache_dataset(model: Any, dataset: Any, *, batch_size: int = 32, skip_bad: b
                       dataset.describe() if hasattr(dataset, "describe") else {})
 
 
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one), for benchmark and row labels."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):  # noqa: SIM115
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu:{cpu} ({torch.get_num_threads()} threads)"
+    return f"cpu:{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def versions() -> dict[str, str]:
