@@ -1,8 +1,8 @@
 """Trace-driven evaluation: real inferences, frame by frame, against per-frame latency budgets.
 
-Every policy runs its own chosen config on the same frame (in a rotating order, so none is
-systematically first after a cache-cold moment), and each run is timed. A frame is a *miss*
-when the measured latency exceeds that frame's budget. Policies:
+Each policy makes its own pass over the trace, as it would run deployed: the same frames,
+the same budgets, nothing else running between its frames. Every run is timed, and a frame is
+a *miss* when the measured latency exceeds that frame's budget. Policies:
 
 - ``controller``: the budget controller with online correction;
 - ``uncorrected``: the same menu and rule, predictions never corrected;
@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dynavit.errors import DynavitError
-from dynavit.runtime.controller import Controller
+from dynavit.runtime.controller import Controller, Entry
 
 TRACES = ("step", "sine", "random-walk", "bursty")
 POLICIES = ("controller", "uncorrected", "default", "smallest", "static", "oracle")
@@ -189,42 +189,45 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
         logits = dm(x)
         return (time.perf_counter() - t0) * 1e3, int(logits.argmax(-1)[0])
 
+    def choose(name: str, budget: float, x: torch.Tensor) -> tuple[Entry, float, int]:
+        if name == "oracle":
+            runs = [(e, *timed(e.config, x)) for e in entries]
+            fit = [r for r in runs if r[1] <= budget]
+            return max(fit, key=lambda r: r[0].quality) if fit else min(runs, key=lambda r: r[1])
+        if name in ("controller", "uncorrected"):
+            ctrl = controller if name == "controller" else plain
+            e = ctrl.select(latency_ms=float(budget)).entry
+            ms, pred = timed(e.config, x)
+            ctrl.observe(e.config, ms)
+            return e, ms, pred
+        e = {"default": default, "smallest": smallest, "static": static}[name]
+        return (e, *timed(e.config, x))
+
+    bar = tqdm(total=len(budgets) * len(policies), desc="trace", unit="frame", disable=not progress,
+               dynamic_ncols=True)
     with torch.inference_mode():
-        for e in entries:  # warm every path (first-call allocations are not the steady state)
-            for _ in range(warmup):
-                timed(e.config, frames[0][0])
-        load: CompetingLoad | None = None
-        bar = tqdm(total=len(budgets), desc="trace", unit="frame", disable=not progress, dynamic_ncols=True)
-        try:
-            for i, budget in enumerate(budgets):
-                if load_frame is not None and i == load_frame:
-                    load = CompetingLoad(load_threads, load_duty).__enter__()
-                x, label = frames[i % len(frames)]
-                order = list(policies[i % len(policies):]) + list(policies[:i % len(policies)])
-                for name in order:
-                    st = stats[name]
-                    if name == "oracle":
-                        runs = [(e, *timed(e.config, x)) for e in entries]
-                        fit = [r for r in runs if r[1] <= budget]
-                        e, ms, pred = max(fit, key=lambda r: r[0].quality) if fit else min(runs, key=lambda r: r[1])
-                    elif name in ("controller", "uncorrected"):
-                        ctrl = controller if name == "controller" else plain
-                        e = ctrl.select(latency_ms=float(budget)).entry
-                        ms, pred = timed(e.config, x)
-                        ctrl.observe(e.config, ms)
-                    else:
-                        e = {"default": default, "smallest": smallest, "static": static}[name]
-                        ms, pred = timed(e.config, x)
+        for name in policies:  # one pass per policy: as deployed, nothing else runs between its frames
+            for e in entries:  # warm every path (first-call allocations are not the steady state)
+                for _ in range(warmup):
+                    timed(e.config, frames[0][0])
+            st, load = stats[name], None
+            try:
+                for i, budget in enumerate(budgets):
+                    if load_frame is not None and i == load_frame:
+                        load = CompetingLoad(load_threads, load_duty).__enter__()
+                    x, label = frames[i % len(frames)]
+                    e, ms, pred = choose(name, float(budget), x)
                     st.latency_ms.append(ms)
                     st.met.append(ms <= budget)
                     st.correct.append(pred == label)
                     st.configs.append(e.label)
-                slowdown.append(controller.slowdown)
-                bar.update(1)
-        finally:
-            bar.close()
-            if load is not None:
-                load.__exit__(None, None, None)
+                    if name == "controller":
+                        slowdown.append(controller.slowdown)
+                    bar.update(1)
+            finally:
+                if load is not None:
+                    load.__exit__(None, None, None)
+    bar.close()
     return SimResult(np.asarray(budgets), stats, load_frame, slowdown)
 
 
