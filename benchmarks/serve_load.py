@@ -53,6 +53,7 @@ def run(store: Path, n_requests: int, clients: int, max_batch: int, max_wait_ms:
                 time.sleep(0.2)
         menu = json.loads(urllib.request.urlopen(f"{url}/v1/configs").read())["configs"]
         lat = sorted(c["latency_p95_ms"] for c in menu)
+        by_name = {c["name"]: c["gmacs"] for c in menu}
         images = [p.read_bytes() for p in sorted((assets_dir() / "imagenet-samples" / "images").iterdir())[:64]]
         rng = np.random.default_rng(0)
         budgets = rng.uniform(1.2 * lat[0], 4 * 1.2 * lat[0], n_requests)
@@ -60,6 +61,7 @@ def run(store: Path, n_requests: int, clients: int, max_batch: int, max_wait_ms:
         times: list[float] = []
         met: list[bool] = []
         batch_sizes: list[int] = []
+        gmacs: list[float] = []
         lock = threading.Lock()
         counter = iter(range(n_requests))
 
@@ -80,6 +82,7 @@ def run(store: Path, n_requests: int, clients: int, max_batch: int, max_wait_ms:
                     if body:
                         met.append(bool(body["budget_met"]))
                         batch_sizes.append(body["batch_size"])
+                        gmacs.append(by_name[body["config"]["name"]])
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -92,7 +95,8 @@ def run(store: Path, n_requests: int, clients: int, max_batch: int, max_wait_ms:
         server.terminate()
         server.wait(timeout=60)
     st = np.asarray(statuses)
-    return {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "requests": len(st), "ok": int((st == 200).sum()),
+    return {"clients": clients, "gmacs": float(np.mean(gmacs)) if gmacs else float("nan"),
+            "max_batch": max_batch, "max_wait_ms": max_wait_ms, "requests": len(st), "ok": int((st == 200).sum()),
             "4xx": int(((st >= 400) & (st < 500)).sum()), "5xx": int((st >= 500).sum()),
             "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
             "throughput": len(st) / wall, "budget_met": float(np.mean(met)) if met else float("nan"),
@@ -105,23 +109,28 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
-    rows = [run(args.store, args.requests, args.clients, 1, 0.0), run(args.store, args.requests, args.clients, 8, 5.0)]
+    rows = [run(args.store, args.requests, args.clients, 1, 0.0),
+            run(args.store, args.requests, args.clients, 8, 5.0),
+            run(args.store, args.requests, 1, 8, 5.0)]
     lines = [f"Machine: {device_name(__import__('torch').device('cpu'))}; {dt.date.today()}; server and clients on "
              f"the same 2 cores over loopback; command: `.venv/bin/python benchmarks/serve_load.py "
              f"--requests {args.requests}`.", "",
-             f"{args.clients} concurrent clients, {args.requests} requests each run, real JPEGs (ImageNet samples), "
+             f"{args.requests} requests each run from {args.clients} concurrent clients (and from 1 client, for the "
+             "unloaded case), real JPEGs (ImageNet samples), "
              "per-request latency budgets uniform over 4x from 1.2x the cheapest path's p95. Round-trip times "
              "measured by the clients.", "",
-             "| micro-batching | requests | 200 | 4xx | 5xx | p50 ms | p99 ms | req/s | budget met | mean batch |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| clients | micro-batching | requests | 200 | 4xx | 5xx | p50 ms | p99 ms | req/s | budget met | "
+             "mean batch | mean path GMACs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mode = "off (max batch 1)" if r["max_batch"] == 1 else f"max batch {r['max_batch']}, wait {r['max_wait_ms']} ms"
-        lines.append(f"| {mode} | {r['requests']} | {r['ok']} | {r['4xx']} | {r['5xx']} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['throughput']:.1f} | {100 * r['budget_met']:.1f} % | "
-                     f"{r['mean_batch']:.2f} |")
-    lines += ["", "Budgets are met end to end only when queueing is small: with 8 clients on 2 cores, requests "
-              "wait for each other, and the controller (which predicts model time, not queue time) cannot see "
-              "the queue. The budget-met column shows how often the round trip inside the server fit."]
+        lines.append(f"| {r['clients']} | {mode} | {r['requests']} | {r['ok']} | {r['4xx']} | {r['5xx']} | "
+                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['throughput']:.1f} | {100 * r['budget_met']:.1f} % | "
+                     f"{r['mean_batch']:.2f} | {r['gmacs']:.3f} |")
+    lines += ["", "Budget met: the round trip inside the server (decode, queue, model) within the request's budget. "
+              "The server subtracts the predicted backlog from each budget. With 8 clients on 2 cores the queue "
+              "ahead of a request alone exceeds every budget, so requests fall back to the cheapest path "
+              "(flagged `predicted_to_fit: false`): throughput rises, and the misses are reported, not hidden."]
     body = "\n".join(lines)
     write_section("serve-load", "Server load test (loopback)", body)
     print(body)

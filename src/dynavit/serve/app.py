@@ -74,6 +74,7 @@ class _Job:
     size: tuple[int, int]  # original (w, h), for segmentation masks
     future: asyncio.Future
     arrived: float
+    predicted_ms: float = 0.0  # the controller's prediction for this image alone, for the backlog
 
 
 @dataclass
@@ -90,7 +91,18 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._busy_until = 0.0  # perf_counter when the running batch is predicted to finish
+        self.arriving = 0  # requests received but not yet queued (decoding): batch mates worth waiting for
         self.batch_sizes: list[int] = []
+
+    def expected_wait_ms(self) -> float:
+        """Predicted time before a request submitted now starts: the running batch plus the queue.
+
+        Queued images are counted one by one (as if unbatched), which overestimates a batched
+        backlog: the controller errs towards a cheaper path, not towards a miss.
+        """
+        running = max(0.0, self._busy_until - time.perf_counter()) * 1e3
+        return running + sum(j.predicted_ms for q in self.queues.values() for j in q)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -109,7 +121,8 @@ class Batcher:
             while any(self.queues.values()):
                 cfg = min((c for c, q in self.queues.items() if q), key=lambda c: self.queues[c][0].arrived)
                 wait = self.queues[cfg][0].arrived + self.max_wait_ms / 1e3 - time.perf_counter()
-                if len(self.queues[cfg]) < self.max_batch and wait > 0 and not self._closing:
+                # wait for batch mates only while some are on their way: a lone request runs at once
+                if len(self.queues[cfg]) < self.max_batch and wait > 0 and self.arriving and not self._closing:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), wait)
                     self._wake.clear()
@@ -122,6 +135,7 @@ class Batcher:
     async def _run(self, cfg: ExecConfig, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         self.batch_sizes.append(len(jobs))
+        self._busy_until = time.perf_counter() + sum(j.predicted_ms for j in jobs) / 1e3
         try:
             out, ms = await loop.run_in_executor(self.executor, self._forward, cfg, [j.pixels for j in jobs])
         except Exception as e:  # noqa: BLE001 - delivered to each waiting request as a 500
@@ -266,30 +280,43 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
         data = await _read_image_bytes(request, max_body_bytes)
         budgets = {k: v for k, v in (("latency_ms", latency_ms), ("energy_mj", energy_mj), ("gmacs", gmacs))
                    if v is not None}
+        if config is not None and budgets:
+            raise RequestError(422, "give either a config name or a budget, not both")
+        if config is None and not budgets:
+            raise RequestError(422, "give a budget: latency_ms, energy_mj or gmacs (or a config name)")
+        for k, v in budgets.items():
+            if not math.isfinite(v) or v <= 0:
+                raise RequestError(422, f"{k} must be a positive finite number, got {v}")
         if config is not None:
-            if budgets:
-                raise RequestError(422, "give either a config name or a budget, not both")
             name = config if config in names else by_label.get(config)
             if name is None:
                 raise RequestError(404, f"unknown config {config!r}; GET /v1/configs lists the names")
+        batcher: Batcher = state["batcher"]
+        batcher.arriving += 1
+        try:
+            img = await asyncio.to_thread(decode_image, data, max_pixels)
+            pixels = await asyncio.to_thread(dm.transform, img)
+        finally:  # no await between here and submit(): the request is queued before anyone looks
+            batcher.arriving -= 1
+        wait_ms = batcher.expected_wait_ms()
+        if config is not None:
             entry, predicted, budget_ok, kind, budget = names[name], None, True, "config", None
         else:
-            if not budgets:
-                raise RequestError(422, "give a budget: latency_ms, energy_mj or gmacs (or a config name)")
-            for k, v in budgets.items():
-                if not math.isfinite(v) or v <= 0:
-                    raise RequestError(422, f"{k} must be a positive finite number, got {v}")
+            select = dict(budgets)
+            if "latency_ms" in select:  # what is left once decoding and the queue ahead are paid for
+                spent = (time.perf_counter() - t0) * 1e3 + wait_ms
+                select["latency_ms"] = max(select["latency_ms"] - spent, 1e-6)
             try:
-                choice = controller.select(**budgets)
+                choice = controller.select(**select)
             except DynavitError as e:
                 raise RequestError(422, str(e)) from None
-            entry, predicted, budget_ok, kind, budget = (choice.entry, choice.predicted, choice.budget_met,
-                                                         choice.kind, choice.budget)
+            entry, kind, budget = choice.entry, choice.kind, budgets[choice.kind]
+            predicted = choice.predicted + (spent if kind == "latency_ms" else 0.0)
+            budget_ok = choice.budget_met
             name = next(n for n, e in names.items() if e is entry)
-        img = await asyncio.to_thread(decode_image, data, max_pixels)
-        pixels = await asyncio.to_thread(dm.transform, img)
         loop = asyncio.get_running_loop()
-        job = _Job(pixels, img.size, loop.create_future(), time.perf_counter())
+        job = _Job(pixels, img.size, loop.create_future(), time.perf_counter(),
+                   controller.predict(entry) or 0.0)
         out, model_ms, batch = await state["batcher"].submit(entry.config, job)
         total_ms = (time.perf_counter() - t0) * 1e3
         controller.observe(entry.config, model_ms / batch if batch > 1 else model_ms)
@@ -303,7 +330,7 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
         result = {"config": {"name": name, "label": entry.label, "exec_config": entry.config.to_dict()},
                   "predicted_ms": predicted if kind == "latency_ms" else _none_if(entry.latency_ms),
                   "measured_ms": total_ms, "model_ms": model_ms, "batch_size": batch, "budget": budget,
-                  "budget_kind": kind, "budget_met": met, "predicted_to_fit": budget_ok}
+                  "budget_kind": kind, "budget_met": met, "predicted_to_fit": budget_ok, "queue_wait_ms": wait_ms}
         result.update(_prediction(dm, out, img.size, topk))
         return result
 
