@@ -85,6 +85,8 @@ class _Correction:
     r: dict[ExecConfig, float] = field(default_factory=dict)
     recent: deque[float] = field(default_factory=deque)  # observed / p50, all paths: the level
     jitter: deque[float] = field(default_factory=deque)  # (observed / p50) / level: the tail
+    level: float = 1.0  # median of ``recent``, updated per observation (not per prediction)
+    tail: float = 1.0  # (1 - target_miss) quantile of ``jitter``, likewise
 
 
 class Controller:
@@ -149,18 +151,13 @@ class Controller:
             return base
         r = self._c.r.get(e.config, 1.0)
         if len(self._c.jitter) >= self.min_obs:
-            return self._median_ms(e, batch) * self._level() * self.tail * r
+            return self._median_ms(e, batch) * self._c.level * self._c.tail * r
         return base * self._c.g * r
-
-    def _level(self) -> float:
-        return float(np.median(np.fromiter(self._c.recent, float))) if self._c.recent else 1.0
 
     @property
     def tail(self) -> float:
         """The jitter factor a deadline must survive: a high quantile of observed / expected."""
-        if not self._c.jitter:
-            return 1.0
-        return float(np.quantile(np.fromiter(self._c.jitter, float), 1 - self.target_miss))
+        return self._c.tail
 
     # ---- selection -------------------------------------------------------------------------------
     def select(self, *, latency_ms: float | None = None, energy_mj: float | None = None,
@@ -198,14 +195,15 @@ class Controller:
         c.g = (1 - self.alpha) * c.g + self.alpha * measured_ms / (base * r)
         ratio = measured_ms / self._median_ms(e, batch)
         c.recent.append(ratio)
-        level = self._level()
+        c.level = level = float(np.median(np.fromiter(c.recent, float)))
         c.jitter.append(ratio / (level * r))
+        c.tail = float(np.quantile(np.fromiter(c.jitter, float), 1 - self.target_miss))
         c.r[config] = (1 - self.beta) * r + self.beta * ratio / level  # this path vs the rest
 
     @property
     def slowdown(self) -> float:
         """How much slower than in the sweep the machine runs now (median of recent observed / p50)."""
-        return self._level() if self._c.recent else self._c.g
+        return self._c.level if self._c.recent else self._c.g
 
     # ---- running ---------------------------------------------------------------------------------
     def _need_model(self) -> Any:

@@ -161,6 +161,7 @@ class Evaluator:
         self.versions = versions()
         self.energy = EnergyMeter.for_device(self.device)
         self._saved: _Saved | None = None
+        self._singles: dict[int, list[torch.Tensor]] = {}
         self.reused_blocks = 0  # block-batches not recomputed thanks to prefix reuse
 
     # ---- quality -------------------------------------------------------------------------------
@@ -229,8 +230,11 @@ class Evaluator:
 
     # ---- cost ----------------------------------------------------------------------------------
     def _images(self, k: int) -> list[torch.Tensor]:
-        flat = [img for b in self.data.batches for img in b.split(1)]
-        return [flat[i * len(flat) // k].to(self.device, self.dtype) for i in range(min(k, len(flat)))]
+        """k single images spread over the data (batch-1 inputs for MACs and latency), made once per k."""
+        if k not in self._singles:
+            flat = [img for b in self.data.batches for img in b.split(1)]
+            self._singles[k] = [flat[i * len(flat) // k].to(self.device, self.dtype) for i in range(min(k, len(flat)))]
+        return self._singles[k]
 
     def _macs(self, impl: Any, cfg: ExecConfig) -> dict[str, float]:
         """Per-image MACs by class at batch 1 (averaged over images when the path is adaptive)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from dynavit.errors import DynavitError
@@ -28,7 +29,7 @@ Score = tuple[float, float]  # (quality, macs)
 STRATEGIES = ("grid", "random", "greedy", "evolutionary")
 
 
-class Strategy:
+class Strategy(ABC):
     name = ""
 
     def __init__(self, shape: Sequence[int], budget: int | None, seed: int = 0) -> None:
@@ -46,9 +47,9 @@ class Strategy:
     def left(self) -> int:
         return (self.budget if self.budget is not None else self.size) - len(self.scores)
 
+    @abstractmethod
     def ask(self) -> list[Point]:
         """The next points to measure (none: done)."""
-        raise NotImplementedError
 
     def tell(self, results: dict[Point, Score | None]) -> None:
         self.scores.update(results)
