@@ -1,0 +1,1 @@
+"""Training: supervised (resumable, deterministic); path and SaiT training come next."""
