@@ -21,7 +21,7 @@ import torch
 from docsection import write_section
 
 from dynavit.runtime import Controller
-from dynavit.runtime.simulate import make_trace, plot_trace, simulate
+from dynavit.runtime.simulate import default_bounds, make_trace, plot_trace, simulate
 from dynavit.sweep import ResultStore, SweepTarget
 from dynavit.sweep.engine import device_name
 
@@ -65,11 +65,9 @@ def main() -> None:
     with ResultStore(args.store, readonly=True) as rs:
         target = SweepTarget(**rs.last_target())
     dm, data, _, _ = target.build()
-    frames = [(px[j:j + 1], int(t[j])) for px, t in zip(data.batches, data.targets, strict=True)
-              for j in range(len(px))]
+    frames = data.frames()
     ctrl = Controller.from_store(args.store, model=dm)
-    lo = 1.2 * min(e.latency_ms for e in ctrl.entries)
-    hi = 4 * lo
+    lo, hi = default_bounds(ctrl)
     budgets = make_trace("random-walk", args.frames, lo, hi, seed=0)
     runs = [simulate(dm, Controller.from_store(args.store, model=dm), frames, budgets, progress=False)
             for _ in range(args.repeats)]

@@ -6,6 +6,7 @@ import sqlite3
 
 import numpy as np
 import pytest
+import torch
 from helpers import make_row, require
 
 from dynavit.config import ConfigError, ExecConfig
@@ -353,3 +354,11 @@ def test_segmentation_sweep_with_decoder_knobs(assets, tmp_path) -> None:
     assert 0 <= both.quality <= 1 and both.delta == pytest.approx(both.quality - full.quality)
     with ResultStore(tmp_path / "seg.db", readonly=True) as rs:
         assert rs.meta["metric"] == "miou" and rs.meta["task"] == "segmentation"
+
+
+def test_cached_frames_follow_the_batches(built) -> None:
+    _, data, _, _ = built
+    frames = data.frames()
+    assert len(frames) == data.n and frames[0][0].shape == (1, *data.batches[0].shape[1:])
+    assert [t for _, t in frames] == [int(t) for tg in data.targets for t in tg]
+    assert torch.equal(frames[9][0][0], data.batches[1][1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -83,6 +84,13 @@ def test_killed_sweep_resumes_with_exactly_the_rows_of_an_uninterrupted_one(asse
     assert pareto.returncode == 0 and pareto.stdout.count("│") > 8 * 5
     out = _run([*DYNAVIT, "export", str(killed), str(tmp_path / "rows.csv")])
     assert out.returncode == 0 and len((tmp_path / "rows.csv").read_text().splitlines()) == 9
+
+    sim = _run([*DYNAVIT, "simulate", "--store", str(killed), "--trace", "step", "--frames", "8",
+                "--json", str(tmp_path / "sim.json")])
+    assert sim.returncode == 0, sim.stderr
+    policies = json.loads((tmp_path / "sim.json").read_text())["policies"]
+    assert [p["policy"] for p in policies] == ["controller", "uncorrected", "default", "smallest", "static", "oracle"]
+    assert all(p["frames"] == 8 for p in policies)
 
 
 def test_read_only_store_is_a_clear_error_and_stays_intact(assets, tmp_path) -> None:

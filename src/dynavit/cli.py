@@ -294,7 +294,7 @@ def simulate_cmd(
 ) -> None:
     """Run real inferences frame by frame against per-frame budgets: controller vs baselines."""
     from dynavit.runtime import Controller
-    from dynavit.runtime.simulate import load_trace, make_trace, plot_trace, simulate
+    from dynavit.runtime.simulate import default_bounds, load_trace, make_trace, plot_trace, simulate
     from dynavit.sweep.run import SweepTarget
     from dynavit.sweep.store import ResultStore
 
@@ -307,12 +307,10 @@ def simulate_cmd(
         raise DynavitError("simulate scores classification sweeps (top-1 per frame); this store is "
                            f"{data.task}")
     ctrl = Controller.from_store(store, model=dm, margin=margin)
-    cheapest = min(e.latency_ms for e in ctrl.entries if e.latency_ms)
-    lo = lo or 1.2 * cheapest
+    lo = lo or default_bounds(ctrl)[0]
     hi = hi or 4 * lo
     budgets = load_trace(trace) if Path(trace).is_file() else make_trace(trace, frames, lo, hi, seed)
-    pairs = [(px[j:j + 1], int(t[j])) for px, t in zip(data.batches, data.targets, strict=True) for j in range(len(px))]
-    res = simulate(dm, ctrl, pairs, budgets, load_at=load_at, progress=sys.stderr.isatty())
+    res = simulate(dm, ctrl, data.frames(), budgets, load_at=load_at, progress=sys.stderr.isatty())
     from rich.table import Table
 
     t = Table(title=f"{len(budgets)} frames, budgets {budgets.min():.1f}-{budgets.max():.1f} ms ({trace})"

@@ -77,7 +77,7 @@ def _sweep(deit, data: Path, out: Path, limit: int | None, console: Console) -> 
 
 def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     from dynavit.runtime import Controller
-    from dynavit.runtime.simulate import make_trace, simulate
+    from dynavit.runtime.simulate import default_bounds, make_trace, simulate
     from dynavit.sweep import ResultStore, SweepTarget
 
     console.rule("5/5 budget controller on a random-walk trace of latency budgets")
@@ -85,11 +85,10 @@ def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
         target = SweepTarget(**rs.last_target())
     dm, data, _, _ = target.build()
     ctrl = Controller.from_store(store, model=dm)
-    lo = 1.2 * min(e.latency_ms for e in ctrl.entries)
-    budgets = make_trace("random-walk", frames, lo, 4 * lo, seed=0)
-    pairs = [(px[j:j + 1], int(t[j])) for px, t in zip(data.batches, data.targets, strict=True) for j in range(len(px))]
-    res = simulate(dm, ctrl, pairs, budgets)
-    console.print(f"{frames} frames, budgets {lo:.1f}-{4 * lo:.1f} ms, {len(ctrl.entries)} paths on the menu")
+    lo, hi = default_bounds(ctrl)
+    budgets = make_trace("random-walk", frames, lo, hi, seed=0)
+    res = simulate(dm, ctrl, data.frames(), budgets)
+    console.print(f"{frames} frames, budgets {lo:.1f}-{hi:.1f} ms, {len(ctrl.entries)} paths on the menu")
     for r in res.table():
         console.print(f"  {r['policy']:12s} misses {r['misses']:4d} ({100 * r['miss_rate']:5.1f} %)  "
                       f"top-1 {100 * r['top1']:5.1f} %  p50 {r['latency_p50_ms']:6.1f} ms")

@@ -118,8 +118,6 @@ class Controller:
             raise DynavitError(f"{path} has no results yet; run `dynavit sweep` first")
         if model is not None and str(getattr(model, "source", "")) != meta.get("model"):
             raise DynavitError(f"{path} was measured on {meta.get('model')}, not on {getattr(model, 'source', model)}")
-        for r in rows:
-            r.per_image = None
         menu = pareto(rows, cost if any(getattr(r, cost, None) is not None for r in rows) else "macs").menu()
         entries = [Entry(config=r.config, quality=r.quality, latency_ms=r.latency_p95_ms,
                          latency_p50_ms=r.latency_p50_ms, energy_mj=r.energy_mj, gmacs=r.macs / 1e9, batch=r.batch,

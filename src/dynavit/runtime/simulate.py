@@ -40,6 +40,12 @@ TRACES = ("step", "sine", "random-walk", "bursty")
 POLICIES = ("controller", "uncorrected", "default", "smallest", "static", "oracle")
 
 
+def default_bounds(controller: Controller) -> tuple[float, float]:
+    """A 4x budget range starting just above the cheapest path's measured p95."""
+    lo = 1.2 * min(e.latency_ms for e in controller.entries if e.latency_ms)
+    return lo, 4 * lo
+
+
 def make_trace(kind: str, n: int, lo: float, hi: float, seed: int = 0) -> np.ndarray:
     """Per-frame latency budgets (ms) between ``lo`` and ``hi``."""
     if n < 1:

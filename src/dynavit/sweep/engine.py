@@ -54,6 +54,11 @@ class CachedData:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.batches)
 
+    def frames(self) -> list[tuple[torch.Tensor, Any]]:
+        """(pixels (1, 3, H, W), target) per image, in order: the frames of a trace."""
+        return [(px[j:j + 1], t[j] if isinstance(t, list) else int(t[j]))
+                for px, t in zip(self.batches, self.targets, strict=True) for j in range(len(px))]
+
     def fingerprint(self) -> str:
         """SHA-256 of exactly what is evaluated: the preprocessed pixels and the targets."""
         h = hashlib.sha256()
