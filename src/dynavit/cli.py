@@ -6,7 +6,6 @@ exit code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -15,32 +14,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dynavit.clikit import _user_errors, console
 from dynavit.errors import DynavitError
 
 app = typer.Typer(
-    help="Run-time adaptive inference of vision transformers: profile, evaluate, and (soon) adapt.",
+    help="Run-time adaptive inference of vision transformers: profile, evaluate, sweep, serve, cost on accelerators.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # per-tensor loading bars drown the CLI's own output
-        try:
-            return fn(*args, **kwargs)
-        except DynavitError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
 
 ConfigOpt = Annotated[str | None, typer.Option(
     "--config", help="Execution path: ExecConfig JSON, e.g. '{\"mlp_width\": 0.5}', or a .json file.")]
@@ -211,19 +193,22 @@ def _fmt(v: float | None, places: int = 1) -> str:
 def _print_front(store: Path, cost: str, top: int, show_all: bool = False) -> None:
     from rich.table import Table
 
-    from dynavit.sweep.pareto import COSTS, pareto
+    from dynavit.sweep.pareto import cost_label, cost_of, pareto
     from dynavit.sweep.store import ResultStore
 
     with ResultStore(store, readonly=True) as rs:
         rows, meta = rs.rows(), rs.meta
     if not rows:
         raise DynavitError(f"{store} has no results yet; run `dynavit sweep` first")
-    if cost not in COSTS:
-        raise DynavitError(f"unknown cost {cost!r} (choose from {', '.join(COSTS)})")
+    try:
+        if all(cost_of(r, cost) is None for r in rows):
+            raise DynavitError(f"no config in {store} has a value for {cost!r}")
+    except ValueError as e:
+        raise DynavitError(str(e)) from None
     f = pareto(rows, cost, task=meta.get("task", "classification"))
     base = next((r for r in rows if r.config.is_default), None)
     metric = meta.get("metric", "quality")
-    t = Table(title=f"{meta.get('model')}: {'all configs' if show_all else 'Pareto front'} by {COSTS[cost]} "
+    t = Table(title=f"{meta.get('model')}: {'all configs' if show_all else 'Pareto front'} by {cost_label(cost)} "
                     f"({len(f.front)} of {len(rows)} configs; * = not significantly dominated)")
     t.add_column("config", min_width=24, overflow="fold")
     for col in (f"{metric} %", "95% CI", "Δ pts", "paired CI", "GMACs", "MACs −%", "p50 ms", "p95 ms", "img/s"):
@@ -243,8 +228,8 @@ def _print_front(store: Path, cost: str, top: int, show_all: bool = False) -> No
 @_user_errors
 def pareto_cmd(
     store: Annotated[Path, typer.Argument(help="Result store written by `dynavit sweep`.")],
-    cost: Annotated[str, typer.Option(help="macs, latency_p50_ms, latency_p95_ms, batch_ms_per_image, energy_mj.")
-                    ] = "macs",
+    cost: Annotated[str, typer.Option(help="macs, latency_p50_ms, latency_p95_ms, batch_ms_per_image, energy_mj, "
+                                           "or accel_energy_uj:DESIGN / accel_latency_ms:DESIGN.")] = "macs",
     top: Annotated[int, typer.Option(help="Show at most N rows.")] = 50,
     show_all: Annotated[bool, typer.Option("--all", help="List every config, not only the front.")] = False,
 ) -> None:
@@ -428,19 +413,29 @@ def train_cmd(
     model: Annotated[str, typer.Argument(help="Model folder or hub id, or config:<preset> to train from scratch.")],
     data: Annotated[Path, typer.Option(help="Labelled training dataset folder.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoint/ (resumed if present) and model/.")],
-    mode: Annotated[str, typer.Option(help="supervised (paths and sait come with the training issue).")
-                    ] = "supervised",
+    mode: Annotated[str, typer.Option(help="supervised, or multiplex: distil MODEL into a multiplexed model "
+                                           "(paths and sait come with the training issue).")] = "supervised",
     eval_data: Annotated[Path | None, typer.Option(help="Held-out dataset scored at the end.")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up, polynomial decay).")] = 6e-4,
-    crop: Annotated[tuple[int, int], typer.Option(help="Training crop (H W).")] = (256, 320),
+    crop: Annotated[tuple[int, int] | None, typer.Option(
+        help="Training crop (H W); default 256 320 (supervised), the model's input size (multiplex).")] = None,
     input_size: Annotated[tuple[int, int] | None, typer.Option(help="Evaluation input size (H W) of the "
                                                                      "exported model.")] = None,
     seed: Annotated[int, typer.Option(help="Seed: batch order, augmentation, initialisation.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
+    mux: Annotated[int, typer.Option(help="multiplex: images per forward pass (N).")] = 2,
+    arch: Annotated[str, typer.Option(help="multiplex: concatplexer or imagemux.")] = "concatplexer",
+    patchifier_depth: Annotated[int, typer.Option(help="multiplex: ViT blocks run per image before muxing.")] = 1,
+    labels: Annotated[bool, typer.Option(help="multiplex: add label cross-entropy to the distillation.")] = True,
+    temperature: Annotated[float, typer.Option(help="multiplex: distillation temperature.")] = 2.0,
 ) -> None:
-    """Train a model on a labelled dataset; resumable; exports a loadable model with a model card."""
+    """Train a model on a labelled dataset; resumable; exports a loadable model with a model card.
+
+    --mode multiplex trains a ConcatPlexer or Image Multiplexer initialised from MODEL's weights,
+    with MODEL as its teacher; attach the result with DynamicModel.add_multiplexer(OUT/model).
+    """
     import time as _time
 
     from dynavit.data import open_dataset
@@ -448,8 +443,8 @@ def train_cmd(
     from dynavit.models.configs import preset_config
     from dynavit.train.supervised import Recipe, export, train_supervised
 
-    if mode != "supervised":
-        raise DynavitError(f"--mode {mode} is not available yet; use --mode supervised")
+    if mode not in ("supervised", "multiplex"):
+        raise DynavitError(f"--mode {mode} is not available yet; use --mode supervised or multiplex")
     dataset = open_dataset(data)
     if model.startswith("config:"):
         cfg = preset_config(model.removeprefix("config:"))
@@ -462,9 +457,16 @@ def train_cmd(
         lm = load(model)
     if input_size:
         lm.input_size = tuple(input_size)
-    recipe = Recipe(steps=steps, batch_size=batch_size, lr=lr, crop=tuple(crop), seed=seed,
+    crop = tuple(crop or (lm.input_size if mode == "multiplex" else (256, 320)))
+    recipe = Recipe(steps=steps, batch_size=batch_size, lr=lr, crop=crop, seed=seed,
                     checkpoint_every=checkpoint_every)
     t0 = _time.time()
+    if mode == "multiplex":
+        from dynavit.train.multiplex import train_multiplex_and_save
+
+        train_multiplex_and_save(lm, dataset, out, recipe, arch=arch, mux=mux, patchifier_depth=patchifier_depth,
+                                 labels=labels, temperature=temperature, eval_data=eval_data, console=console)
+        return
     res = train_supervised(lm, dataset, out, recipe, progress=sys.stderr.isatty())
     card = {"name": f"{model} trained on {data}", "data": f"{data} ({len(dataset)} images)",
             "recipe": json.dumps(recipe.__dict__), "command": " ".join(sys.argv),
@@ -492,6 +494,11 @@ def demo_cmd(
     from dynavit.demo import run_demo
 
     run_demo(out, limit=limit, console=console, data=data)
+
+
+from dynavit.cli_accel import accel_app  # noqa: E402 - needs _user_errors and console above
+
+app.add_typer(accel_app, name="accel")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -23,6 +23,9 @@ Knob semantics (block indices count blocks across all stages, from 0):
 - ``decoder_width`` / ``decoder_branches`` (SegFormer): fraction of decoder channels, and
   which of the four encoder scales feed the decoder.
 - ``variant``: which of several loaded models of one family runs.
+- ``mux``: images per forward pass of a multiplexed model (ConcatPlexer / Image Multiplexer,
+  ``dynavit.multiplex``) attached to the model; 1 is the ordinary model. It cannot exceed the
+  N the multiplexed model was trained for, and is not combined with other knobs.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Space:
     size_multiple: int = 1
     default_resolution: tuple[int, int] = (224, 224)
     variants: tuple[str, ...] = ()
+    max_mux: int = 1  # images per pass the model was trained to multiplex (1: not multiplexed)
 
     def describe(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -102,6 +106,7 @@ _FIELDS: dict[str, Any] = {
     "decoder_width": 1.0,
     "decoder_branches": None,
     "variant": None,
+    "mux": 1,
 }
 
 
@@ -124,6 +129,7 @@ class ExecConfig:
     decoder_width: float
     decoder_branches: tuple[int, ...] | None
     variant: str | None
+    mux: int
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(_FIELDS))
@@ -152,6 +158,8 @@ class ExecConfig:
             raise ConfigError(f"token_method={v['token_method']!r} must be 'prune' or 'merge'")
         if not isinstance(v["granularity"], int) or v["granularity"] < 1:
             raise ConfigError(f"granularity={v['granularity']!r} must be a positive integer")
+        if not isinstance(v["mux"], int) or isinstance(v["mux"], bool) or v["mux"] < 1:
+            raise ConfigError(f"mux={v['mux']!r} must be a positive integer (images per forward pass)")
         for name, value in v.items():
             object.__setattr__(self, name, value)
 
@@ -219,6 +227,7 @@ class Plan:
     resolution: tuple[int, int] | None = None
     decoder_dim: int = 0
     decoder_branches: tuple[int, ...] = ()
+    mux: int = 1
 
 
 def keep_count(total: int, fraction: float, granularity: int = 1) -> int:
@@ -244,6 +253,16 @@ def _per_block(name: str, value: Any, n: int) -> tuple:
 def resolve(cfg: ExecConfig, space: Space) -> Plan:
     """Validate ``cfg`` against ``space`` and compute the per-block plan (no tensors touched)."""
     n = space.num_blocks
+    if cfg.mux != 1:
+        if cfg.mux > space.max_mux:
+            raise ConfigError(f"mux={cfg.mux} is larger than the {space.max_mux} images per pass this model was "
+                              "trained for" if space.max_mux > 1 else
+                              f"mux={cfg.mux} needs a multiplexed model; this {space.family} model takes one "
+                              "image per pass")
+        others = sorted(set(cfg.to_dict()) - {"mux"})
+        if others:
+            raise ConfigError(f"mux={cfg.mux} cannot be combined with {others[0]} (multiplexed models run "
+                              "their full path only)")
     for name in ("skip_blocks", "skip_attn", "skip_mlp", "token_layers"):
         bad = [i for i in getattr(cfg, name) if not 0 <= i < n]
         if bad:
@@ -307,4 +326,5 @@ def resolve(cfg: ExecConfig, space: Space) -> Plan:
         decoder_dim=keep_count(space.decoder_width, cfg.decoder_width, cfg.granularity) if space.decoder_width else 0,
         decoder_branches=tuple(range(space.decoder_branches)) if cfg.decoder_branches is None
         else cfg.decoder_branches,
+        mux=cfg.mux,
     )

@@ -3,7 +3,8 @@
 ``configure(cfg)`` validates the config against the model's ``Space`` once, caches the
 resolved ``Plan`` by config, and hands it to the family model: no weight copies, no
 allocation of parameter memory, no recompilation. A rejected config leaves the model in
-its previous configuration.
+its previous configuration. Multiplexed models (``dynavit.multiplex``) attach beside the base
+model and are selected by ``ExecConfig(mux=N)``, like variants.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class DynamicModel(LoadedModel):
 
     reference: nn.Module | None = None  # the source library's model, sharing every parameter
     variants: dict[str, LoadedModel] = field(default_factory=dict)
+    multiplexers: dict[int, FamilyModel] = field(default_factory=dict)  # by the N each was trained for
     _config: ExecConfig = field(default_factory=ExecConfig)
     _plans: dict[tuple[str | None, ExecConfig], tuple[FamilyModel, Plan]] = field(default_factory=dict)
     _base: FamilyModel | None = None
@@ -92,7 +94,7 @@ class DynamicModel(LoadedModel):
         key = (cfg.variant, cfg)
         hit = self._plans.get(key)
         if hit is None:
-            impl = self._impl_for(cfg.variant)
+            impl = self._impl_for(cfg)
             hit = (impl, resolve(cfg, impl.space))  # raises before anything changes
             self._plans[key] = hit
         impl, plan = hit
@@ -101,7 +103,18 @@ class DynamicModel(LoadedModel):
         self._config = cfg
         return self
 
-    def _impl_for(self, variant: str | None) -> FamilyModel:
+    def _impl_for(self, cfg: ExecConfig) -> FamilyModel:
+        variant = cfg.variant
+        if cfg.mux > 1:
+            if variant is not None:
+                raise ConfigError(f"mux={cfg.mux} cannot be combined with variant={variant!r}")
+            fits = sorted(n for n in self.multiplexers if n >= cfg.mux)
+            if not fits:
+                have = ", ".join(map(str, sorted(self.multiplexers)))
+                raise ConfigError(f"mux={cfg.mux} is larger than any attached multiplexed model was trained for "
+                                  f"(N: {have})" if have else f"mux={cfg.mux} needs a multiplexed model: attach "
+                                  "one with add_multiplexer()")
+            return self.multiplexers[fits[0]]  # the smallest that fits: fewest blank slots
         if variant is None:
             return self._base
         if variant not in self.variants:
@@ -122,6 +135,19 @@ class DynamicModel(LoadedModel):
         if other.num_labels != self.num_labels:
             raise ConfigError(f"variant {name!r} has {other.num_labels} labels, this model {self.num_labels}")
         self.variants[name] = other
+
+    def add_multiplexer(self, model: FamilyModel | str | Path) -> FamilyModel:
+        """Attach a multiplexed model (or a folder saved by ``dynavit.multiplex.save``) for ``mux=N``."""
+        from dynavit.multiplex import MuxModel, load_multiplexer
+
+        mux = load_multiplexer(model, self) if isinstance(model, (str, Path)) else model
+        if not isinstance(mux, MuxModel):
+            raise ConfigError(f"add_multiplexer needs a ConcatPlexer or ImageMultiplexer, got {type(mux).__name__}")
+        if mux.num_labels != self.num_labels:
+            raise ConfigError(f"the multiplexed model predicts {mux.num_labels} labels, this model {self.num_labels}")
+        self.multiplexers[mux.mux] = mux
+        self._plans = {k: v for k, v in self._plans.items() if k[1].mux == 1}  # a new N may change the choice
+        return mux
 
     # ---- calibration -------------------------------------------------------------------------
     def calibrate(self, images: Any, *, criterion: str = "auto", batch_size: int = 16) -> Any:

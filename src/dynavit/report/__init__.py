@@ -41,11 +41,12 @@ def write_report(store_path: str | Path, out_dir: str | Path, *, n_boot: int | N
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DynavitError(f"cannot write the report to {out}: {e.strerror or e}") from None
-    for name in _PNGS:  # a chart this store no longer has must not linger from an earlier report
-        (out / name).unlink(missing_ok=True)
+    for stale in [*(out / n for n in _PNGS), *out.glob("quality_accel_*.png")]:  # none the store lost may linger
+        stale.unlink(missing_ok=True)
     blocks = [
         html.header(data, time.time()),
         *(_tradeoff(data, cost, out) for cost in _AXES),
+        *(_tradeoff(data, cost, out) for cost in data.fronts if cost.startswith("accel_")),
         _resilience(data, out),
         _profile(data, out),
         *_tables(data),
@@ -61,10 +62,19 @@ def _image(out: Path, name: str, content: Figure | bytes, alt: str, caption: str
     return html.Image(name, data, alt, caption)
 
 
+def _axis(cost: str) -> tuple[str, tuple[str, float]]:
+    """(title, (x label, scale)) of a cost; accelerator costs (``dynavit accel``) are per design."""
+    if cost.startswith("accel_"):
+        design = cost.partition(":")[2]
+        return f"modelled accelerator energy ({design})", (f"modelled energy on {design} (uJ per image)", 1.0)
+    return _TITLES[cost], _AXES[cost]
+
+
 def _tradeoff(data: ReportData, cost: str, out: Path) -> str:
     """Quality vs one cost; a cost nobody measured becomes a note, not an empty chart."""
-    title = f"Quality vs {_TITLES[cost]}"
-    anchor = f"quality-{cost}"
+    name, (xlabel, scale) = _axis(cost)
+    title = f"Quality vs {name}"
+    anchor = f"quality-{cost.replace(':', '-')}"
     front = data.fronts.get(cost)
     if front is None:
         if cost == "energy_mj":
@@ -72,21 +82,21 @@ def _tradeoff(data: ReportData, cost: str, out: Path) -> str:
                                                  "nvidia-ml-py); energy plot skipped."), anchor)
         why = ("the sweep ran without latency measurement" if cost.startswith("latency")
                else "every stored row lacks its MAC count")
-        return html.section(title, html.note(f"No config has a {_TITLES[cost]} measurement ({why}); "
-                                             f"{_TITLES[cost]} plot skipped."), anchor)
-    xlabel, scale = _AXES[cost]
+        return html.section(title, html.note(f"No config has a {name} measurement ({why}); "
+                                             f"{name} plot skipped."), anchor)
     metric = data.meta.get("metric", "quality")
     fig = plots.quality_vs_cost(front, xlabel=xlabel, scale=scale, numbered=cost == "macs",
-                                ylabel=f"{metric} (%)", title=f"{metric} vs {_TITLES[cost]}")
+                                ylabel=f"{metric} (%)", title=f"{metric} vs {name}")
     n_plausible = len(set(front.plausible) - set(front.front))
     caption = (f"{len(front.rows)} configs; {len(front.front)} on the front, {n_plausible} more not significantly "
                f"dominated (paired bootstrap, {data.n_boot} replicates). Error bars: 95% CI.")
     if cost == "macs":
         caption += " Numbers match the front table."
-    body = html.figure(_image(out, f"quality_{cost}.png", fig, f"{metric} vs {_TITLES[cost]}", caption))
+    png_name = f"quality_{cost.replace(':', '_')}.png"
+    body = html.figure(_image(out, png_name, fig, f"{metric} vs {name}", caption))
     missing = len(data.rows) - len(front.rows)
     if missing:
-        body += html.note(f"{missing} config(s) without a {_TITLES[cost]} measurement are not shown.")
+        body += html.note(f"{missing} config(s) without a {name} measurement are not shown.")
     return html.section(title, body, anchor)
 
 

@@ -141,7 +141,9 @@ def load(store_path: str | Path, n_boot: int | None = None) -> ReportData:
     task = meta.get("task", "classification")
     rows.sort(key=lambda r: (math.inf if r.macs is None else r.macs, -(r.quality or 0.0)))
     default = next((r for r in rows if r.config.is_default), None)
-    fronts = {c: pareto(rows, c, task=task, n_boot=n_boot, seed=seed) for c in PLOT_COSTS
+    designs = sorted({d for r in rows for d in r.accel})  # modelled accelerator energy, per design
+    costs = [*PLOT_COSTS, *(f"accel_energy_uj:{d}" for d in designs)]
+    fronts = {c: pareto(rows, c, task=task, n_boot=n_boot, seed=seed) for c in costs
               if any(cost_of(r, c) is not None and r.quality is not None for r in rows)}
     return ReportData(
         path=path, meta=meta, protocol=protocol, rows=rows, default=default, fronts=fronts,

@@ -108,8 +108,12 @@ class Controller:
     @classmethod
     def from_store(cls, path: str | Path, *, model: Any = None, cost: str = "latency_p95_ms",
                    **kw: Any) -> Controller:
-        """The Pareto front of a sweep's store (by ``cost``) as the menu."""
-        from dynavit.sweep.pareto import pareto
+        """The Pareto front of a sweep's store (by ``cost``) as the menu.
+
+        ``cost="accel_energy_uj:<design>"`` (after ``dynavit accel``): the menu is the front by
+        modelled accelerator energy, and ``select(energy_mj=...)`` budgets that modelled energy.
+        """
+        from dynavit.sweep.pareto import cost_of, pareto
         from dynavit.sweep.store import ResultStore
 
         with ResultStore(path, readonly=True) as rs:
@@ -118,9 +122,21 @@ class Controller:
             raise DynavitError(f"{path} has no results yet; run `dynavit sweep` first")
         if model is not None and str(getattr(model, "source", "")) != meta.get("model"):
             raise DynavitError(f"{path} was measured on {meta.get('model')}, not on {getattr(model, 'source', model)}")
-        menu = pareto(rows, cost if any(getattr(r, cost, None) is not None for r in rows) else "macs").menu()
+        try:
+            measured = any(cost_of(r, cost) is not None for r in rows)
+        except ValueError as e:
+            raise DynavitError(str(e)) from None
+        menu = pareto(rows, cost if measured else "macs").menu()
+        design = cost.partition(":")[2] if cost.startswith("accel_") else None
+
+        def energy(r: Any) -> float | None:  # modelled accelerator energy when the menu is by a design
+            if design is None:
+                return r.energy_mj
+            e = r.accel.get(design, {}).get("energy_uj")
+            return None if e is None else e / 1e3
+
         entries = [Entry(config=r.config, quality=r.quality, latency_ms=r.latency_p95_ms,
-                         latency_p50_ms=r.latency_p50_ms, energy_mj=r.energy_mj, gmacs=r.macs / 1e9, batch=r.batch,
+                         latency_p50_ms=r.latency_p50_ms, energy_mj=energy(r), gmacs=r.macs / 1e9, batch=r.batch,
                          batch_ms=r.batch_p95_ms, label=r.label) for r in menu]
         return cls(entries, model=model, **kw)
 

@@ -2,7 +2,10 @@
 
 Requests that choose the same config are micro-batched: a batcher collects them for up to
 ``max_wait_ms`` (or until ``max_batch``) and runs one forward pass, so throughput grows with
-load while a lone request waits at most ``max_wait_ms``. The model runs on one worker
+load while a lone request waits at most ``max_wait_ms``. On a multiplexed path
+(``ExecConfig(mux=N)``) the batch's images are grouped N per pass in queue order, each client
+reading its own slot; a group without N requests is filled with blank images (see
+``dynavit.multiplex``). The model runs on one worker
 thread: the event loop keeps accepting and decoding while it computes.
 
 Every bad request gets a 4xx JSON ``{"error": ...}`` that says what was wrong; the server keeps
@@ -319,7 +322,8 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
                    controller.predict(entry) or 0.0)
         out, model_ms, batch = await state["batcher"].submit(entry.config, job)
         total_ms = (time.perf_counter() - t0) * 1e3
-        controller.observe(entry.config, model_ms / batch if batch > 1 else model_ms)
+        passes = math.ceil(batch / entry.config.mux)  # what the sweep timed: one image, or one pass of N
+        controller.observe(entry.config, model_ms / passes if passes > 1 else model_ms)
         met = total_ms <= budget if kind == "latency_ms" else (budget_ok if kind != "config" else None)
         if kind == "latency_ms" and not met:
             metrics.misses.inc()

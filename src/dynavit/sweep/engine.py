@@ -8,6 +8,10 @@ Speed comes from doing shared work once per sweep, not once per config:
   next config is known, the evaluator keeps those activations and the next config runs only
   blocks k.. onwards. Families opt in by providing ``begin/step/end/prefix_key`` (DynViT).
   The result is bit-identical to a full forward: the same ops run on the same tensors.
+
+A multiplexed path (``ExecConfig(mux=N)``) is measured per pass of N images: its MACs are one
+pass's divided by N (energy too), and its latency is one pass, which is what each of its N images
+waits.
 """
 
 from __future__ import annotations
@@ -241,19 +245,26 @@ class Evaluator:
             self._singles[k] = [flat[i * len(flat) // k].to(self.device, self.dtype) for i in range(min(k, len(flat)))]
         return self._singles[k]
 
+    def _passes(self, k: int, mux: int) -> list[torch.Tensor]:
+        """Inputs of k single-request passes: one image each, or N images for a multiplexed path."""
+        if mux == 1:
+            return self._images(k)
+        imgs = self._images(k * mux)
+        return [torch.cat(imgs[i::k]) for i in range(k)]
+
     def _macs(self, impl: Any, cfg: ExecConfig) -> dict[str, float]:
         """Per-image MACs by class at batch 1 (averaged over images when the path is adaptive)."""
-        imgs = self._images(self.mac_images if cfg.token_threshold is not None else 1)
+        imgs = self._passes(self.mac_images if cfg.token_threshold is not None else 1, cfg.mux)
         by_class: dict[str, float] = {}
         for x in imgs:
             for rec in count(impl, lambda x=x: impl(x), track_memory=False).records:
                 for c in rec.costs:
                     if c.macs:
-                        by_class[c.cls] = by_class.get(c.cls, 0.0) + c.macs / len(imgs)
+                        by_class[c.cls] = by_class.get(c.cls, 0.0) + c.macs / len(imgs) / len(x)
         return by_class
 
-    def _latency(self, impl: Any) -> tuple[list[float], float | None]:
-        imgs = self._images(min(8, self.latency_repeats))
+    def _latency(self, impl: Any, mux: int = 1) -> tuple[list[float], float | None]:
+        imgs = self._passes(min(8, self.latency_repeats), mux)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         for i in range(self.warmup):
             impl(imgs[i % len(imgs)])
@@ -266,7 +277,7 @@ class Evaluator:
             impl(imgs[i % len(imgs)])
             sync()
             times.append(time.perf_counter() - t0)
-        energy = self.energy.stop() / self.latency_repeats if self.energy else None
+        energy = self.energy.stop() / self.latency_repeats / mux if self.energy else None  # per image
         return times, energy
 
     def _throughput(self, impl: Any) -> list[float]:
@@ -293,7 +304,7 @@ class Evaluator:
             bs = len(self.data.batches[0])
             full = [t for t, b in zip(times, self.data.batches, strict=True) if len(b) == bs]
             if self.measure_latency:
-                lat, energy = self._latency(impl)
+                lat, energy = self._latency(impl, cfg.mux)
                 if reused or len(full) < 3:
                     full = self._throughput(impl)
             else:

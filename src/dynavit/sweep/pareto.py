@@ -26,13 +26,28 @@ COSTS = {
     "batch_ms_per_image": "time per image at the throughput batch (ms)",
     "energy_mj": "energy (mJ per image, batch 1)",
 }
+# modelled accelerator costs, per design: ``accel_energy_uj:<design>`` (see ``dynavit accel``)
+ACCEL_COSTS = {
+    "accel_energy_uj": "modelled accelerator energy (uJ per image)",
+    "accel_latency_ms": "modelled accelerator latency (ms per image)",
+}
+
+
+def cost_label(cost: str) -> str:
+    kind, _, design = cost.partition(":")
+    return f"{ACCEL_COSTS[kind]} on {design}" if kind in ACCEL_COSTS else COSTS.get(cost, cost)
 
 
 def cost_of(row: Row, cost: str) -> float | None:
     if cost == "batch_ms_per_image":
         return row.batch_p50_ms / row.batch if row.batch_p50_ms is not None and row.batch else None
+    kind, _, design = cost.partition(":")
+    if kind in ACCEL_COSTS and design:
+        c = row.accel.get(design)
+        return None if c is None else c.get(kind.removeprefix("accel_"))
     if cost not in COSTS:
-        raise ValueError(f"unknown cost {cost!r} (choose from {', '.join(COSTS)})")
+        raise ValueError(f"unknown cost {cost!r} (choose from {', '.join(COSTS)}, "
+                         "or accel_energy_uj:DESIGN / accel_latency_ms:DESIGN after `dynavit accel`)")
     return getattr(row, cost)
 
 

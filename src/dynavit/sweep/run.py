@@ -284,3 +284,36 @@ def _store_row(rs: ResultStore, row: Row, default: Row | None, task: str, target
     row.run_id = run_id
     rs.add(row)
     return row
+
+
+def measure_configs(store: str | Path, cfgs: Sequence[ExecConfig], labels: Sequence[str] | None = None, *,
+                    strategy: str = "", latency: bool = True, progress: bool = True) -> int:
+    """Measure configs the store lacks, with the store's own model, data and protocol.
+
+    For tools that derive new configs from stored ones (the accelerator DSE rounds channel
+    counts to a vector width): the rows are comparable with every other row of the store.
+    ``latency=False`` skips the CPU latency and throughput timing (quality and MACs only).
+    """
+    with ResultStore(store, readonly=True) as rs:
+        target = SweepTarget(**{**rs.last_target(), **({} if latency else {"measure_latency": False})})
+    dm, data, evaluator, _ = target.build(progress=progress)
+    rs = ResultStore(store)
+    try:
+        rs.bind(identity(target, dm, data))
+        default_row = rs.get(ExecConfig())
+        if default_row is None:
+            raise DynavitError(f"{store} has no row for the default config; run `dynavit sweep` first")
+        names = dict(zip(cfgs, labels or [""] * len(cfgs), strict=True))
+        todo = [c for c in names if rs.get(c) is None]
+        if not todo:
+            return 0
+        for c in todo:
+            resolve(c, dm.space)
+        run_id = rs.start_run({"target": asdict(target), "configs": [c.to_dict() for c in todo], "strategy": strategy})
+        for c in tqdm(todo, desc=f"measuring {strategy or 'configs'}", unit="cfg", disable=not progress):
+            row = evaluator.measure(c, label=names[c], strategy=strategy)
+            _store_row(rs, row, default_row, data.task, target, run_id)
+        rs.finish_run(run_id, "done")
+        return len(todo)
+    finally:
+        rs.close()

@@ -19,6 +19,8 @@ Schema (version 1)::
             latency_p50_ms, latency_p95_ms,   -- batch 1
             batch, batch_p50_ms, batch_p95_ms, images_per_s,  -- throughput batch
             energy_mj, device, versions, per_image (npy bytes), seconds, created)
+    accel(config_key, design, design_key, cost, created)  -- modelled accelerator cost per design
+                                                         -- (``dynavit accel``; created on first write)
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class Row:
     id: int | None = None
     run_id: int | None = None
     created: float = field(default_factory=time.time)
+    accel: dict[str, dict[str, Any]] = field(default_factory=dict)  # design -> modelled energy_uj, latency_ms...
 
     @property
     def key(self) -> str:
@@ -251,6 +254,24 @@ class ResultStore:
         return {ExecConfig.from_dict(json.loads(k)): json.loads(v)
                 for k, v in self.conn.execute("SELECT config_key, profile FROM profiles")}
 
+    def add_accel(self, cfg: ExecConfig, design: str, design_key: str, cost: dict[str, Any]) -> None:
+        """The modelled cost of a stored config on one accelerator design (replaces an older one)."""
+        if self.get(cfg) is None:
+            raise StoreError(f"{self.path} has no measured row for {cfg.to_json()}; sweep it before costing it")
+        self._write("CREATE TABLE IF NOT EXISTS accel (config_key TEXT NOT NULL, design TEXT NOT NULL, "
+                    "design_key TEXT NOT NULL, cost TEXT NOT NULL, created REAL, PRIMARY KEY (config_key, design))")
+        self._write("INSERT OR REPLACE INTO accel VALUES (?, ?, ?, ?, ?)",
+                    (config_key(cfg), design, design_key, json.dumps(cost, sort_keys=True), time.time()))
+
+    def accel(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """config key -> design -> modelled cost (empty when nothing was costed)."""
+        if not self.conn.execute("SELECT name FROM sqlite_master WHERE name='accel'").fetchone():
+            return {}
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for k, design, dkey, cost in self.conn.execute("SELECT config_key, design, design_key, cost FROM accel"):
+            out.setdefault(k, {})[design] = {**json.loads(cost), "design_key": dkey}
+        return out
+
     def _id(self, key: str) -> int:
         return self.conn.execute("SELECT id FROM results WHERE config_key=?", (key,)).fetchone()[0]
 
@@ -264,12 +285,20 @@ class ResultStore:
         cur = self.conn.execute(f"SELECT id, {', '.join(COLUMNS)} FROM results WHERE config_key=?",
                                 (config_key(cfg),))
         r = cur.fetchone()
-        return None if r is None else _row(r)
+        if r is None:
+            return None
+        row = _row(r)
+        row.accel = self.accel().get(row.key, {})
+        return row
 
     def rows(self, *, per_image: bool = True) -> list[Row]:
         cols = COLUMNS if per_image else [c for c in COLUMNS if c != "per_image"]
         cur = self.conn.execute(f"SELECT id, {', '.join(cols)} FROM results ORDER BY id")
-        return [_row(r, cols) for r in cur]
+        rows = [_row(r, cols) for r in cur]
+        accel = self.accel()
+        for r in rows:
+            r.accel = accel.get(r.key, {})
+        return rows
 
     def __iter__(self) -> Iterator[Row]:
         return iter(self.rows())
@@ -289,6 +318,9 @@ class ResultStore:
             for name, m in sorted(r.metrics.items()):
                 if isinstance(m, dict) and "value" in m:
                     rec[name] = m["value"]
+            for design, c in sorted(r.accel.items()):
+                rec[f"accel_energy_uj:{design}"] = c.get("energy_uj")
+                rec[f"accel_latency_ms:{design}"] = c.get("latency_ms")
             out.append(rec)
         return out
 

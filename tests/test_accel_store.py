@@ -1,0 +1,143 @@
+"""`dynavit accel` on a real DeiT-tiny sweep store: costs written back, fronts, controller, DSE, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import require
+from transformers import ViTConfig
+
+import dynavit
+from dynavit.accel.arch import Arch
+from dynavit.accel.cost import CostCache
+from dynavit.accel.dse import cost_store, design_points, explore, markdown_table, write_exploration
+from dynavit.config import ExecConfig
+from dynavit.runtime import Controller
+from dynavit.sweep import ResultStore, SweepTarget, run_sweep
+from dynavit.sweep.pareto import cost_of, pareto
+
+require("zigzag")  # the accel extra, part of the dev install: CI fails rather than skips
+DYNAVIT = [sys.executable, "-m", "dynavit.cli"]
+SPACE = {"heads": [3, 2], "skip_blocks": [[], [10, 11]], "mlp_width": [1.0, 0.6]}
+
+
+@pytest.fixture(scope="module")
+def store(assets, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("accel") / "deit.db"
+    target = SweepTarget(model=str(assets / "models" / "deit-tiny-patch16-224"), data=str(assets / "imagenet-samples"),
+                         limit=16, batch_size=8, measure_latency=False, n_boot=200)
+    run_sweep(target, space=SPACE, strategy="grid", store=path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def costed(store):
+    return cost_store(store, [Arch.preset("simba-v16")], search="fast", workers=2, progress=False)
+
+
+def test_costs_go_back_into_the_store_and_become_a_pareto_cost(store, costed):
+    pairs = costed["simba-v16"]
+    with ResultStore(store, readonly=True) as rs:
+        rows = rs.rows()
+        table = rs.table()
+    assert len(pairs) == len(rows) == 12  # 2 x 2 x 2 grid plus heads=3, which is not the default config
+    for r in rows:
+        c = r.accel["simba-v16"]
+        assert c["energy_uj"] > 0 and c["latency_ms"] > 0 and c["design_key"] == Arch.preset("simba-v16").key()
+        assert set(c["energy_by_part_uj"]) == {"mac", "buffers", "dram", "vector"}
+        assert c["energy_by_part_uj"]["vector"] > 0  # the ops ZigZag leaves at zero are not free here
+    assert all("accel_energy_uj:simba-v16" in rec for rec in table)
+    front = pareto(rows, "accel_energy_uj:simba-v16", n_boot=100)
+    energies = [cost_of(rows_i, "accel_energy_uj:simba-v16") for rows_i in front.menu()]
+    assert energies == sorted(energies) and len(front.menu()) >= 2
+    ctrl = Controller.from_store(store, cost="accel_energy_uj:simba-v16")
+    cheapest = min(e.energy_mj for e in ctrl.entries)
+    assert ctrl.select(energy_mj=cheapest * 1.5).entry.energy_mj <= cheapest * 1.5
+    assert not ctrl.select(energy_mj=cheapest / 2).budget_met
+
+
+def test_path_costs_obey_physical_bounds(store, costed):
+    arch = Arch.preset("simba-v16")
+    for _, c in costed["simba-v16"]:
+        assert sum(c.energy_pj.values()) >= c.macs * arch.mac_pj
+        assert c.mac_cycles >= c.macs / arch.peak_macs_per_cycle
+        assert 0 < c.utilization <= 1
+
+
+def test_strictly_less_work_never_costs_more(assets, store, costed):
+    by_cfg = {r.config: c for r, c in costed["simba-v16"]}
+    pairs = [(ExecConfig(), ExecConfig(skip_blocks=(10, 11))), (ExecConfig(), ExecConfig(heads=2)),
+             (ExecConfig(), ExecConfig(mlp_width=0.6)),
+             (ExecConfig(heads=2), ExecConfig(heads=2, mlp_width=0.6, skip_blocks=(10, 11)))]
+    for more, less in pairs:
+        a, b = by_cfg[more], by_cfg[less]
+        assert b.energy_uj <= a.energy_uj and b.latency_ms <= a.latency_ms, (more, less)
+
+
+def test_cache_makes_a_second_costing_search_nothing(store, costed, tmp_path):
+    cache = store.with_name(store.name + ".accel-cache")
+    assert cache.is_file()
+    cc = CostCache(cache)
+    n = len(cc)
+    cc.close()
+    again = cost_store(store, [Arch.preset("simba-v16")], search="fast", workers=1, progress=False)
+    assert len(CostCache(cache)) == n
+    assert [c.energy_uj for _, c in again["simba-v16"]] == [c.energy_uj for _, c in costed["simba-v16"]]
+
+
+def test_design_exploration_rounds_channels_to_the_vector_width(store, tmp_path):
+    base = Arch.preset("simba-v16")
+    archs = design_points(base, [8, 64])
+    assert [a.peak_macs_per_cycle for a in archs] == [base.peak_macs_per_cycle] * 2
+    assert [a.name for a in archs] == ["simba-v8", "simba-v64"]
+    with ResultStore(store, readonly=True) as rs:
+        before = len(rs)
+    ex = explore(store, archs, limit=4, search="fast", workers=2, progress=False)
+    # mlp_width 0.6 of 768 = 460.8 -> 461 channels at granularity 1, 464 at V=8, 512 at V=64: new paths, measured
+    with ResultStore(store, readonly=True) as rs:
+        after = rs.rows(per_image=False)
+    assert ex.measured_configs >= 1 and len(after) == before + ex.measured_configs
+    assert any(r.config.granularity == 64 for r in after)
+    for d in ex.designs:
+        assert len(d.rows) == 4 and d.rows[d.default()].config.is_default
+        s = d.summary(ex.drops)
+        assert all(0 <= v["energy_saving"] < 1 for v in s["at_drop"].values())
+    out = write_exploration(ex, tmp_path / "dse")
+    assert {"dse.json", "dse.md", "dse_fronts.png"} <= {p.name for p in out.iterdir()}
+    assert "simba-v64" in markdown_table(ex)
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_cli_rejects_a_store_of_another_model_and_bad_designs(store, tmp_path):
+    other = tmp_path / "other-vit"
+    dynavit.from_config(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                  image_size=32, patch_size=8)).reference.save_pretrained(other)
+    r = _run([*DYNAVIT, "accel", str(other), "--arch", "simba-v16", "--store", str(store)])
+    assert r.returncode == 2 and "was measured on" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: simba-v16\nglobal_buffer_kib: -4\n")
+    r = _run([*DYNAVIT, "accel", "-", "--arch", str(bad), "--store", str(store)])
+    assert r.returncode == 2 and "global_buffer_kib" in r.stderr
+    r = _run([*DYNAVIT, "accel", "-", "--arch", "simba-v99", "--store", str(store)])
+    assert r.returncode == 2 and "simba-v99" in r.stderr
+    r = _run([*DYNAVIT, "accel", "-", "--arch", "simba-v16", "--store", str(store), "--configs", '[{"heads": 1}]'])
+    assert r.returncode == 2 and "no measured row" in r.stderr
+
+
+def test_cli_costs_and_pareto_reads_the_modelled_cost(store, tmp_path):
+    r = _run([*DYNAVIT, "accel", "-", "--arch", "simba-v16", "--store", str(store), "--out", str(tmp_path),
+              "--configs", '[{}, {"heads": 2}]'])
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "accel.json").is_file() and "simba-v16" in r.stdout
+    r = _run([*DYNAVIT, "pareto", str(store), "--cost", "accel_energy_uj:simba-v16"])
+    assert r.returncode == 0, r.stderr
+    assert "modelled accelerator energy" in r.stdout
+    r = _run([*DYNAVIT, "pareto", str(store), "--cost", "accel_energy_uj:nope"])
+    assert r.returncode == 2 and "no config" in r.stderr
