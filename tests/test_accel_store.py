@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -135,7 +136,11 @@ def test_cli_costs_and_pareto_reads_the_modelled_cost(store, tmp_path):
     r = _run([*DYNAVIT, "accel", "-", "--arch", "simba-v16", "--store", str(store), "--out", str(tmp_path),
               "--configs", '[{}, {"heads": 2}]'])
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "accel.json").is_file() and "simba-v16" in r.stdout
+    assert "simba-v16" in r.stdout
+    dump = json.loads((tmp_path / "accel.json").read_text())["simba-v16"]
+    layers = dump[0]["layers"]  # per layer: MAC layers through ZigZag, vector ops through the vector model
+    assert {"linear", "attention", "conv", "softmax", "norm"} <= {lay["kind"] for lay in layers}
+    assert sum(lay["energy_pj"] for lay in layers) == pytest.approx(dump[0]["energy_uj"] * 1e6, rel=1e-9)
     r = _run([*DYNAVIT, "pareto", str(store), "--cost", "accel_energy_uj:simba-v16"])
     assert r.returncode == 0, r.stderr
     assert "modelled accelerator energy" in r.stdout

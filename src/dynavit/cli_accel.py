@@ -69,7 +69,8 @@ def cost_cmd(
     arch: ArchOpt,
     store: StoreOpt = Path("results.db"),
     configs: Annotated[str | None, typer.Option(help="JSON list of configs (default: every stored config).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write accel.json (per path and per layer) here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write accel.json here: per path, and per layer of each path.")
+                   ] = None,
     search: SearchOpt = "fast",
     workers: WorkersOpt = 2,
     cache: CacheOpt = None,
@@ -81,7 +82,7 @@ def cost_cmd(
 
     archs = _archs(arch)
     res = cost_store(store, archs, model=None if model == "-" else model, configs=_configs(configs),
-                     cache=cache, search=search, workers=workers)
+                     cache=cache, search=search, workers=workers, keep_layers=out is not None)
     for name, pairs in res.items():
         t = Table(title=f"{name}: modelled cost per image ({len(pairs)} configs; written to {store})")
         for col in ("config", "quality %", "GMACs", "energy uJ", "latency ms", "util", "MAC/buf/DRAM/vec uJ"):
@@ -93,8 +94,8 @@ def cost_cmd(
         console.print(t)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        dump = {name: [{"config": r.config.to_dict(), "label": r.label, "quality": r.quality, **c.summary()}
-                       for r, c in pairs] for name, pairs in res.items()}
+        dump = {name: [{"config": r.config.to_dict(), "label": r.label, "quality": r.quality, **c.summary(),
+                        "layers": c.layers} for r, c in pairs] for name, pairs in res.items()}
         (out / "accel.json").write_text(json.dumps(dump, indent=1))
         console.print(f"wrote {out / 'accel.json'}")
 

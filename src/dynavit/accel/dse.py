@@ -93,8 +93,12 @@ def _select(rows: Sequence[Row], configs: Sequence[ExecConfig] | None, store: Pa
 
 def cost_store(store: str | Path, archs: Sequence[Arch], *, model: str | None = None,
                configs: Sequence[ExecConfig] | None = None, cache: str | Path | None = None, search: str = "fast",
-               workers: int = 2, progress: bool = True) -> dict[str, list[tuple[Row, PathCost]]]:
-    """Cost stored configs on each design and write the results back into the store."""
+               workers: int = 2, progress: bool = True, keep_layers: bool = False,
+               ) -> dict[str, list[tuple[Row, PathCost]]]:
+    """Cost stored configs on each design and write the results back into the store.
+
+    ``keep_layers``: each ``PathCost`` also lists its layers (shape, cycles, energy by part).
+    """
     store = Path(store)
     dm = load_store_model(store, model)
     with ResultStore(store, readonly=True) as rs:
@@ -108,7 +112,7 @@ def cost_store(store: str | Path, archs: Sequence[Arch], *, model: str | None = 
         out: dict[str, list[tuple[Row, PathCost]]] = {}
         with ResultStore(store) as rs:
             for a in archs:
-                costs = [path_cost(low, a, cc, search=search, config_key=r.key)
+                costs = [path_cost(low, a, cc, search=search, config_key=r.key, keep_layers=keep_layers)
                          for r, low in zip(rows, lowered, strict=True)]
                 for r, c in zip(rows, costs, strict=True):
                     rs.add_accel(r.config, a.name, a.key(), c.summary())

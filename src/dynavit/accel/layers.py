@@ -100,12 +100,8 @@ class VecOp:
         return asdict(self)
 
 
-def total_macs(ops: list[MacOp]) -> int:
-    return sum(op.macs for op in ops)
-
-
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["MAC_KINDS", "VEC_CLASSES", "MacOp", "VecOp", "ceil_div", "total_macs"]
+__all__ = ["MAC_KINDS", "VEC_CLASSES", "MacOp", "VecOp", "ceil_div"]

@@ -14,7 +14,6 @@ the adaptive threshold does, so lowering takes the image(s) to lower for.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,15 +46,6 @@ class Lowered:
     @property
     def macs(self) -> int:
         return sum(op.macs for op in self.mac_ops)
-
-    def unique_mac_ops(self) -> Counter[MacOp]:
-        return Counter(self.mac_ops)
-
-    def table(self) -> list[dict[str, Any]]:
-        rows = [{"module": m, **op.to_dict(), "macs": op.macs}
-                for op, m in zip(self.mac_ops, self.mac_modules, strict=True)]
-        rows += [{"module": m, **op.to_dict()} for op, m in zip(self.vec_ops, self.vec_modules, strict=True)]
-        return rows
 
 
 def _mac_ops(name: str, args: tuple, kwargs: dict, out: Any, is_param: Any, bits: int) -> list[MacOp]:

@@ -263,12 +263,15 @@ class ResultStore:
         self._write("INSERT OR REPLACE INTO accel VALUES (?, ?, ?, ?, ?)",
                     (config_key(cfg), design, design_key, json.dumps(cost, sort_keys=True), time.time()))
 
-    def accel(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """config key -> design -> modelled cost (empty when nothing was costed)."""
+    def accel(self, key: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+        """config key -> design -> modelled cost, for every config or one (empty when none was costed)."""
         if not self.conn.execute("SELECT name FROM sqlite_master WHERE name='accel'").fetchone():
             return {}
+        sql, args = "SELECT config_key, design, design_key, cost FROM accel", ()
+        if key is not None:
+            sql, args = sql + " WHERE config_key=?", (key,)
         out: dict[str, dict[str, dict[str, Any]]] = {}
-        for k, design, dkey, cost in self.conn.execute("SELECT config_key, design, design_key, cost FROM accel"):
+        for k, design, dkey, cost in self.conn.execute(sql, args):
             out.setdefault(k, {})[design] = {**json.loads(cost), "design_key": dkey}
         return out
 
@@ -288,7 +291,7 @@ class ResultStore:
         if r is None:
             return None
         row = _row(r)
-        row.accel = self.accel().get(row.key, {})
+        row.accel = self.accel(row.key).get(row.key, {})
         return row
 
     def rows(self, *, per_image: bool = True) -> list[Row]:
