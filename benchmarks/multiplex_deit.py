@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 import torch
+from multiplex_fashion import throughput
 
 import dynavit
 from dynavit.assets import assets_dir, deit_tiny_source
-from dynavit.cost.flops import count
+from dynavit.cost.flops import macs_per_image
 from dynavit.data import ClassificationMeter, open_dataset
 from dynavit.errors import DynavitError
 from dynavit.multiplex import build, save_multiplexer
@@ -55,15 +56,6 @@ def scores(model, x: torch.Tensor, y: torch.Tensor, teacher_pred: torch.Tensor |
     if teacher_pred is not None:
         res["agreement_with_teacher"] = float((pred == teacher_pred).float().mean())
     return {**res, "pred": pred}
-
-
-def macs_per_image(module, x: torch.Tensor) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for rec in count(module, lambda: module(x), track_memory=False).records:
-        for c in rec.costs:
-            if c.macs:
-                out[c.cls] = out.get(c.cls, 0.0) + c.macs / len(x)
-    return out
 
 
 def main() -> None:
@@ -109,16 +101,7 @@ def main() -> None:
              scores(student, xe, ye, base["pred"]))]
     costs = [macs_per_image(m, xe[:2]) for _, m, _ in rows]
     x = xe[:args.timing_batch]
-    timed = {"deit": teacher.module, "cp2": student}
-    times: dict[str, list[float]] = {k: [] for k in timed}
-    with torch.inference_mode():
-        for m in timed.values():
-            m(x)
-        for _ in range(args.rounds):
-            for k, m in timed.items():
-                t = time.perf_counter()
-                m(x)
-                times[k].append(time.perf_counter() - t)
+    times = throughput({"deit": teacher.module, "cp2": student}, x, args.rounds)
     ips = {k: args.timing_batch / statistics.median(v) for k, v in times.items()}
 
     print(f"DeiT-tiny teacher; ConcatPlexer N=2 (patchifier: patch embedding + {args.patchifier_depth} block, "

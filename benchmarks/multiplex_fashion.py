@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig
 
-from dynavit.cost.flops import count
+from dynavit.cost.flops import macs_per_image
 from dynavit.data.fashion import CLASSES, MEAN, STD, FashionMNIST
 from dynavit.data.metrics import ClassificationMeter
 from dynavit.models.loading import from_config
@@ -51,16 +51,6 @@ def top1(model, x: torch.Tensor, y: torch.Tensor, batch: int = 400) -> dict:
         for i in range(0, len(x), batch):
             meter.update(model(x[i:i + batch]), y[i:i + batch])
     return meter.result(1000, 0)["top1"]
-
-
-def macs_per_image(module, x: torch.Tensor, n: int) -> dict[str, float]:
-    """MACs by class of one pass over ``n`` images, divided by ``n``."""
-    out: dict[str, float] = {}
-    for rec in count(module, lambda: module(x[:n]), track_memory=False).records:
-        for c in rec.costs:
-            if c.macs:
-                out[c.cls] = out.get(c.cls, 0.0) + c.macs / n
-    return out
 
 
 def throughput(models: dict[str, object], x: torch.Tensor, rounds: int) -> dict[str, list[float]]:
@@ -120,7 +110,7 @@ def main() -> None:
     for r in rows:
         module = models[r["key"]]
         r["top1"] = top1(module, xt, yt)
-        r["macs_by_class"] = macs_per_image(module, xt, r["mux"])
+        r["macs_by_class"] = macs_per_image(module, xt[:r["mux"]])
         r["macs"] = sum(r["macs_by_class"].values())
     times = throughput(models, xt[:args.timing_batch], args.rounds)
     for r in rows:

@@ -340,3 +340,16 @@ def count(model: nn.Module, run: Callable[[], object], *, track_memory: bool = T
 def total_macs(model: nn.Module, run: Callable[[], object]) -> int:
     """Total MACs of one call (conv + linear + attention)."""
     return sum(c.macs for r in count(model, run, track_memory=False).records for c in r.costs)
+
+
+def macs_per_image(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """MACs by class of one call ``model(x)``, divided by the images in ``x``.
+
+    Per image, so a batch of one, a padded batch and a multiplexed pass of N images compare.
+    """
+    out: dict[str, float] = {}
+    for rec in count(model, lambda: model(x), track_memory=False).records:
+        for c in rec.costs:
+            if c.macs:
+                out[c.cls] = out.get(c.cls, 0.0) + c.macs / len(x)
+    return out

@@ -34,6 +34,7 @@ profiler recognises ``W_i e_i`` as a weight matmul (``linear``), not as attentio
 
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 import math
@@ -75,7 +76,7 @@ def stack_images(pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> torch.T
     return torch.stack([p if p.dim() == 3 else p[0] for p in pixel_values])
 
 
-class MuxModel(FamilyModel):
+class MuxModel(FamilyModel, abc.ABC):
     """Shared mechanics: patchifier, backbone, grouping and blank-slot padding. See the module docstring."""
 
     family = "multiplex"
@@ -123,9 +124,9 @@ class MuxModel(FamilyModel):
             carry = self.vit.step(carry, i)
         return carry[0]
 
+    @abc.abstractmethod
     def multiplexed(self, x: torch.Tensor) -> torch.Tensor:
         """(G*N, 3, H, W) in group-major slot order -> (G*N, classes) in the same order."""
-        raise NotImplementedError
 
     # ---- grouping -------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from dynavit.config import ExecConfig, resolve
 from dynavit.cost.energy import EnergyMeter
-from dynavit.cost.flops import count
+from dynavit.cost.flops import macs_per_image
 from dynavit.data.metrics import ClassificationMeter, SegmentationMeter
 from dynavit.errors import DynavitError
 from dynavit.evaluation import _check_compatible, _stream
@@ -257,10 +257,8 @@ class Evaluator:
         imgs = self._passes(self.mac_images if cfg.token_threshold is not None else 1, cfg.mux)
         by_class: dict[str, float] = {}
         for x in imgs:
-            for rec in count(impl, lambda x=x: impl(x), track_memory=False).records:
-                for c in rec.costs:
-                    if c.macs:
-                        by_class[c.cls] = by_class.get(c.cls, 0.0) + c.macs / len(imgs) / len(x)
+            for cls, macs in macs_per_image(impl, x).items():
+                by_class[cls] = by_class.get(cls, 0.0) + macs / len(imgs)
         return by_class
 
     def _latency(self, impl: Any, mux: int = 1) -> tuple[list[float], float | None]:
