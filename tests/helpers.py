@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dynavit.config import ExecConfig
 from dynavit.sweep.store import Row
@@ -50,3 +51,38 @@ def make_row(cfg: ExecConfig, hits: np.ndarray, macs: float, **kw) -> Row:
                   versions={"dynavit": "0"}, label=str(cfg.to_dict()))
     fields.update(kw)
     return Row(**fields)
+
+
+# A tiny random ViT and a synthetic labelled dataset it can learn, for trainers' unit tests.
+D, SIZE, PATCH, LABELS = 32, 16, 4, 5
+
+
+def tiny_vit(seed: int = 0, dim: int = D, layers: int = 3):
+    from transformers import ViTConfig
+
+    from dynavit.models.loading import from_config
+
+    cfg = ViTConfig(image_size=SIZE, patch_size=PATCH, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=2,
+                    intermediate_size=2 * dim, num_labels=LABELS)
+    lm = from_config(cfg, seed=seed)
+    lm.crop_pct = 1.0
+    return lm
+
+
+
+class Shapes:
+    """A labelled synthetic dataset: the class decides the brightness of a random texture."""
+
+    task, num_classes, root = "classification", LABELS, "synthetic"
+
+    def __init__(self, n: int = 24) -> None:
+        rng = np.random.default_rng(0)
+        self.labels = [i % LABELS for i in range(n)]
+        self.arrays = [np.clip(rng.normal(40 + 40 * y, 20, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+                       for y in self.labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.arrays[i]), self.labels[i]

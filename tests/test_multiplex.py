@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import require
+from helpers import LABELS, PATCH, SIZE, D, Shapes, require, tiny_vit
 from PIL import Image
 
 from dynavit.config import ConfigError, ExecConfig, resolve
@@ -19,20 +19,6 @@ from dynavit.multiplex import build, load_multiplexer, reduction, save_multiplex
 from dynavit.train.loop import Recipe
 from dynavit.train.multiplex import Distill, slot_shuffle, train_multiplex
 
-D, SIZE, PATCH, LABELS = 32, 16, 4, 5
-
-
-def tiny_vit(seed: int = 0, dim: int = D):
-    from transformers import ViTConfig
-
-    from dynavit.models.loading import from_config
-
-    cfg = ViTConfig(image_size=SIZE, patch_size=PATCH, hidden_size=dim, num_hidden_layers=3, num_attention_heads=2,
-                    intermediate_size=2 * dim, num_labels=LABELS)
-    lm = from_config(cfg, seed=seed)
-    lm.crop_pct = 1.0
-    return lm
-
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
@@ -41,24 +27,6 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
 def logits(model, x) -> torch.Tensor:
     with torch.no_grad():
         return model(x)
-
-
-class Shapes:
-    """A labelled synthetic dataset: the class decides the brightness of a random texture."""
-
-    task, num_classes, root = "classification", LABELS, "synthetic"
-
-    def __init__(self, n: int = 24) -> None:
-        rng = np.random.default_rng(0)
-        self.labels = [i % LABELS for i in range(n)]
-        self.arrays = [np.clip(rng.normal(40 + 40 * y, 20, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
-                       for y in self.labels]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def load(self, i: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.arrays[i]), self.labels[i]
 
 
 @pytest.mark.parametrize("arch, kw", [("concatplexer", {}), ("imagemux", {}),

@@ -108,5 +108,5 @@ def test_train_command_exports_a_loadable_model(assets, tmp_path) -> None:
     assert lm.id2label[0] == "Sky"
     again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)  # resumes: nothing left
     assert again.returncode == 0 and "already trained" in (out / "model" / "README.md").read_text()
-    bad = subprocess.run([*args, "--mode", "sait"], capture_output=True, text=True, timeout=600, env=env)
-    assert bad.returncode == 2 and "not available yet" in bad.stderr
+    bad = subprocess.run([*args, "--mode", "bogus"], capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

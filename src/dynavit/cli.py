@@ -407,14 +407,22 @@ def infer_cmd(
         console.print("  classes: " + ", ".join(answer["classes"].values()))
 
 
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DynavitError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
 @app.command("train")
 @_user_errors
 def train_cmd(
     model: Annotated[str, typer.Argument(help="Model folder or hub id, or config:<preset> to train from scratch.")],
     data: Annotated[Path, typer.Option(help="Labelled training dataset folder.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoint/ (resumed if present) and model/.")],
-    mode: Annotated[str, typer.Option(help="supervised, or multiplex: distil MODEL into a multiplexed model "
-                                           "(paths and sait come with the training issue).")] = "supervised",
+    mode: Annotated[str, typer.Option(help="supervised; paths (weight-shared retraining of a space of execution "
+                                           "paths); sait (dense/sparse token densities); multiplex (distil MODEL "
+                                           "into a multiplexed model).")] = "supervised",
     eval_data: Annotated[Path | None, typer.Option(help="Held-out dataset scored at the end.")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
@@ -425,16 +433,33 @@ def train_cmd(
                                                                      "exported model.")] = None,
     seed: Annotated[int, typer.Option(help="Seed: batch order, augmentation, initialisation.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 50,
+    class_weights: Annotated[str, typer.Option(help="segmentation: none, or median-freq (median frequency "
+                                                    "balancing, for class-averaged mIoU).")] = "none",
     mux: Annotated[int, typer.Option(help="multiplex: images per forward pass (N).")] = 2,
     arch: Annotated[str, typer.Option(help="multiplex: concatplexer or imagemux.")] = "concatplexer",
     patchifier_depth: Annotated[int, typer.Option(help="multiplex: ViT blocks run per image before muxing.")] = 1,
-    labels: Annotated[bool, typer.Option(help="multiplex: add label cross-entropy to the distillation.")] = True,
-    temperature: Annotated[float, typer.Option(help="multiplex: distillation temperature.")] = 2.0,
+    labels: Annotated[bool, typer.Option(help="paths, sait, multiplex: use the labels (--no-labels: distil from "
+                                              "the model as loaded, on images alone).")] = True,
+    temperature: Annotated[float | None, typer.Option(help="Distillation temperature (default 1 for paths and "
+                                                           "sait, 2 for multiplex).")] = None,
+    space: Annotated[str, typer.Option(help="paths: search space, a preset (default, small) or JSON file.")] = "small",
+    random_paths: Annotated[int, typer.Option(help="paths, sait: random paths per step besides the default "
+                                                   "and the smallest.")] = 2,
+    densities: Annotated[str, typer.Option(help="sait: token keep rates, comma-separated.")] = "0.8,0.7,0.6,0.5",
+    token_layers: Annotated[str | None, typer.Option(help="sait: blocks after which tokens are pruned, "
+                                                          "comma-separated (default: 1/4, 1/2, 3/4 of the depth).")
+                            ] = None,
+    token_distill: Annotated[float, typer.Option(help="sait: weight of the early token-selection "
+                                                      "distillation.")] = 1.0,
+    calibration: CalibOpt = None,
 ) -> None:
     """Train a model on a labelled dataset; resumable; exports a loadable model with a model card.
 
-    --mode multiplex trains a ConcatPlexer or Image Multiplexer initialised from MODEL's weights,
-    with MODEL as its teacher; attach the result with DynamicModel.add_multiplexer(OUT/model).
+    --mode paths and --mode sait retrain one set of weights for many execution paths (sandwich rule,
+    in-place distillation from the default path); --no-labels trains on images alone. --mode multiplex
+    trains a ConcatPlexer or Image Multiplexer initialised from MODEL's weights, with MODEL as its
+    teacher; attach the result with DynamicModel.add_multiplexer(OUT/model).
     """
     import time as _time
 
@@ -443,8 +468,8 @@ def train_cmd(
     from dynavit.models.configs import preset_config
     from dynavit.train.supervised import Recipe, export, train_supervised
 
-    if mode not in ("supervised", "multiplex"):
-        raise DynavitError(f"--mode {mode} is not available yet; use --mode supervised or multiplex")
+    if mode not in ("supervised", "paths", "sait", "multiplex"):
+        raise DynavitError(f"--mode {mode} does not exist; use supervised, paths, sait or multiplex")
     dataset = open_dataset(data)
     if model.startswith("config:"):
         cfg = preset_config(model.removeprefix("config:"))
@@ -455,17 +480,31 @@ def train_cmd(
         lm = from_config(cfg, seed=seed, source=model)
     else:
         lm = load(model)
+    if calibration is not None:
+        if not hasattr(lm, "load_calibration"):
+            raise DynavitError(f"{model} ({lm.family}) has no execution paths to calibrate; drop --calibration")
+        lm.load_calibration(calibration)
     if input_size:
         lm.input_size = tuple(input_size)
-    crop = tuple(crop or (lm.input_size if mode == "multiplex" else (256, 320)))
+    crop = tuple(crop or ((256, 320) if dataset.task == "segmentation" else lm.input_size))
     recipe = Recipe(steps=steps, batch_size=batch_size, lr=lr, crop=crop, seed=seed,
-                    checkpoint_every=checkpoint_every)
+                    checkpoint_every=checkpoint_every, warmup=warmup, class_weights=class_weights)
     t0 = _time.time()
     if mode == "multiplex":
         from dynavit.train.multiplex import train_multiplex_and_save
 
         train_multiplex_and_save(lm, dataset, out, recipe, arch=arch, mux=mux, patchifier_depth=patchifier_depth,
-                                 labels=labels, temperature=temperature, eval_data=eval_data, console=console)
+                                 labels=labels, temperature=temperature or 2.0, eval_data=eval_data, console=console)
+        return
+    if mode in ("paths", "sait"):
+        from dynavit.train.paths import train_paths_and_save
+
+        train_paths_and_save(lm, dataset, out, recipe, mode=mode, space=space, random_paths=random_paths,
+                             densities=_floats(densities, "--densities"),
+                             token_layers=None if token_layers is None else
+                             [int(v) for v in _floats(token_layers, "--token-layers")],
+                             token_distill=token_distill, labels=labels, temperature=temperature or 1.0,
+                             eval_data=eval_data, console=console)
         return
     res = train_supervised(lm, dataset, out, recipe, progress=sys.stderr.isatty())
     card = {"name": f"{model} trained on {data}", "data": f"{data} ({len(dataset)} images)",

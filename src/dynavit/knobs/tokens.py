@@ -25,6 +25,8 @@ Math:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -122,4 +124,24 @@ def threshold(x: torch.Tensor, scores: torch.Tensor, tau: float, state: TokenSta
     return torch.cat([x[:, :1], kept], dim=1), TokenState(valid=None if bool(valid.all()) else valid)
 
 
-__all__ = ["TokenState", "cls_attention", "merge", "prune", "threshold"]
+@contextmanager
+def recording_cls_attention(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the CLS attention (B, N-1) of every attention layer that runs, in order, with its graph.
+
+    For SaiT's token-selection distillation; ``model`` must have attention modules with a
+    ``record`` slot (dynavit's ViT family).
+    """
+    layers = [m for m in model.modules() if hasattr(m, "record") and hasattr(m, "qkv_parts")]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no CLS-token attention to record")
+    found: list[torch.Tensor] = []
+    for m in layers:
+        m.record = found
+    try:
+        yield found
+    finally:
+        for m in layers:
+            m.record = None
+
+
+__all__ = ["TokenState", "cls_attention", "merge", "prune", "recording_cls_attention", "threshold"]

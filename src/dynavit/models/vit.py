@@ -36,6 +36,7 @@ class Attention(nn.Module):
         self.o = o
         self.num_heads = num_heads
         self.head_dim = o.in_features // num_heads
+        self.record: list[torch.Tensor] | None = None  # CLS attention of each call, while recording
 
     def qkv_parts(self) -> list[tuple[nn.Linear, int]]:
         """(projection, row offset) of q, k and v: what calibration permutes per head."""
@@ -49,6 +50,8 @@ class Attention(nn.Module):
         q, k, v = (heads_of(x, lin, heads, self.head_dim, off) for lin, off in self.qkv_parts())
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         extra = None if token_op is None else k if token_op == "merge" else tokens.cls_attention(q, k, bias)
+        if self.record is not None:
+            self.record.append(extra if token_op in ("prune", "threshold") else tokens.cls_attention(q, k, bias))
         return merge_heads(out, self.o), extra
 
 

@@ -19,7 +19,7 @@ from dynavit.config import ExecConfig, resolve
 from dynavit.errors import DynavitError
 from dynavit.sweep import stats
 from dynavit.sweep.engine import CachedData, Evaluator, cache_dataset
-from dynavit.sweep.space import SearchSpace, load_space
+from dynavit.sweep.space import SearchSpace, calibrated_block_order, load_space
 from dynavit.sweep.store import ResultStore, Row
 from dynavit.sweep.strategies import Point, Score, make
 
@@ -194,10 +194,7 @@ def run_sweep(target: SweepTarget, *, space: str | Path | dict = "default", stra
         raise DynavitError(f"unknown backend {backend!r} (choose local or ray)")
     t0 = time.perf_counter()
     dm, data, evaluator, excluded = target.build(progress=progress)
-    calib = dm.calibration
-    kinds = {"skip_blocks": "block", "skip_attn": "attn", "skip_mlp": "mlp"}
-    orders = {k: calib.block_order(v) for k, v in kinds.items() if calib is not None and v in calib.block_kl}
-    search: SearchSpace = load_space(space, dm.space, orders)
+    search: SearchSpace = load_space(space, dm.space, calibrated_block_order(dm.calibration))
     strat = make(strategy, search.shape, budget, seed)
     summary = SweepSummary(Path(store), excluded_calibration_images=excluded, n_images=data.n)
     rs = ResultStore(store)

@@ -192,6 +192,14 @@ def preset(name: str, space: Space) -> dict[str, list[Any]]:
     return spec
 
 
+def calibrated_block_order(calibration: Any) -> dict[str, list[int]]:
+    """Least important blocks first, per skip knob, from a calibration (empty when uncalibrated)."""
+    if calibration is None:
+        return {}
+    kinds = {"skip_blocks": "block", "skip_attn": "attn", "skip_mlp": "mlp"}
+    return {k: calibration.block_order(v) for k, v in kinds.items() if v in calibration.block_kl}
+
+
 def load_space(spec: str | Path | dict[str, Any], space: Space, block_order: dict[str, list[int]] | None = None,
                ) -> SearchSpace:
     """A preset name, a JSON file, or a dict -> ``SearchSpace`` for a model with ``space``."""

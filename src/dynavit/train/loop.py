@@ -36,12 +36,15 @@ class Recipe:
     crop: tuple[int, int] = (256, 320)  # training crop (segmentation) or input size (classification)
     seed: int = 0
     checkpoint_every: int = 100
+    class_weights: str = "none"  # segmentation: "none" or "median-freq" (SegNet's median frequency balancing)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise DynavitError(f"steps and batch size must be at least 1 (got {self.steps}, {self.batch_size})")
         if not self.lr > 0:
             raise DynavitError(f"learning rate must be positive, got {self.lr}")
+        if self.class_weights not in ("none", "median-freq"):
+            raise DynavitError(f"class weights must be 'none' or 'median-freq', got {self.class_weights!r}")
 
 
 @dataclass

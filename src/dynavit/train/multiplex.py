@@ -1,8 +1,7 @@
 """Training a multiplexed model (ConcatPlexer / Image Multiplexer) by per-slot distillation.
 
 The single-image model is the teacher: each image's teacher logits are the target of its slot's
-output, ``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over images (Hinton et al.), mixed with
-cross-entropy on the labels when they are used: ``(1 - w) * KD + w * CE``. Without labels
+output (``distill.distill_loss``: KD mixed with cross-entropy on the labels when they are used). Without labels
 (``use_labels=False``) the images are only ever seen through the teacher, so any folder of
 unlabelled images trains the model.
 
@@ -15,48 +14,25 @@ are the shared ones (``loop.py``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
 from dynavit.multiplex.models import MuxModel
 from dynavit.train import augment, loop
+from dynavit.train.distill import Distill, distill_loss
 from dynavit.train.loop import Recipe, TrainResult
 from dynavit.train.supervised import classification_sampler
-
-
-@dataclass(frozen=True)
-class Distill:
-    temperature: float = 2.0
-    label_weight: float = 0.5  # w: share of the label cross-entropy when labels are used
-    use_labels: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise DynavitError(f"distillation temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.label_weight <= 1.0:
-            raise DynavitError(f"label weight must be in [0, 1], got {self.label_weight}")
 
 
 def slot_shuffle(batch: int, mux: int) -> torch.Tensor:
     """A permutation of ``range(batch)`` that reorders the images within each group of ``mux``."""
     order = torch.rand(batch // mux, mux).argsort(dim=1)
     return (order + torch.arange(0, batch, mux)[:, None]).flatten()
-
-
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, d: Distill
-                 ) -> torch.Tensor:
-    t = d.temperature
-    kd = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
-                  reduction="batchmean") * t * t
-    if labels is None or not d.use_labels:
-        return kd
-    return (1 - d.label_weight) * kd + d.label_weight * F.cross_entropy(student, labels)
 
 
 def train_multiplex(student: MuxModel, teacher: Any, dataset: Any, out: str | Path, recipe: Recipe,

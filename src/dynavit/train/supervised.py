@@ -1,7 +1,10 @@
 """Supervised training (classification or segmentation), resumable and deterministic.
 
 Recipe: AdamW, linear warm-up then polynomial decay (power 1.0), cross-entropy (void pixels
-ignored); segmentation logits are upsampled to the crop before the loss. The loop, its
+ignored); segmentation logits are upsampled to the crop before the loss. Optional median
+frequency balancing (Eigen & Fergus 2015, as SegNet trains on CamVid) weighs class c by
+median(freq) / freq(c): mIoU averages classes, and thin rare classes (poles, signs, cyclists)
+are otherwise drowned by road and sky. The loop, its
 determinism per (seed, step) and its atomic checkpoints are shared with the other trainers
 (``loop.py``).
 """
@@ -13,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +24,7 @@ from dynavit.errors import DynavitError
 from dynavit.train import augment, loop
 from dynavit.train.loop import Recipe, TrainResult
 
-__all__ = ["Recipe", "TrainResult", "export", "train_supervised"]
+__all__ = ["Recipe", "TrainResult", "export", "make_sampler", "median_frequency_weights", "train_supervised"]
 
 
 def _module(model: Any) -> torch.nn.Module:
@@ -55,6 +59,44 @@ def classification_sampler(dataset: Any, recipe: Recipe, mean: tuple, std: tuple
     return sample
 
 
+def make_sampler(model: Any, dataset: Any, recipe: Recipe,
+                 augmentation: Callable[..., torch.Tensor] = augment.classification_sample,
+                 ) -> Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """``sample(step, slot, index)`` for ``dataset``'s task, normalised with ``model``'s statistics.
+
+    Segmentation: random scale of the model's input size, crop ``recipe.crop``, flip, jitter.
+    Classification: ``augmentation`` (random-resized crop to ``recipe.crop`` by default).
+    """
+    mean, std = tuple(model.mean), tuple(model.std)
+    if dataset.task != "segmentation":
+        return classification_sampler(dataset, recipe, mean, std, augmentation)
+    base, ignore = tuple(model.input_size), getattr(dataset, "ignore_index", 255)
+
+    def sample(step: int, slot: int, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img, target = dataset.load(idx)
+        rng = loop.sample_rng(recipe.seed, step, slot)
+        return augment.segmentation_sample(img, target, recipe.crop, base, rng, mean, std, ignore)
+
+    return sample
+
+
+def median_frequency_weights(dataset: Any, num_classes: int) -> torch.Tensor:
+    """Per-class loss weights median(f) / f(c), f(c) = pixels of c / pixels of images containing c."""
+    pixels = np.zeros(num_classes, np.float64)
+    present = np.zeros(num_classes, np.float64)
+    for i in range(len(dataset)):
+        target = np.asarray(dataset.load(i)[1])
+        counts = np.bincount(target[(target >= 0) & (target < num_classes)].ravel(), minlength=num_classes)
+        pixels += counts
+        present += (counts > 0) * target.size
+    if (pixels == 0).any():
+        missing = [str(c) for c in np.flatnonzero(pixels == 0)]
+        raise DynavitError(f"classes {', '.join(missing)} never occur in the training labels; "
+                           "median-frequency weights need every class (use --class-weights none)")
+    freq = pixels / present
+    return torch.tensor(np.median(freq) / freq, dtype=torch.float32)
+
+
 def train_supervised(model: Any, dataset: Any, out: str | Path, recipe: Recipe, *, progress: bool = True,
                      workers: int = 2, stop_after: int | None = None,
                      augmentation: Callable[..., torch.Tensor] = augment.classification_sample) -> TrainResult:
@@ -68,23 +110,18 @@ def train_supervised(model: Any, dataset: Any, out: str | Path, recipe: Recipe, 
     module = _module(model)
     seg = dataset.task == "segmentation"
     ignore = getattr(dataset, "ignore_index", 255)
-    mean, std = tuple(model.mean), tuple(model.std)
     identity = {"data": str(getattr(dataset, "root", "?")), "n": len(dataset), "task": dataset.task}
-    if seg:
-        base = tuple(model.input_size)
+    sample = make_sampler(model, dataset, recipe, augmentation)
 
-        def sample(step: int, slot: int, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-            img, target = dataset.load(idx)
-            rng = loop.sample_rng(recipe.seed, step, slot)
-            return augment.segmentation_sample(img, target, recipe.crop, base, rng, mean, std, ignore)
-    else:
-        sample = classification_sampler(dataset, recipe, mean, std, augmentation)
+    weight = None
+    if seg and recipe.class_weights == "median-freq":
+        weight = median_frequency_weights(dataset, model.num_labels).to(next(module.parameters()).device)
 
     def loss(x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         logits = _forward(module, x)
         if seg:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits, y, ignore_index=ignore)
+        return F.cross_entropy(logits, y, weight=weight, ignore_index=ignore)
 
     return loop.run(module, dataset, out, recipe, identity, sample=sample, loss=loss, progress=progress,
                     workers=workers, stop_after=stop_after)

@@ -1,0 +1,246 @@
+"""Weight-shared retraining of execution paths (``--mode paths``) and SaiT dense/sparse training (``--mode sait``).
+
+One set of weights serves every path. Each step runs (sandwich rule, Yu & Huang's slimmable
+networks, as Once-For-All trains its sub-networks):
+- the **default path**: cross-entropy on the labels when they are used; without labels it is
+  distilled from a frozen copy of the model as it was before training, which is what keeps the
+  default path's accuracy while the other paths pull on the shared weights;
+- the **smallest path** and ``n_random`` **random paths**, each distilled in place from the
+  default path's outputs of the same step (detached): ``T^2 * KL(default || path)``.
+The losses are summed and one optimiser step follows, so labels are never required.
+
+SaiT (Li et al. 2022) is the same loop over token densities: the paths are EViT-style top-k
+prunings at fixed layers, one per keep rate, and the dense path is the default path (so skipping
+sparsification gives the dense model). Its third ingredient, distillation for early token
+selection, adds ``token_distill * mean_l KL(a_last || a_l)`` on the dense pass: the CLS attention
+``a_l`` that pruning layer ``l`` ranks tokens by learns to agree with the importance the last layer
+assigns (``a_last``, detached). At run time the keep rate, or a per-image threshold on cumulative
+CLS attention (``token_threshold``), is chosen on the fly.
+
+Segmentation models train the same way; their decoder BatchNorm keeps its running statistics
+(dynavit's forward runs it in eval mode), as is usual when fine-tuning with small batches.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dynavit.config import ExecConfig, resolve
+from dynavit.errors import DynavitError
+from dynavit.knobs.tokens import recording_cls_attention
+from dynavit.sweep.space import SearchSpace
+from dynavit.train import augment, loop
+from dynavit.train.distill import Distill, attention_kd, kd_loss
+from dynavit.train.loop import Recipe, TrainResult
+from dynavit.train.supervised import make_sampler
+
+
+@dataclass(frozen=True)
+class PathSet:
+    """The paths a run trains besides the default: the smallest one every step, plus random draws."""
+
+    smallest: ExecConfig
+    draw_one: Callable[[np.random.Generator], ExecConfig] = field(compare=False)
+    spec: dict[str, Any]  # JSON-able description: part of the run's identity
+    n_random: int = 2
+    token_layers: tuple[int, ...] = ()  # SaiT: the pruning layers whose token selection is distilled
+
+    def draw(self, rng: np.random.Generator) -> list[ExecConfig]:
+        return [self.smallest] + [self.draw_one(rng) for _ in range(self.n_random)]
+
+
+def space_paths(space: SearchSpace, n_random: int = 2) -> PathSet:
+    """Sandwich over a sweep's search space: the last (cheapest) level of every knob, plus random points."""
+    shape = space.shape
+
+    def one(rng: np.random.Generator) -> ExecConfig:
+        while True:  # any point but the default
+            point = [int(rng.integers(n)) for n in shape]
+            if any(point):
+                return space.config(point)
+
+    return PathSet(space.config([n - 1 for n in shape]), one, {"space": space.to_json()}, n_random)
+
+
+def token_paths(keeps: Sequence[float], layers: Sequence[int], n_random: int = 1) -> PathSet:
+    """SaiT's densities: top-k pruning after ``layers`` at each keep rate; the sparsest runs every step."""
+    keeps = sorted({float(k) for k in keeps})
+    if not keeps or not all(0 < k < 1 for k in keeps):
+        raise DynavitError(f"token densities must be in (0, 1), got {list(keeps)}")
+    if not layers:
+        raise DynavitError("SaiT needs at least one pruning layer (--token-layers)")
+    cfgs = [ExecConfig(token_method="prune", token_keep=k, token_layers=tuple(sorted(layers))) for k in keeps]
+    return PathSet(cfgs[0], lambda rng: cfgs[int(rng.integers(len(cfgs)))],
+                   {"token_keep": keeps, "token_layers": sorted(layers)}, n_random, tuple(sorted(layers)))
+
+
+def default_token_layers(num_blocks: int) -> tuple[int, ...]:
+    """Prune after blocks at 1/4, 1/2 and 3/4 of the depth (EViT prunes DeiT at 3 of 12 blocks)."""
+    return tuple(sorted({max(0, round(num_blocks * f) - 1) for f in (0.25, 0.5, 0.75)}))
+
+
+def _match(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Segmentation paths with another resolution give other logit sizes: resize to the teacher's."""
+    if student.ndim == 4 and student.shape[-2:] != target.shape[-2:]:
+        return F.interpolate(student, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    return student
+
+
+def _check(dm: Any, dataset: Any, paths: PathSet, use_labels: bool, token_distill: float) -> None:
+    if not hasattr(dm, "configure"):
+        raise DynavitError(f"{getattr(dm, 'source', 'this model')} has no execution paths to train")
+    if len(dataset) == 0:
+        raise DynavitError(f"{getattr(dataset, 'root', 'the dataset')} has no images to train on")
+    if dm.task != dataset.task:
+        raise DynavitError(f"a {dm.task} model cannot train on a {dataset.task} dataset")
+    if use_labels and dataset.num_classes != dm.num_labels:
+        raise DynavitError(f"the dataset has {dataset.num_classes} classes but the model predicts {dm.num_labels}; "
+                           "train without labels (--no-labels) or on a dataset with those classes")
+    for cfg in (paths.smallest, *(paths.draw_one(np.random.default_rng(i)) for i in range(4))):
+        resolve(cfg, dm.space)  # a path the model cannot run fails here, not at step 1
+    if token_distill and not dm.space.cls_token:
+        raise DynavitError("token-selection distillation needs a CLS-token ViT (its pruning reads CLS attention)")
+    if paths.token_layers and max(paths.token_layers) >= dm.space.num_blocks - 1:
+        raise DynavitError(f"pruning layers {list(paths.token_layers)} must be before the last block "
+                           f"({dm.space.num_blocks - 1})")
+
+
+def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: PathSet, *,
+                distill: Distill = Distill(temperature=1.0, use_labels=True), token_distill: float = 0.0,
+                progress: bool = True, workers: int = 2, stop_after: int | None = None,
+                augmentation: Callable[..., torch.Tensor] = augment.classification_sample) -> TrainResult:
+    """Train the weights ``dm`` shares between its paths, in place; resumable from ``out/checkpoint``.
+
+    ``distill.use_labels=False`` trains on images alone (any unlabelled folder works).
+    ``token_distill`` > 0 adds SaiT's early token-selection distillation at ``paths.token_layers``.
+    """
+    use_labels = distill.use_labels
+    _check(dm, dataset, paths, use_labels, token_distill)
+    default = ExecConfig()
+    dm.configure(default)
+    module = dm.module
+    teacher = None
+    if not use_labels:  # the model before training anchors the default path
+        teacher = copy.deepcopy(dm).configure(default)
+        for p in teacher.module.parameters():
+            p.requires_grad_(False)
+        teacher.module.eval()
+    ignore = getattr(dataset, "ignore_index", 255)
+    seg = dataset.task == "segmentation"
+    identity = {"data": str(getattr(dataset, "root", "?")), "n": len(dataset), "task": dataset.task,
+                "model": str(getattr(dm, "source", "?")), "paths": paths.spec, "n_random": paths.n_random,
+                "distill": asdict(distill), "token_distill": token_distill}
+    sample = make_sampler(dm, dataset, recipe, augmentation)
+    t = distill.temperature
+
+    def loss(x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        rng = np.random.default_rng([recipe.seed, step, 0x9A7])
+        dm.configure(default)
+        with recording_cls_attention(module) if token_distill else nullcontext() as record:
+            out = dm(x)
+        if use_labels:
+            logits = F.interpolate(out, size=y.shape[-2:], mode="bilinear", align_corners=False) if seg else out
+            total = F.cross_entropy(logits, y, ignore_index=ignore)
+        else:
+            with torch.no_grad():
+                target = teacher(x)
+            total = kd_loss(out, target, t)
+        if token_distill:
+            late = record[-1].detach()
+            total = total + token_distill * torch.stack(
+                [attention_kd(record[i], late) for i in paths.token_layers]).mean()
+        anchor = out.detach()
+        for cfg in paths.draw(rng):
+            dm.configure(cfg)
+            total = total + kd_loss(_match(dm(x), anchor), anchor, t)
+        dm.configure(default)
+        return total
+
+    desc = "train sait" if paths.token_layers else "train paths"
+    try:
+        return loop.run(module, dataset, out, recipe, identity, sample=sample, loss=loss, progress=progress,
+                        workers=workers, stop_after=stop_after, desc=desc)
+    finally:
+        dm.configure(default)
+
+
+def _score(dm: Any, data: Any, cfgs: dict[str, ExecConfig]) -> dict[str, tuple[float, float]]:
+    """(quality, GMACs per image) of each named path on ``data``: top-1 or mIoU."""
+    from dynavit.cost.flops import macs_per_image
+    from dynavit.evaluation import evaluate
+
+    probe = torch.zeros(1, 3, *dm.input_size)
+    scores = {}
+    for name, cfg in cfgs.items():
+        dm.configure(cfg)
+        ev = evaluate(dm, data, progress=False)
+        key = "miou" if "miou" in ev.metrics else "top1"
+        with torch.no_grad():
+            gmacs = sum(macs_per_image(dm.module, probe).values()) / 1e9
+        scores[name] = (ev.metrics[key]["value"], gmacs)
+    dm.configure(ExecConfig())
+    return scores
+
+
+def train_paths_and_save(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, *, mode: str, space: str = "small",
+                         random_paths: int = 2, densities: Sequence[float] = (0.8, 0.7, 0.6, 0.5),
+                         token_layers: Sequence[int] | None = None, token_distill: float = 1.0, labels: bool = True,
+                         temperature: float = 1.0, eval_data: str | Path | None = None, console: Any = None) -> Path:
+    """What ``dynavit train --mode paths|sait`` does: score before, train, score after, export with a card."""
+    import json
+    import sys
+    import time
+
+    from dynavit.sweep.space import calibrated_block_order, load_space
+    from dynavit.train.supervised import export
+
+    if not hasattr(dm, "configure"):
+        raise DynavitError(f"{getattr(dm, 'source', 'this model')} has no execution paths to train")
+    if mode == "paths":
+        paths = space_paths(load_space(space, dm.space, calibrated_block_order(dm.calibration)), random_paths)
+        token_distill = 0.0
+    else:
+        paths = token_paths(densities, token_layers or default_token_layers(dm.space.num_blocks), random_paths)
+    out = Path(out)
+    named = {"default": ExecConfig(), "smallest": paths.smallest}
+    held_out = None
+    before: dict[str, tuple[float, float]] = {}
+    if eval_data is not None:
+        from dynavit.data import open_dataset
+
+        held_out = open_dataset(eval_data)
+        before = _score(dm, held_out, named)
+    t0 = time.time()
+    res = train_paths(dm, dataset, out, recipe, paths, distill=Distill(temperature, use_labels=labels),
+                      token_distill=token_distill, progress=sys.stderr.isatty())
+    card = {"name": f"{dm.source}, {mode} training", "data": f"{getattr(dataset, 'root', '?')} ({len(dataset)} "
+            f"images, labels {'used' if labels else 'not used'})", "paths": json.dumps(paths.spec),
+            "smallest path": paths.smallest.to_json(), "recipe": json.dumps(recipe.__dict__),
+            "token-selection distillation weight": token_distill, "temperature": temperature,
+            "command": " ".join(sys.argv), "wall time (this call)": f"{time.time() - t0:.0f} s",
+            "final loss": f"{res.losses[-1]:.4f}" if res.losses else "n/a (already trained)"}
+    if dm.calibration is not None:
+        card["calibration"] = "applied before training; the exported weights are in importance order"
+    if held_out is not None:
+        after = _score(dm, held_out, named)
+        for name in named:
+            (q0, g), (q1, _) = before[name], after[name]
+            card[f"held-out {name} path"] = f"{q0:.4f} before, {q1:.4f} after ({g:.3f} GMACs/image) on {eval_data}"
+            if console is not None:
+                console.print(f"{name} path ({g:.3f} GMACs): {q0:.4f} before -> {q1:.4f} after")
+    folder = export(dm, out / "model", card)
+    if console is not None:
+        console.print(f"wrote {folder} (load it with dynavit.load)")
+    return folder
+
+
+__all__ = ["PathSet", "default_token_layers", "space_paths", "token_paths", "train_paths", "train_paths_and_save"]
