@@ -303,6 +303,25 @@ def test_train_command_multiplex(tmp_path) -> None:
     dm = load(tmp_path / "vit")
     dm.add_multiplexer(tmp_path / "run" / "model")
     assert logits(dm.configure(mux=2), images(3)).shape == (3, LABELS)
+    # the sweep command measures the mux path beside the single-image ones; the server loads the same models
+    (tmp_path / "space.json").write_text('{"mux": [1, 2], "mlp_width": [1.0, 0.5]}')
+    store = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", str(tmp_path / "vit"), "--data", str(tmp_path / "data"), "--store", str(store),
+                              "--space", str(tmp_path / "space.json"), "--strategy", "grid", "--latency-repeats", "2",
+                              "--multiplexer", str(tmp_path / "run" / "model")])
+    assert res.exit_code == 0, res.output
+    from dynavit.serve import load_for_store
+    from dynavit.sweep.store import ResultStore
+
+    with ResultStore(store, readonly=True) as rs:
+        rows = {r.config: r for r in rs.rows()}
+        assert " mux2:" in rs.meta["model_fingerprint"]
+    # the multiplexed model has no width knob: that combination is counted invalid, not measured
+    assert set(rows) == {ExecConfig(), ExecConfig(mux=2), ExecConfig(mlp_width=0.5)}
+    assert rows[ExecConfig(mux=2)].macs < 0.8 * rows[ExecConfig()].macs  # 3 blocks, 1 per image: 0.74x
+    served, ctrl = load_for_store(None, store)
+    assert 2 in served.multiplexers and ctrl.entries
+    assert logits(served.configure(mux=2), images(4)).shape == (4, LABELS)
     for extra, message in ((["--batch-size", "3"], "not a multiple of mux=2"), (["--mux", "1"], "mux=1"),
                            (["--arch", "mimo"], "arch='mimo'")):
         res = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--steps", "1", *extra])

@@ -168,6 +168,9 @@ def sweep_cmd(
     latency_repeats: Annotated[int, typer.Option(help="Batch-1 latency samples per config.")] = 20,
     reuse_prefix: Annotated[bool, typer.Option(help="Reuse activations of shared leading blocks.")] = True,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip and count unreadable images.")] = False,
+    multiplexer: Annotated[list[Path] | None, typer.Option(
+        help="A multiplexed model folder (dynavit train --mode multiplex) for configs with mux=N; "
+             "repeatable. Add a mux knob to the space, e.g. {\"mux\": [1, 2]}.")] = None,
 ) -> None:
     """Measure quality and cost of many execution paths; store each row; print the Pareto front."""
     from dynavit.sweep.run import SweepTarget, run_sweep
@@ -175,7 +178,7 @@ def sweep_cmd(
     target = SweepTarget(model=model, data=str(data), layout=layout,
                          calibration=str(calibration) if calibration else None, limit=limit, skip_bad=skip_bad,
                          batch_size=batch_size, device=device, seed=seed, latency_repeats=latency_repeats,
-                         reuse_prefix=reuse_prefix)
+                         reuse_prefix=reuse_prefix, multiplexers=tuple(str(m) for m in multiplexer or ()))
     s = run_sweep(target, space=space if not Path(space).is_file() else Path(space), strategy=strategy,
                   budget=budget, store=store, backend=backend, address=address, workers=workers, seed=seed,
                   progress=sys.stderr.isatty())

@@ -9,6 +9,7 @@ model and are selected by ``ExecConfig(mux=N)``, like variants.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,11 @@ class DynamicModel(LoadedModel):
     # ---- configuration -----------------------------------------------------------------------
     @property
     def space(self) -> Space:
-        return self.module.space
+        """The current model's knobs; ``max_mux`` counts the attached multiplexed models."""
+        space = self.module.space
+        if self.multiplexers and space.max_mux == 1:
+            space = dataclasses.replace(space, max_mux=max(self.multiplexers))
+        return space
 
     @property
     def exec_config(self) -> ExecConfig:

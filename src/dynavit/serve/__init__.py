@@ -7,7 +7,7 @@ from typing import Any
 
 
 def load_for_store(model: str | None, store: str | Path, device: str = "cpu") -> tuple[Any, Any]:
-    """The model as the store's sweep measured it (same calibration) and its controller."""
+    """The model as the store's sweep measured it (same calibration, same multiplexed models) and its controller."""
     from dynavit.errors import DynavitError
     from dynavit.models import load
     from dynavit.runtime import Controller
@@ -22,4 +22,6 @@ def load_for_store(model: str | None, store: str | Path, device: str = "cpu") ->
         raise DynavitError(f"{store} was measured on {meta.get('model')}, not on {dm.source}")
     if target.get("calibration"):
         dm.load_calibration(target["calibration"])
+    for folder in target.get("multiplexers") or ():
+        dm.add_multiplexer(folder)
     return dm, Controller.from_store(store, model=dm)

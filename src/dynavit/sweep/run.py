@@ -42,6 +42,10 @@ class SweepTarget:
     latency_repeats: int = 20
     reuse_prefix: bool = True
     measure_latency: bool = True
+    multiplexers: tuple[str, ...] = ()  # folders of multiplexed models, run by configs with mux=N
+
+    def __post_init__(self) -> None:
+        self.multiplexers = tuple(str(m) for m in self.multiplexers)  # a list when read back from the store
 
     def build(self, *, progress: bool = False) -> tuple[Any, CachedData, Evaluator, int]:
         """(model, cached data, evaluator, number of calibration images left out)."""
@@ -62,6 +66,8 @@ class SweepTarget:
                 keep = [i for i in range(len(dataset)) if file_sha1(dataset.path(i)) not in used]
                 excluded = len(dataset) - len(keep)
                 dataset = dataset.subset(keep)
+        for folder in self.multiplexers:
+            dm.add_multiplexer(folder)
         dataset = dataset.limit(self.limit)
         data = cache_dataset(dm, dataset, batch_size=self.batch_size, skip_bad=self.skip_bad, progress=progress)
         ev = Evaluator(dm, data, latency_repeats=self.latency_repeats, reuse_prefix=self.reuse_prefix,
@@ -73,9 +79,12 @@ def identity(target: SweepTarget, dm: Any, data: CachedData) -> dict[str, Any]:
     from dynavit.calibrate import fingerprint
 
     calib = dm.calibration
+    model_fp = calib.fingerprint if calib is not None and calib.fingerprint else fingerprint(dm.module)
+    # mux=N rows are measured on the attached multiplexed models: they are part of what was measured
+    model_fp += "".join(f" mux{n}:{fingerprint(m)}" for n, m in sorted(dm.multiplexers.items()))
     return {
         "model": str(dm.source),
-        "model_fingerprint": calib.fingerprint if calib is not None and calib.fingerprint else fingerprint(dm.module),
+        "model_fingerprint": model_fp,
         "calibration": calib.identity() if calib is not None else "none",
         "dataset_fingerprint": f"{data.fingerprint()} ({data.n} images)",
         "task": data.task,
