@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=None, help="score only this many images (smoke runs)")
     ap.add_argument("--mac-probe", type=int, default=250, help="images whose MACs are averaged for adaptive paths")
+    ap.add_argument("--variant", default="", help="a name for a recipe variant: its own run folder and doc section")
     ap.add_argument("--out", type=Path, default=Path("out/bench-train-paths"))
     args = ap.parse_args()
     deit = args.setting == "deit"
@@ -169,7 +170,7 @@ def main() -> None:
     before = measure(dm, cfgs, x, y, args.mac_probe)
     recipe = Recipe(steps=steps, batch_size=batch, lr=lr, warmup=max(1, steps // 10), crop=dm.input_size,
                     seed=args.seed, checkpoint_every=20)
-    tag = "" if deit else "fashion-"  # the DeiT runs keep the folder names of their first version
+    tag = ("" if deit else "fashion-") + (f"{args.variant}-" if args.variant else "")
     t0 = time.perf_counter()
     res = train_paths(dm, train_set, args.out / f"{tag}{args.arm}", recipe, paths,
                       distill=Distill(temperature=1.0, use_labels=use_labels), token_distill=token_distill,
@@ -201,12 +202,13 @@ def main() -> None:
     lines += ["", f"Default path after training agrees with the original on {100 * agree:.1f} % of the images."]
     body = "\n".join(lines)
     print(body)
-    cmd = f"`.venv/bin/python benchmarks/train_paths.py --setting {args.setting} --arm {args.arm}`"
+    cmd = f"`.venv/bin/python {' '.join(sys.argv)}`"
+    name = f"{args.setting}-{args.arm}" + (f"-{args.variant}" if args.variant else "")
     if args.eval_limit is None:
-        write_section(f"train-{args.setting}-{args.arm}", f"Training: {args.setting}, {args.arm}",
+        write_section(f"train-{name}", f"Training: {args.setting}, {args.arm} {args.variant}".rstrip(),
                       f"Date: {time.strftime('%Y-%m-%d')}. Command: {cmd}.\n\n{body}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.setting}-{args.arm}.json").write_text(json.dumps({
+    (args.out / f"{name}.json").write_text(json.dumps({
         "command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
         "device": device_name(torch.device("cpu")), "versions": versions(), "train_seconds": train_s,
         "train_losses": res.losses, "rows": rows, "default_agreement": agree}, indent=2))

@@ -178,3 +178,30 @@ def test_train_command_paths_and_sait(mode, tmp_path) -> None:
     card = (tmp_path / "run" / "model" / "README.md").read_text()
     assert "held-out smallest path" in card and "labels not used" in card
     assert dynavit.load(tmp_path / "run" / "model").num_labels == LABELS
+
+
+def test_unlabelled_folder_trains_label_free_and_is_refused_otherwise(tmp_path) -> None:
+    from PIL import Image
+
+    from dynavit.data import UnlabelledImages, open_dataset
+    from dynavit.train.supervised import train_supervised
+
+    data = Shapes(8)
+    for i in range(8):  # photos at two depths, no class structure, no labels
+        folder = tmp_path / "photos" / ("a" if i < 4 else "") / ""
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.arrays[i]).save(folder / f"{i}.jpg")
+    (tmp_path / "photos" / "a" / "notes.txt").write_text("not an image")
+    ds = open_dataset(tmp_path / "photos")
+    assert isinstance(ds, UnlabelledImages) and len(ds) == 8 and ds.task == "unlabelled"
+    assert ds.load(0)[1] == -1
+    dm = dyn()
+    res = train_paths(dm, ds, tmp_path / "run", RECIPE, token_paths([0.5], [1]),
+                      distill=Distill(use_labels=False), progress=False, stop_after=2)
+    assert len(res.losses) == 2
+    with pytest.raises(DynavitError, match="--no-labels"):
+        train_paths(dm, ds, tmp_path / "run2", RECIPE, token_paths([0.5], [1]), progress=False)
+    with pytest.raises(DynavitError, match="has no labels"):
+        train_supervised(dm, ds, tmp_path / "run3", RECIPE, progress=False)
+    both = UnlabelledImages.from_paths([ds.path(0), ds.path(5)])
+    assert len(both) == 2 and both.load(1)[1] == -1

@@ -350,7 +350,8 @@ class ClassFoldersDataset(ClassificationDataset):
 
     @classmethod
     def matches(cls, root: Path) -> bool:
-        return any(_has_images(d, recursive=True) for d in _subfolders(root))
+        # images loose in the root belong to no class: such a folder is not a class-folders dataset
+        return not _has_images(root) and any(_has_images(d, recursive=True) for d in _subfolders(root))
 
     def _scan(self) -> tuple[Sequence[str], list[Path], list[Any]]:
         folders = _subfolders(self.root)
@@ -475,9 +476,42 @@ class ADE20KDataset(SegmentationDataset):
 # ----------------------------------------------------------------------------- entry point
 
 # Detection order matters: specific layouts first, the permissive class-folders last.
+class UnlabelledImages(ImageDataset):
+    """Image files at any depth, no labels: for label-free training (distillation needs only images).
+
+    Detected last, so a folder that matches a labelled layout keeps its labels. Targets are -1.
+    """
+
+    layout = "images"
+    task = "unlabelled"
+    expects = "image files (at any depth); no labels"
+
+    @classmethod
+    def matches(cls, root: Path) -> bool:
+        return _has_images(root, recursive=True)
+
+    @classmethod
+    def from_paths(cls, paths: Iterable[str | Path], root: str | Path = "images") -> UnlabelledImages:
+        """The given files as one unlabelled dataset (e.g. images gathered from several datasets)."""
+        new = cls.__new__(cls)
+        new.split, new.root = None, Path(root)
+        new.class_names, new.num_classes = [], 0
+        new._images = [Path(p) for p in paths]
+        new._targets = [-1] * len(new._images)
+        return new
+
+    def _scan(self) -> tuple[Sequence[str], list[Path], list[Any]]:
+        images = list_images(self.root, recursive=True)
+        return [], images, [-1] * len(images)
+
+    def _target(self, i: int, img: Image.Image) -> int:
+        return -1
+
+
 LAYOUTS: dict[str, type[ImageDataset]] = {
     cls.layout: cls
-    for cls in (ImageNetFlatDataset, CamVidDataset, CityscapesDataset, ADE20KDataset, ClassFoldersDataset)
+    for cls in (ImageNetFlatDataset, CamVidDataset, CityscapesDataset, ADE20KDataset, ClassFoldersDataset,
+                UnlabelledImages)
 }
 
 

@@ -100,8 +100,11 @@ def _check(dm: Any, dataset: Any, paths: PathSet, use_labels: bool, token_distil
         raise DynavitError(f"{getattr(dm, 'source', 'this model')} has no execution paths to train")
     if len(dataset) == 0:
         raise DynavitError(f"{getattr(dataset, 'root', 'the dataset')} has no images to train on")
-    if dm.task != dataset.task:
-        raise DynavitError(f"a {dm.task} model cannot train on a {dataset.task} dataset")
+    if use_labels and dataset.task == "unlabelled":
+        raise DynavitError(f"{getattr(dataset, 'root', 'the dataset')} has no labels; train on it with --no-labels")
+    if dataset.task not in (dm.task, "unlabelled") and use_labels:
+        raise DynavitError(f"a {dm.task} model cannot train on the labels of a {dataset.task} dataset; "
+                           "use --no-labels to train on its images alone")
     if use_labels and dataset.num_classes != dm.num_labels:
         raise DynavitError(f"the dataset has {dataset.num_classes} classes but the model predicts {dm.num_labels}; "
                            "train without labels (--no-labels) or on a dataset with those classes")
@@ -135,7 +138,7 @@ def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: P
             p.requires_grad_(False)
         teacher.module.eval()
     ignore = getattr(dataset, "ignore_index", 255)
-    seg = dataset.task == "segmentation"
+    seg = dm.task == "segmentation"
     identity = {"data": str(getattr(dataset, "root", "?")), "n": len(dataset), "task": dataset.task,
                 "model": str(getattr(dm, "source", "?")), "paths": paths.spec, "n_random": paths.n_random,
                 "distill": asdict(distill), "token_distill": token_distill}

@@ -40,6 +40,9 @@ def _forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _check(model: Any, dataset: Any) -> None:
     if len(dataset) == 0:
         raise DynavitError(f"{getattr(dataset, 'root', 'the dataset')} has no images to train on")
+    if dataset.task == "unlabelled":
+        raise DynavitError(f"{getattr(dataset, 'root', 'the dataset')} has no labels; supervised training needs "
+                           "them (--mode paths, sait or multiplex with --no-labels train on images alone)")
     if model.task != dataset.task:
         raise DynavitError(f"a {model.task} model cannot train on a {dataset.task} dataset")
     if dataset.num_classes != model.num_labels:
@@ -68,12 +71,16 @@ def make_sampler(model: Any, dataset: Any, recipe: Recipe,
     Classification: ``augmentation`` (random-resized crop to ``recipe.crop`` by default).
     """
     mean, std = tuple(model.mean), tuple(model.std)
-    if dataset.task != "segmentation":
+    task = model.task if dataset.task == "unlabelled" else dataset.task  # images alone: augment as the model needs
+    if task != "segmentation":
         return classification_sampler(dataset, recipe, mean, std, augmentation)
     base, ignore = tuple(model.input_size), getattr(dataset, "ignore_index", 255)
+    ignore = ignore if ignore >= 0 else 255  # unlabelled images: the void value of the blank label maps
 
     def sample(step: int, slot: int, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         img, target = dataset.load(idx)
+        if not isinstance(target, np.ndarray):  # no label map: an all-void one keeps the crops aligned
+            target = np.full((img.height, img.width), ignore, np.int64)
         rng = loop.sample_rng(recipe.seed, step, slot)
         return augment.segmentation_sample(img, target, recipe.crop, base, rng, mean, std, ignore)
 
