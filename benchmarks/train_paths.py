@@ -40,7 +40,7 @@ import dynavit
 from dynavit.assets import assets_dir, deit_tiny_source
 from dynavit.config import ExecConfig
 from dynavit.cost.flops import macs_per_image
-from dynavit.data import open_dataset
+from dynavit.data import UnlabelledImages, open_dataset
 from dynavit.errors import DynavitError
 from dynavit.sweep import stats
 from dynavit.sweep.engine import device_name, versions
@@ -107,9 +107,16 @@ def deit_setting(args: argparse.Namespace):
     x = torch.stack([dm.transform(img) for img, _ in pairs])
     y = torch.tensor([t for _, t in pairs])
     calib = [data.load(i)[0] for i in train_idx[:64]]
-    what = (f"DeiT-tiny, label-free: {len(train_idx)} ImageNet sample images (no labels) to train, the other "
+    files = [data.path(i) for i in train_idx]
+    extra = ""
+    if args.extra_camvid:  # more unlabelled photos: every CamVid frame (road scenes, not ImageNet classes)
+        folders = [UnlabelledImages(root / "camvid" / split / "images") for split in ("train", "val")]
+        frames = [f.path(i) for f in folders for i in range(len(f))]
+        files += frames
+        extra = f" plus {len(frames)} CamVid frames"
+    what = (f"DeiT-tiny, label-free: {len(train_idx)} ImageNet sample images{extra} (no labels) to train, the other "
             f"{len(x)} with labels to score")
-    return dm, data.subset(train_idx), x, y, calib, False, what, functools.partial(augment.classification_sample)
+    return dm, UnlabelledImages.from_paths(files), x, y, calib, False, what, augment.classification_sample
 
 
 def fashion_setting(args: argparse.Namespace):
@@ -144,6 +151,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="deit 5e-5, fashion 2e-4")
     ap.add_argument("--base-steps", type=int, default=4000, help="fashion: steps of the from-scratch ViT")
     ap.add_argument("--token-distill", type=float, default=1.0)
+    ap.add_argument("--extra-camvid", action="store_true", help="deit: add the 468 CamVid frames as unlabelled images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=None, help="score only this many images (smoke runs)")
     ap.add_argument("--mac-probe", type=int, default=250, help="images whose MACs are averaged for adaptive paths")
