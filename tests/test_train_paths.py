@@ -205,3 +205,19 @@ def test_unlabelled_folder_trains_label_free_and_is_refused_otherwise(tmp_path) 
         train_supervised(dm, ds, tmp_path / "run3", RECIPE, progress=False)
     both = UnlabelledImages.from_paths([ds.path(0), ds.path(5)])
     assert len(both) == 2 and both.load(1)[1] == -1
+
+
+def test_segmentation_paths_train_label_free_over_pixels(assets, tmp_path) -> None:
+    """SegFormer paths (decoder width, resolution) distil per pixel; other resolutions are resized to match."""
+    from test_train import tiny_segformer
+
+    from dynavit.data import UnlabelledImages
+
+    frames = UnlabelledImages(assets / "camvid" / "val" / "images").subset(range(6))
+    dm = tiny_segformer()
+    space = build_space({"decoder_width": [1.0, 0.5], "resolution": [None, (32, 64)]}, dm.space)
+    recipe = Recipe(steps=2, batch_size=2, lr=1e-3, warmup=1, crop=(64, 80), seed=1)
+    res = train_paths(dm, frames, tmp_path, recipe, space_paths(space, n_random=1),
+                      distill=Distill(temperature=1.0, use_labels=False), progress=False)
+    assert len(res.losses) == 2 and all(np.isfinite(res.losses))
+    assert dm.exec_config == ExecConfig()  # left on the default path

@@ -429,7 +429,9 @@ def train_cmd(
     eval_data: Annotated[Path | None, typer.Option(help="Held-out dataset scored at the end.")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up, polynomial decay).")] = 6e-4,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW, warm-up, polynomial decay); default "
+                                                  "6e-4, or 1e-5 for paths and sait (they fine-tune a trained "
+                                                  "model, whose default path must keep its accuracy).")] = None,
     crop: Annotated[tuple[int, int] | None, typer.Option(
         help="Training crop (H W); default 256 320 (supervised), the model's input size (multiplex).")] = None,
     input_size: Annotated[tuple[int, int] | None, typer.Option(help="Evaluation input size (H W) of the "
@@ -490,6 +492,7 @@ def train_cmd(
     if input_size:
         lm.input_size = tuple(input_size)
     crop = tuple(crop or ((256, 320) if dataset.task == "segmentation" else lm.input_size))
+    lr = lr or (1e-5 if mode in ("paths", "sait") else 6e-4)
     recipe = Recipe(steps=steps, batch_size=batch_size, lr=lr, crop=crop, seed=seed,
                     checkpoint_every=checkpoint_every, warmup=warmup, class_weights=class_weights)
     t0 = _time.time()
