@@ -456,7 +456,7 @@ def train_cmd(
                                                           "comma-separated (default: 1/4, 1/2, 3/4 of the depth).")
                             ] = None,
     token_distill: Annotated[float, typer.Option(help="sait: weight of the early token-selection "
-                                                      "distillation.")] = 1.0,
+                                                      "distillation.")] = 0.1,
     calibration: CalibOpt = None,
 ) -> None:
     """Train a model on a labelled dataset; resumable; exports a loadable model with a model card.

@@ -196,7 +196,7 @@ def _score(dm: Any, data: Any, cfgs: dict[str, ExecConfig]) -> dict[str, tuple[f
 
 def train_paths_and_save(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, *, mode: str, space: str = "small",
                          random_paths: int = 2, densities: Sequence[float] = (0.8, 0.7, 0.6, 0.5),
-                         token_layers: Sequence[int] | None = None, token_distill: float = 1.0, labels: bool = True,
+                         token_layers: Sequence[int] | None = None, token_distill: float = 0.1, labels: bool = True,
                          temperature: float = 1.0, eval_data: str | Path | None = None, console: Any = None) -> Path:
     """What ``dynavit train --mode paths|sait`` does: score before, train, score after, export with a card."""
     import json
