@@ -466,12 +466,11 @@ def train_cmd(
     trains a ConcatPlexer or Image Multiplexer initialised from MODEL's weights, with MODEL as its
     teacher; attach the result with DynamicModel.add_multiplexer(OUT/model).
     """
-    import time as _time
 
     from dynavit.data import open_dataset
     from dynavit.models import from_config, load
     from dynavit.models.configs import preset_config
-    from dynavit.train.supervised import Recipe, export, train_supervised
+    from dynavit.train.supervised import Recipe, export, run_card, train_supervised
 
     if mode not in ("supervised", "paths", "sait", "multiplex"):
         raise DynavitError(f"--mode {mode} does not exist; use supervised, paths, sait or multiplex")
@@ -495,7 +494,6 @@ def train_cmd(
     lr = lr or (1e-5 if mode in ("paths", "sait") else 6e-4)
     recipe = Recipe(steps=steps, batch_size=batch_size, lr=lr, crop=crop, seed=seed,
                     checkpoint_every=checkpoint_every, warmup=warmup, class_weights=class_weights)
-    t0 = _time.time()
     if mode == "multiplex":
         from dynavit.train.multiplex import train_multiplex_and_save
 
@@ -513,10 +511,7 @@ def train_cmd(
                              eval_data=eval_data, console=console)
         return
     res = train_supervised(lm, dataset, out, recipe, progress=sys.stderr.isatty())
-    card = {"name": f"{model} trained on {data}", "data": f"{data} ({len(dataset)} images)",
-            "recipe": json.dumps(recipe.__dict__), "command": " ".join(sys.argv),
-            "wall time (this call)": f"{_time.time() - t0:.0f} s", "final loss": f"{res.losses[-1]:.4f}"
-            if res.losses else "n/a (already trained)"}
+    card = {"name": f"{model} trained on {data}", **run_card(dataset, recipe, res)}
     if eval_data is not None:
         from dynavit.evaluation import evaluate
 

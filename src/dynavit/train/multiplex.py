@@ -26,7 +26,7 @@ from dynavit.multiplex.models import MuxModel
 from dynavit.train import augment, loop
 from dynavit.train.distill import Distill, distill_loss
 from dynavit.train.loop import Recipe, TrainResult
-from dynavit.train.supervised import classification_sampler
+from dynavit.train.supervised import classification_sampler, run_card
 
 
 def slot_shuffle(batch: int, mux: int) -> torch.Tensor:
@@ -79,20 +79,15 @@ def train_multiplex_and_save(teacher: Any, dataset: Any, out: str | Path, recipe
     """What ``dynavit train --mode multiplex`` does: build from the teacher's weights, train, score, save."""
     import json
     import sys
-    import time
 
     from dynavit.multiplex import build, save_multiplexer
 
     out = Path(out)
     student = build(teacher, arch, mux, patchifier_depth)
-    t0 = time.time()
     res = train_multiplex(student, teacher, dataset, out, recipe, Distill(temperature, use_labels=labels),
                           progress=sys.stderr.isatty())
     card = {"name": f"{arch} N={mux} distilled from {teacher.source}", "spec": json.dumps(student.spec()),
-            "teacher": str(teacher.source), "data": f"{getattr(dataset, 'root', '?')} ({len(dataset)} images, "
-            f"labels {'used' if labels else 'not used'})", "recipe": json.dumps(recipe.__dict__),
-            "command": " ".join(sys.argv), "wall time (this call)": f"{time.time() - t0:.0f} s",
-            "final loss": f"{res.losses[-1]:.4f}" if res.losses else "n/a (already trained)"}
+            "teacher": str(teacher.source), **run_card(dataset, recipe, res, labels)}
     if eval_data is not None:
         from dynavit.data import open_dataset
         from dynavit.evaluation import evaluate

@@ -201,10 +201,9 @@ def train_paths_and_save(dm: Any, dataset: Any, out: str | Path, recipe: Recipe,
     """What ``dynavit train --mode paths|sait`` does: score before, train, score after, export with a card."""
     import json
     import sys
-    import time
 
     from dynavit.sweep.space import calibrated_block_order, load_space
-    from dynavit.train.supervised import export
+    from dynavit.train.supervised import export, run_card
 
     if not hasattr(dm, "configure"):
         raise DynavitError(f"{getattr(dm, 'source', 'this model')} has no execution paths to train")
@@ -222,15 +221,11 @@ def train_paths_and_save(dm: Any, dataset: Any, out: str | Path, recipe: Recipe,
 
         held_out = open_dataset(eval_data)
         before = _score(dm, held_out, named)
-    t0 = time.time()
     res = train_paths(dm, dataset, out, recipe, paths, distill=Distill(temperature, use_labels=labels),
                       token_distill=token_distill, progress=sys.stderr.isatty())
-    card = {"name": f"{dm.source}, {mode} training", "data": f"{getattr(dataset, 'root', '?')} ({len(dataset)} "
-            f"images, labels {'used' if labels else 'not used'})", "paths": json.dumps(paths.spec),
-            "smallest path": paths.smallest.to_json(), "recipe": json.dumps(recipe.__dict__),
-            "token-selection distillation weight": token_distill, "temperature": temperature,
-            "command": " ".join(sys.argv), "wall time (this call)": f"{time.time() - t0:.0f} s",
-            "final loss": f"{res.losses[-1]:.4f}" if res.losses else "n/a (already trained)"}
+    card = {"name": f"{dm.source}, {mode} training", **run_card(dataset, recipe, res, labels),
+            "paths": json.dumps(paths.spec), "smallest path": paths.smallest.to_json(),
+            "token-selection distillation weight": str(token_distill), "temperature": str(temperature)}
     if dm.calibration is not None:
         card["calibration"] = "applied before training; the exported weights are in importance order"
     if held_out is not None:

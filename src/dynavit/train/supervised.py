@@ -24,7 +24,8 @@ from dynavit.errors import DynavitError
 from dynavit.train import augment, loop
 from dynavit.train.loop import Recipe, TrainResult
 
-__all__ = ["Recipe", "TrainResult", "export", "make_sampler", "median_frequency_weights", "train_supervised"]
+__all__ = ["Recipe", "TrainResult", "export", "make_sampler", "median_frequency_weights", "run_card",
+           "train_supervised"]
 
 
 def _module(model: Any) -> torch.nn.Module:
@@ -132,6 +133,17 @@ def train_supervised(model: Any, dataset: Any, out: str | Path, recipe: Recipe, 
 
     return loop.run(module, dataset, out, recipe, identity, sample=sample, loss=loss, progress=progress,
                     workers=workers, stop_after=stop_after)
+
+
+def run_card(dataset: Any, recipe: Recipe, result: TrainResult, labels: bool | None = None) -> dict[str, str]:
+    """The model-card fields every trainer records: data, recipe, command, wall time, final loss."""
+    import sys
+
+    used = "" if labels is None else f", labels {'used' if labels else 'not used'}"
+    return {"data": f"{getattr(dataset, 'root', '?')} ({len(dataset)} images{used})",
+            "recipe": json.dumps(recipe.__dict__), "command": " ".join(sys.argv),
+            "wall time (this call)": f"{result.seconds:.0f} s",
+            "final loss": f"{result.losses[-1]:.4f}" if result.losses else "n/a (already trained)"}
 
 
 def export(model: Any, folder: str | Path, card: dict[str, Any]) -> Path:
