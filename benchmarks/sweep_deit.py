@@ -49,6 +49,56 @@ def single_knob(label: str) -> bool:
     return label != "default" and ";" not in label
 
 
+def menu_tables(rows: list, base, metric: str, task: str = "classification") -> list[str]:
+    """Markdown: the MAC Pareto front, the best config at each MAC saving, the largest saving at each
+    quality drop, and composed configs against the best single knob (shared by the sweep benchmarks)."""
+    front = pareto(rows, "macs")
+    lines = [f"Pareto front ({metric} vs MACs; * = not significantly dominated, paired bootstrap):", "",
+             f"| config | {metric} % | Δ pts [paired 95% CI] | GMACs | MACs saved | latency p50 ms | img/s |",
+             "|---|---|---|---|---|---|---|"]
+    for i in front.front:
+        r = front.rows[i]
+        lines.append(f"| {'*' if i in front.plausible else ''}{r.label} | {100 * r.quality:.1f} | "
+                     f"{100 * r.delta:+.1f} [{100 * r.delta_lo:+.1f}, {100 * r.delta_hi:+.1f}] | "
+                     f"{r.macs / 1e9:.3f} | {100 * (1 - r.macs / base.macs):.1f} % | {r.latency_p50_ms:.1f} | "
+                     f"{r.images_per_s:.0f} |")
+    lines += ["", f"Best config at each MAC saving (highest {metric} among configs with at least that saving):", "",
+              f"| MACs saved >= | config | {metric} % | Δ pts [paired 95% CI] | MACs saved | latency vs default |",
+              "|---|---|---|---|---|---|"]
+    for saving in (0.2, 0.3, 0.35, 0.4, 0.5):
+        fits = [r for r in rows if r.macs <= (1 - saving) * base.macs]
+        if not fits:
+            continue
+        r = max(fits, key=lambda r: r.quality)
+        lines.append(f"| {int(saving * 100)} % | {r.label} | {100 * r.quality:.1f} | {100 * r.delta:+.1f} "
+                     f"[{100 * r.delta_lo:+.1f}, {100 * r.delta_hi:+.1f}] | {100 * (1 - r.macs / base.macs):.1f} % | "
+                     f"{r.latency_p50_ms / base.latency_p50_ms:.2f}x |")
+    lines += ["", f"Largest MAC saving at each {metric} drop (point estimate of the paired Δ):", "",
+              f"| drop <= | config | {metric} % | Δ pts [paired 95% CI] | MACs saved | latency vs default |",
+              "|---|---|---|---|---|---|"]
+    for drop in (0.005, 0.01, 0.015, 0.03):
+        fits = [r for r in rows if r.delta >= -drop]
+        r = min(fits, key=lambda r: r.macs)
+        lines.append(f"| {100 * drop:g} pt | {r.label} | {100 * r.quality:.1f} | {100 * r.delta:+.1f} "
+                     f"[{100 * r.delta_lo:+.1f}, {100 * r.delta_hi:+.1f}] | {100 * (1 - r.macs / base.macs):.1f} % | "
+                     f"{r.latency_p50_ms / base.latency_p50_ms:.2f}x |")
+    lines += ["", "Composed configs against the best single knob at matched MACs (the best of each kind within "
+              "the MAC budget; Δ = composed − single, paired):", "",
+              "| MAC budget | best single knob | best composed | Δ pts [paired 95% CI] |",
+              "|---|---|---|---|"]
+    for frac in (0.9, 0.8, 0.7, 0.65, 0.6, 0.5):
+        fits = [r for r in rows if r.macs <= frac * base.macs]
+        singles = [r for r in fits if single_knob(r.label)]
+        composed = [r for r in fits if ";" in r.label]
+        if not singles or not composed:
+            continue
+        s, c = max(singles, key=lambda r: r.quality), max(composed, key=lambda r: r.quality)
+        d, lo, hi = stats.paired_delta(c.per_image, s.per_image, task)
+        lines.append(f"| {frac:.2f} x default | {s.label} ({100 * s.quality:.1f}) | {c.label} ({100 * c.quality:.1f}) "
+                     f"| {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=100)
@@ -95,7 +145,6 @@ def main() -> None:
     with ResultStore(store, readonly=True) as rs:
         rows, meta = rs.rows(), rs.meta
     base = next(r for r in rows if r.config.is_default)
-    front = pareto(rows, "macs")
     lines = [
         f"Machine: {device_name(next(dm.module.parameters()).device)}; {dt.date.today()}; "
         f"command: `.venv/bin/python benchmarks/sweep_deit.py --budget {args.budget}`.",
@@ -123,42 +172,8 @@ def main() -> None:
         f"Default: top-1 {100 * base.quality:.1f} % [{100 * base.quality_lo:.1f}, {100 * base.quality_hi:.1f}], "
         f"{base.macs / 1e9:.3f} GMACs, {base.latency_p50_ms:.1f} ms batch 1.",
         "",
-        "Pareto front (top-1 vs MACs; * = not significantly dominated, paired bootstrap):",
-        "",
-        "| config | top-1 % | Δ pts [paired 95% CI] | GMACs | MACs saved | latency p50 ms | img/s @32 |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for i in front.front:
-        r = front.rows[i]
-        lines.append(f"| {'*' if i in front.plausible else ''}{r.label} | {100 * r.quality:.1f} | "
-                     f"{100 * r.delta:+.1f} [{100 * r.delta_lo:+.1f}, {100 * r.delta_hi:+.1f}] | "
-                     f"{r.macs / 1e9:.3f} | {100 * (1 - r.macs / base.macs):.1f} % | {r.latency_p50_ms:.1f} | "
-                     f"{r.images_per_s:.0f} |")
-    lines += ["", "Best config at each MAC saving (highest top-1 among configs with at least that saving):", "",
-              "| MACs saved >= | config | top-1 % | Δ pts [paired 95% CI] | MACs saved | latency vs default |",
-              "|---|---|---|---|---|---|"]
-    for saving in (0.2, 0.3, 0.35, 0.4, 0.5):
-        fits = [r for r in rows if r.macs <= (1 - saving) * base.macs]
-        if not fits:
-            continue
-        r = max(fits, key=lambda r: r.quality)
-        lines.append(f"| {int(saving * 100)} % | {r.label} | {100 * r.quality:.1f} | {100 * r.delta:+.1f} "
-                     f"[{100 * r.delta_lo:+.1f}, {100 * r.delta_hi:+.1f}] | {100 * (1 - r.macs / base.macs):.1f} % | "
-                     f"{r.latency_p50_ms / base.latency_p50_ms:.2f}x |")
-    lines += ["", "Composed configs against the best single knob at matched MACs (the best of each kind within "
-              "the MAC budget; Δ = composed − single, paired):", "",
-              "| MAC budget | best single knob (top-1 %) | best composed (top-1 %) | Δ pts [paired 95% CI] |",
-              "|---|---|---|---|"]
-    for frac in (0.9, 0.8, 0.7, 0.65, 0.6, 0.5):
-        fits = [r for r in rows if r.macs <= frac * base.macs]
-        singles = [r for r in fits if single_knob(r.label)]
-        composed = [r for r in fits if ";" in r.label]
-        if not singles or not composed:
-            continue
-        s, c = max(singles, key=lambda r: r.quality), max(composed, key=lambda r: r.quality)
-        d, lo, hi = stats.paired_delta(c.per_image, s.per_image, "classification")
-        lines.append(f"| {frac:.2f} x default | {s.label} ({100 * s.quality:.1f}) | {c.label} ({100 * c.quality:.1f}) "
-                     f"| {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
+    lines += menu_tables(rows, base, "top-1")
     body = "\n".join(lines)
     write_section("sweep-deit", "Sweep: DeiT-tiny accuracy-MACs menu (ImageNet samples)", body)
     print(body)

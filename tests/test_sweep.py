@@ -43,6 +43,27 @@ def test_space_expands_sugar_and_puts_default_first(vit_space) -> None:
     assert s.size == 12
 
 
+def test_segformer_resolution_levels_keep_the_models_aspect_ratio() -> None:
+    from dynavit.models.configs import segformer_config
+    from dynavit.sweep.space import preset
+
+    dm = from_config(segformer_config("b0", num_labels=11), seed=0)
+    dm.input_size = (352, 480)  # a CamVid model: its default path runs at 352x480, not the config's 512x512
+    assert dm.space.default_resolution == (352, 480)
+    levels = preset("default", dm.space)["resolution"]
+    assert levels[0] == 352 and all(v % 32 == 0 for v in levels)
+    s = build_space({"resolution": levels}, dm.space)
+    sizes = [lv.get("resolution") for lv in s.knobs[0].levels]
+    assert sizes[0] is None  # 352 is the default: no change
+    for h, w in sizes[1:]:
+        assert h < 352 and w % 32 == 0 and abs(w / h - 480 / 352) < 0.1
+    assert (256, 352) in sizes
+    x = torch.randn(1, 3, 352, 480)
+    dm.configure(s.config((len(sizes) - 1,)))
+    with torch.inference_mode():
+        assert dm(x).shape[-2:] == (256 // 4, 352 // 4)  # SegFormer logits at 1/4 of the input it ran at
+
+
 def test_space_without_calibration_skips_the_last_blocks(vit_space) -> None:
     s = build_space({"skip_blocks": [0, 2]}, vit_space)
     assert s.knobs[0].levels[1] == {"skip_blocks": (10, 11)}

@@ -40,6 +40,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(camvid, tmp_path) -> None:
     model = tiny_segformer()  # a fresh process: new model, weights come from the checkpoint
     rest = train_supervised(model, camvid, tmp_path / "b", RECIPE, progress=False)
     assert rest.resumed_from == 3 and rest.losses == whole.losses[3:]
+    assert rest.total_seconds > rest.seconds > 0  # the first call's training time carries over
     a = checkpoint.load(tmp_path / "a" / "checkpoint", tiny_segformer().reference)
     assert a["step"] == 6 and a["losses"] == whole.losses
 
@@ -110,3 +111,23 @@ def test_train_command_exports_a_loadable_model(assets, tmp_path) -> None:
     assert again.returncode == 0 and "already trained" in (out / "model" / "README.md").read_text()
     bad = subprocess.run([*args, "--mode", "bogus"], capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_half_export_is_half_the_bytes_and_loads_as_fp32(tmp_path) -> None:
+    import dynavit
+    from dynavit.train.supervised import export
+
+    lm = tiny_segformer()
+    lm.input_size = (64, 96)
+    export(lm, tmp_path / "fp32", {"name": "tiny"})
+    export(lm, tmp_path / "fp16", {"name": "tiny"}, half=True)
+    size = {k: (tmp_path / k / "model.safetensors").stat().st_size for k in ("fp32", "fp16")}
+    assert size["fp16"] < 0.55 * size["fp32"]
+    back = dynavit.load(tmp_path / "fp16")
+    assert all(p.dtype == torch.float32 for p in back.module.parameters())
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, got = lm(x), back(x)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-2 * ref.abs().max().item())  # fp16 rounding of the weights only
+    assert not torch.equal(got, ref)  # the weights really were rounded

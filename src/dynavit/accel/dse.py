@@ -326,7 +326,7 @@ def markdown_table(ex: Exploration) -> str:
         for d in ex.drops:
             a = s["at_drop"][f"{100 * d:g}"]
             cells.append(f"{100 * a['energy_saving']:.1f}% / {100 * a['latency_saving']:.1f}% "
-                         f"({a['drop_pts']:.1f} pt, {a['energy_uj']:.1f} uJ)")
+                         f"(Δ {-a['drop_pts']:+.1f} pt, {a['energy_uj']:.1f} uJ)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

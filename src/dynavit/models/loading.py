@@ -178,7 +178,8 @@ def _load_hf(name: str, *, local: bool) -> LoadedModel:
         raise DynavitError(_hub_error(name, e, local)) from None
     model_cls = _hf_model_class(config)
     try:
-        module = model_cls.from_pretrained(name, config=config).eval()
+        # fp32 whatever the stored dtype: fp16 checkpoints (e.g. committed small models) run on CPU too
+        module = model_cls.from_pretrained(name, config=config, dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise DynavitError(_hub_error(name, e, local)) from None
     preprocessor: dict[str, Any] = {}

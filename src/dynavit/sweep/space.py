@@ -111,8 +111,7 @@ def _expand_level(knob: str, level: Any, space: Space, block_order: dict[str, li
     if changes.get("token_layers") == "all":
         changes["token_layers"] = tuple(range(space.num_blocks))
     if "resolution" in changes and changes["resolution"] is not None:
-        r = changes["resolution"]
-        r = (r, r) if isinstance(r, int) else tuple(r)
+        r = _level_resolution(changes["resolution"], space)
         changes["resolution"] = None if r == tuple(space.default_resolution) else r
     # drop changes that equal the default, so equal configs get equal keys
     default = ExecConfig()
@@ -155,6 +154,18 @@ def build_space(spec: dict[str, Sequence[Any]], space: Space, block_order: dict[
     if not knobs:
         raise ConfigError("the search space is empty: every knob has only the default level")
     return SearchSpace(tuple(knobs))
+
+
+def _level_resolution(r: Any, space: Space) -> tuple[int, int]:
+    """A resolution level: (H, W) as given, or an int height that keeps the default aspect ratio
+    (a 352x480 CamVid model's level 256 is 256x352, not a square)."""
+    if not isinstance(r, int) or isinstance(r, bool):
+        return tuple(r)
+    h, w = space.default_resolution
+    if h == w:
+        return r, r
+    m = space.size_multiple
+    return r, max(m, round(r * w / h / m) * m)
 
 
 def _resolutions(space: Space, scales: Sequence[float]) -> list[int]:

@@ -54,6 +54,7 @@ class TrainResult:
     resumed_from: int
     losses: list[float] = field(default_factory=list)  # one per step run by this call
     seconds: float = 0.0
+    total_seconds: float | None = None  # training time over every call of the run (None: an older checkpoint)
 
 
 def lr_at(step: int, r: Recipe) -> float:
@@ -95,7 +96,7 @@ def run(module: torch.nn.Module, dataset: Any, out: str | Path, recipe: Recipe, 
     out.mkdir(parents=True, exist_ok=True)
     opt = optimizer(module, recipe)
     identity = {"recipe": asdict(recipe), **identity}
-    start, history = 0, []
+    start, history, before = 0, [], 0.0
     ck = out / "checkpoint"
     if checkpoint.exists(ck):
         state = checkpoint.load(ck, module, opt)
@@ -103,6 +104,7 @@ def run(module: torch.nn.Module, dataset: Any, out: str | Path, recipe: Recipe, 
             raise DynavitError(f"{ck} belongs to another run ({state.get('identity')}); use another --out "
                                "or delete it")
         start, history = int(state["step"]), list(state.get("losses", []))
+        before = state.get("train_seconds") if start else 0.0  # absent: written before it was recorded
     end = recipe.steps if stop_after is None else min(recipe.steps, start + stop_after)
     device = next(module.parameters()).device
     result = TrainResult(out, recipe.steps, start)
@@ -139,9 +141,12 @@ def run(module: torch.nn.Module, dataset: Any, out: str | Path, recipe: Recipe, 
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr_at(step, recipe):.2e}")
                 done = step + 1
                 if done % recipe.checkpoint_every == 0 or done == end:
-                    checkpoint.save(ck, module, opt, {"step": done, "identity": identity, "losses": history})
+                    spent = None if before is None else before + time.perf_counter() - t0
+                    checkpoint.save(ck, module, opt, {"step": done, "identity": identity, "losses": history,
+                                                      "train_seconds": spent})
     finally:
         bar.close()
         module.eval()
     result.seconds = time.perf_counter() - t0
+    result.total_seconds = None if before is None else before + result.seconds
     return result

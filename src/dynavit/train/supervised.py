@@ -143,14 +143,22 @@ def run_card(dataset: Any, recipe: Recipe, result: TrainResult, labels: bool | N
     return {"data": f"{getattr(dataset, 'root', '?')} ({len(dataset)} images{used})",
             "recipe": json.dumps(recipe.__dict__), "command": " ".join(sys.argv),
             "wall time (this call)": f"{result.seconds:.0f} s",
+            "training time (all calls)": "not recorded (resumed from an older checkpoint)"
+            if result.total_seconds is None else f"{result.total_seconds:.0f} s",
             "final loss": f"{result.losses[-1]:.4f}" if result.losses else "n/a (already trained)"}
 
 
-def export(model: Any, folder: str | Path, card: dict[str, Any]) -> Path:
-    """Save as a Hugging Face folder that ``dynavit.load`` reads, with a markdown model card."""
+def export(model: Any, folder: str | Path, card: dict[str, Any], *, half: bool = False) -> Path:
+    """Save as a Hugging Face folder that ``dynavit.load`` reads, with a markdown model card.
+
+    ``half`` stores the floating-point weights as fp16 (half the bytes, e.g. to commit a small
+    model); ``dynavit.load`` brings them back as fp32, so CPU inference is unaffected.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _module(model).save_pretrained(folder, safe_serialization=True)
+    module = _module(model)
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in module.state_dict().items()}
+    module.save_pretrained(folder, state_dict=state, safe_serialization=True)
     h, w = model.input_size
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "size": {"height": h, "width": w}, "image_mean": list(model.mean), "image_std": list(model.std),
