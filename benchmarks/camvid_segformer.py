@@ -1,8 +1,8 @@
 """CamVid SegFormer-B0: the committed model, its mIoU menu over execution paths (issue 5) and its
 paths on four modelled accelerator designs (issue 7).
 
-0. ``--from-run DIR``: write the model that ``dynavit train`` exported to ``DIR/model`` to
-   ``--model`` as fp16 safetensors (what is committed under ``models/``), card included.
+0. ``--from-run DIR [DIR2]``: write the model that ``dynavit train`` exported to the last ``DIR/model`` to
+   ``--model`` as fp16 safetensors (what is committed under ``models/``), each stage's card included.
 1. Calibrate on 64 CamVid *train* images (every 6th); sweep the 101 *val* images: NSGA-II over the
    default space (resolution, MLP width, attention/MLP skips, decoder width and branches), then the
    greedy strategy's single-knob curves into the same store. Reruns resume the store.
@@ -42,12 +42,15 @@ from dynavit.train.supervised import export
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def commit_model(run: Path, dst: Path) -> None:
-    """fp16 copy of a finished run's exported model, with its card and the size noted."""
-    lm = dynavit.load(run / "model")
-    card = dict(re.findall(r"^- \*\*(.+?)\*\*: (.*)$", (run / "model" / "README.md").read_text(), re.M))
-    card = {"name": f"SegFormer-B0 trained from scratch on CamVid by dynavit ({run.name})", **card,
-            "weights": "fp16 safetensors (dynavit.load returns fp32); reproduce with the command above"}
+def commit_model(runs: list[Path], dst: Path) -> None:
+    """fp16 copy of the last run's exported model; the card lists every stage (each run's card)."""
+    lm = dynavit.load(runs[-1] / "model")
+    card: dict[str, str] = {"name": "SegFormer-B0 trained from scratch on CamVid train by dynavit"}
+    for i, run in enumerate(runs, 1):
+        stage = dict(re.findall(r"^- \*\*(.+?)\*\*: (.*)$", (run / "model" / "README.md").read_text(), re.M))
+        prefix = f"stage {i} " if len(runs) > 1 else ""
+        card.update({f"{prefix}{k}": v for k, v in stage.items()})
+    card["weights"] = "fp16 safetensors (dynavit.load returns fp32); the commands above reproduce them"
     if dst.exists():
         shutil.rmtree(dst)
     export(lm, dst, card, half=True)
@@ -69,7 +72,7 @@ def calibrate(model: Path, out: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "segformer-b0-camvid")
-    ap.add_argument("--from-run", type=Path, default=None)
+    ap.add_argument("--from-run", type=Path, nargs="+", default=None, help="training run folder(s), in order")
     ap.add_argument("--budget", type=int, default=40, help="NSGA-II configs")
     ap.add_argument("--greedy-budget", type=int, default=30, help="greedy configs (stored rows are reused)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench-camvid")
