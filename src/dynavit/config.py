@@ -58,6 +58,7 @@ class Space:
     default_resolution: tuple[int, int] = (224, 224)
     variants: tuple[str, ...] = ()
     max_mux: int = 1  # images per pass the model was trained to multiplex (1: not multiplexed)
+    any_resolution: bool = False  # fully convolutional: the default path runs at the model's input size
 
     def describe(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

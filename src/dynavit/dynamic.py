@@ -80,8 +80,7 @@ class DynamicModel(LoadedModel):
     def space(self) -> Space:
         """The current model's knobs; ``max_mux`` counts the attached multiplexed models."""
         space = self.module.space
-        if space.family == "segformer" and tuple(self.input_size) != space.default_resolution:
-            # fully convolutional: its default path runs at whatever size the model is used at
+        if space.any_resolution and tuple(self.input_size) != space.default_resolution:
             space = dataclasses.replace(space, default_resolution=tuple(self.input_size))
         if self.multiplexers and space.max_mux == 1:
             space = dataclasses.replace(space, max_mux=max(self.multiplexers))

@@ -187,7 +187,7 @@ class DynSegformer(FamilyModel):
             family="segformer", num_blocks=len(self.blocks), heads=tuple(a.num_heads for a in attn),
             head_dim=tuple(a.head_dim for a in attn), mlp_hidden=tuple(b.mlp.fc1.out_features for b in self.blocks),
             cls_token=False, decoder_width=self.decoder.width, decoder_branches=self.decoder.num_branches,
-            size_multiple=math.prod(cfg.strides), default_resolution=(512, 512),
+            size_multiple=math.prod(cfg.strides), default_resolution=(512, 512), any_resolution=True,
         )
         self.set_plan(self.default_plan())
 
