@@ -1,19 +1,22 @@
 """Trace-driven run of the budget controller on DeiT-tiny (real inferences on this CPU).
 
-Uses the store written by ``benchmarks/sweep_deit.py``. Two runs of 400 frames:
+Uses the store written by ``benchmarks/sweep_deit.py``; before each run the controller re-measures its
+candidate menu here (``Controller.from_store(..., probe=x)``). For each thread count, 400 frames:
 1. a random-walk trace whose budgets vary over 4x: misses and top-1 of the controller against
-   always-default, always-smallest, the best static config for the median budget, and the oracle;
+   always-default, always-smallest, the best static config for the median budget, the oracle, and the
+   controller on the store's menu without profiling;
 2. the same with a competing CPU load started half-way: the corrected controller against the
    uncorrected one.
 Writes the ``simulate`` section of docs/benchmarks.md and docs/img/simulate_load.png:
 
-    .venv/bin/python benchmarks/simulate_deit.py [--frames 400]
+    .venv/bin/python benchmarks/simulate_deit.py [--frames 400] [--threads 2 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,33 +64,60 @@ def main() -> None:
     ap.add_argument("--store", type=Path, default=ROOT / "out" / "bench-sweep" / "deit-tiny.db")
     ap.add_argument("--frames", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=3, help="runs of the no-load trace (the machine is noisy)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="CPU threads; one table each")
+    ap.add_argument("--profile-runs", type=int, default=30, help="rounds of the menu profile before each run")
     args = ap.parse_args()
     with ResultStore(args.store, readonly=True) as rs:
         target = SweepTarget(**rs.last_target())
     dm, data, _, _ = target.build()
     frames = data.frames()
-    ctrl = Controller.from_store(args.store, model=dm)
-    lo, hi = default_bounds(ctrl)
-    budgets = make_trace("random-walk", args.frames, lo, hi, seed=0)
-    runs = [simulate(dm, Controller.from_store(args.store, model=dm), frames, budgets, progress=False)
-            for _ in range(args.repeats)]
-    ctrl2 = Controller.from_store(args.store, model=dm)
-    loaded = simulate(dm, ctrl2, frames, budgets, load_at=0.5,
-                      policies=("controller", "uncorrected", "oracle", "static"), progress=False)
-    plot_trace(loaded, ROOT / "docs" / "img" / "simulate_load.png")
-    lines = [f"Machine: {device_name(torch.device('cpu'))}; {dt.date.today()}; command: "
-             f"`.venv/bin/python benchmarks/simulate_deit.py --frames {args.frames}`.", "",
-             f"Menu: the {len(ctrl.entries)}-config Pareto front (by batch-1 latency p95) of the DeiT-tiny sweep "
-             f"store; frames: the sweep's {len(frames)} held-out ImageNet sample photos, one per frame, batch 1. "
-             f"Budgets: a random walk in log space between {lo:.1f} and {hi:.1f} ms (4x). Each policy makes its "
-             "own pass over the trace (as deployed: nothing else runs between its frames); the oracle runs every "
-             "path on each frame and keeps the most accurate one that fitted. A miss is a measured forward time "
-             "above the frame's budget.", ""]
-    lines += repeated(runs, f"No competing load ({args.frames} frames, {args.repeats} runs of the same trace; "
-                            "median and range over runs):")
-    lines += table(loaded, f"Competing load from frame {loaded.load_frame}: a second process multiplying "
-                           "matrices on one core, busy half of every 10 ms:")
-    lines += ["![budget and latency per frame under load](img/simulate_load.png)"]
+    probe = frames[0][0]
+
+    def profiled() -> Controller:  # as deployed: the menu re-measured at start-up
+        return Controller.from_store(args.store, model=dm, probe=probe, runs=args.profile_runs)
+
+    cmd = "`.venv/bin/python benchmarks/simulate_deit.py " + " ".join(sys.argv[1:]) + "`"
+    stored = Controller.from_store(args.store, model=dm)
+    lines = [f"Machine: {device_name(torch.device('cpu'))}; {dt.date.today()}; command: {cmd}.", "",
+             f"Frames: the sweep's {len(frames)} held-out ImageNet sample photos, one per frame, batch 1. Menu: "
+             f"at the start of each run the controller re-measures its candidates ({args.profile_runs} shuffled "
+             "rounds): the Pareto fronts of the DeiT-tiny sweep store by MACs and by stored latency together, and "
+             "keeps the front by the p95 it measured (`Controller.from_store(..., probe=x)`). The *stored menu* "
+             f"row is the controller on the store's own latency front ({len(stored.entries)} configs, as measured "
+             "during the sweep) with no profiling. Budgets: a random walk in log space over 4x, from 1.2x the "
+             "cheapest measured path's p95. Each policy makes its own pass over the trace (as deployed: nothing "
+             "else runs between its frames); the oracle runs every path on each frame and keeps the most accurate "
+             "one that fitted. A miss is a measured forward time above the frame's budget.", ""]
+    loaded = None
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        runs, menus = [], []
+        for _ in range(args.repeats):
+            ctrl = profiled()
+            if not menus:
+                lo, hi = default_bounds(ctrl)
+                budgets = make_trace("random-walk", args.frames, lo, hi, seed=0)
+            menus.append(len(ctrl.entries))
+            run = simulate(dm, ctrl, frames, budgets, progress=False)
+            base = simulate(dm, Controller.from_store(args.store, model=dm), frames, budgets,
+                            policies=("controller",), progress=False)
+            run.policies["stored menu"] = base.policies["controller"]
+            runs.append(run)
+        lines += repeated(runs, f"**{threads} thread{'s' if threads > 1 else ''}**, no competing load "
+                                f"({args.frames} frames, budgets {lo:.1f}-{hi:.1f} ms, {args.repeats} runs of the "
+                                f"same trace, menus of {'/'.join(map(str, menus))} configs; median and range over "
+                                "runs):")
+        if threads == args.threads[0]:
+            ctrl = profiled()
+            loaded = simulate(dm, ctrl, frames, budgets, load_at=0.5,
+                              policies=("controller", "uncorrected", "oracle", "static"), progress=False)
+            plot_trace(loaded, ROOT / "docs" / "img" / "simulate_load.png")
+            load_title = (f"{threads} thread{'s' if threads > 1 else ''}, competing load from frame "
+                          f"{loaded.load_frame}: a second process multiplying matrices on one core, busy half of "
+                          "every 10 ms:")
+    if loaded is not None:
+        lines += table(loaded, load_title)
+        lines += ["![budget and latency per frame under load](img/simulate_load.png)"]
     body = "\n".join(lines)
     write_section("simulate", "Budget controller on a trace (DeiT-tiny, CPU)", body)
     print(body)

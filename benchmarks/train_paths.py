@@ -14,6 +14,12 @@ start from the same weights, calibrated on 64 training images.
 - ``sait``: keep rates 0.8/0.7/0.6/0.5 pruned after 3 blocks at 1/4, 1/2, 3/4 of the depth (EViT's
   placement), early token-selection distillation; scored at fixed keep rates and per-image thresholds.
 - ``paths``: the space below (resolution, MLP width, heads, MLP skips), sandwich rule.
+- ``dense``: the control: the same steps, recipe and labels on the default path alone (plain
+  supervised training), scored on the SaiT paths. It separates what restarting the optimiser costs
+  from what the other paths' pull costs.
+
+With labels the default path's loss is ``(1 - w) * KD(model as loaded) + w * CE`` (``--label-weight w``,
+default 1: labels only). ``--default-weight`` scales the default path's loss against each other path's.
 
     flock /tmp/dynavit-bench.lock .venv/bin/python benchmarks/train_paths.py --setting deit --arm sait
     flock /tmp/dynavit-bench.lock .venv/bin/python benchmarks/train_paths.py --setting fashion --arm paths
@@ -63,7 +69,7 @@ def paths_space(resolution: int) -> dict:
 
 def eval_configs(arm: str, smallest: ExecConfig, layers: tuple[int, ...], resolution: int) -> dict[str, ExecConfig]:
     cfgs = {"default": ExecConfig()}
-    if arm == "sait":
+    if arm in ("sait", "dense"):
         for k in KEEPS:
             cfgs[f"keep {k}"] = ExecConfig(token_method="prune", token_keep=k, token_layers=layers)
         for t in TAUS:
@@ -145,12 +151,16 @@ def fashion_setting(args: argparse.Namespace):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--setting", choices=("deit", "fashion"), default="deit")
-    ap.add_argument("--arm", choices=("sait", "paths"), required=True)
+    ap.add_argument("--arm", choices=("sait", "paths", "dense"), required=True)
     ap.add_argument("--steps", type=int, default=None, help="path training steps (deit 200, fashion 600)")
     ap.add_argument("--batch-size", type=int, default=None, help="deit 16, fashion 128")
     ap.add_argument("--lr", type=float, default=None, help="deit 1e-5, fashion 2e-4")
     ap.add_argument("--base-steps", type=int, default=4000, help="fashion: steps of the from-scratch ViT")
     ap.add_argument("--token-distill", type=float, default=0.1)
+    ap.add_argument("--default-weight", type=float, default=1.0,
+                    help="weight of the default path's loss against each other path's")
+    ap.add_argument("--label-weight", type=float, default=1.0,
+                    help="with labels: CE share of the default path's loss (the rest: KD from the model as loaded)")
     ap.add_argument("--extra-camvid", action="store_true", help="deit: add the 468 CamVid frames as unlabelled images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=None, help="score only this many images (smoke runs)")
@@ -168,7 +178,7 @@ def main() -> None:
 
     layers = default_token_layers(dm.space.num_blocks)
     resolution = dm.space.default_resolution[0]
-    if args.arm == "sait":
+    if args.arm in ("sait", "dense"):
         paths = token_paths(KEEPS, layers, n_random=1)
         token_distill = args.token_distill
     else:
@@ -180,19 +190,33 @@ def main() -> None:
                     seed=args.seed, checkpoint_every=20)
     tag = ("" if deit else "fashion-") + (f"{args.variant}-" if args.variant else "")
     t0 = time.perf_counter()
-    res = train_paths(dm, train_set, args.out / f"{tag}{args.arm}", recipe, paths,
-                      distill=Distill(temperature=1.0, use_labels=use_labels), token_distill=token_distill,
-                      progress=sys.stderr.isatty(), augmentation=aug)
-    train_s = time.perf_counter() - t0
+    if args.arm == "dense":
+        if not use_labels:
+            raise DynavitError("the dense control trains with labels (--setting fashion)")
+        res = train_supervised(dm, train_set, args.out / f"{tag}{args.arm}", recipe, progress=sys.stderr.isatty(),
+                               augmentation=aug)
+    else:
+        res = train_paths(dm, train_set, args.out / f"{tag}{args.arm}", recipe, paths,
+                          distill=Distill(1.0, args.label_weight, use_labels), token_distill=token_distill,
+                          default_weight=args.default_weight, progress=sys.stderr.isatty(), augmentation=aug)
+    train_s = res.total_seconds or time.perf_counter() - t0  # every call of a resumed run
     after = measure(dm, cfgs, x, y, args.mac_probe)
 
     full = before["default"]["macs"]
-    lines = [f"{what}. `--mode {args.arm}`: {steps} steps x {batch}, lr {lr}, {train_s / 60:.1f} min on "
+    how = ("supervised training of the default path alone (the control)" if args.arm == "dense"
+           else f"`--mode {args.arm}`")
+    w = args.label_weight
+    anchor = ("" if args.arm == "dense" or not use_labels or w == 1 else
+              f" Default path loss: {1 - w:g} x KD from the model as loaded + {w:g} x CE.")
+    if args.arm != "dense" and args.default_weight != 1:
+        anchor += f" The default path's loss is weighted {args.default_weight:g}x against each other path's."
+    lines = [f"{what}. {how}: {steps} steps x {batch}, lr {lr}, {train_s / 60:.1f} min on "
              f"{device_name(torch.device('cpu'))}. Token layers {list(layers)}. Top-1 % with bootstrap 95 % CI; "
              "the change is paired (same images). MACs of adaptive paths: mean over "
-             f"{min(args.mac_probe, len(x))} images, one at a time.", "",
-             "| path | GMACs / image | vs default | top-1 before | top-1 after | change (95% CI) |",
-             "|---|---|---|---|---|---|"]
+             f"{min(args.mac_probe, len(x))} images, one at a time.{anchor}", "",
+             "| path | GMACs / image | vs default | top-1 before | top-1 after | change (95% CI) | "
+             "after, vs default path after (95% CI) |",
+             "|---|---|---|---|---|---|---|"]
     rows = []
     for name in cfgs:
         b, a = before[name], after[name]
@@ -201,11 +225,14 @@ def main() -> None:
         qa, (la, ha) = stats.point(a["hits"], "classification"), stats.percentile_ci(
             stats.replicates(a["hits"], "classification"))
         d, dlo, dhi = stats.paired_delta(a["hits"], b["hits"], "classification")
+        g, glo, ghi = stats.paired_delta(a["hits"], after["default"]["hits"], "classification")
         lines.append(f"| {name} | {a['macs'] / 1e9:.4f} | {a['macs'] / full:.3f}x | {100 * qb:.2f} "
                      f"({100 * lb:.1f}-{100 * hb:.1f}) | {100 * qa:.2f} ({100 * la:.1f}-{100 * ha:.1f}) | "
-                     f"{100 * d:+.2f} ({100 * dlo:+.1f} to {100 * dhi:+.1f}) |")
+                     f"{100 * d:+.2f} ({100 * dlo:+.1f} to {100 * dhi:+.1f}) | "
+                     + ("" if name == "default" else f"{100 * g:+.2f} ({100 * glo:+.1f} to {100 * ghi:+.1f})") + " |")
         rows.append({"path": name, "config": cfgs[name].to_dict(), "macs_before": b["macs"], "macs_after": a["macs"],
-                     "top1_before": qb, "top1_after": qa, "delta": [d, dlo, dhi]})
+                     "top1_before": qb, "top1_after": qa, "delta": [d, dlo, dhi],
+                     "vs_default_after": [g, glo, ghi]})
     agree = float((after["default"]["pred"] == before["default"]["pred"]).float().mean())
     lines += ["", f"Default path after training agrees with the original on {100 * agree:.1f} % of the images."]
     body = "\n".join(lines)

@@ -81,6 +81,16 @@ def test_from_store_uses_the_front_and_refuses_another_model(tmp_path) -> None:
     with pytest.raises(DynavitError, match="no model"):
         c.run(None, latency_ms=5)
 
+    from dynavit.models.configs import preset_config
+    from dynavit.models.loading import from_config
+
+    dm = from_config(preset_config("vit-t16"), seed=0, source="m")
+    profiled = Controller.from_store(tmp_path / "r.db", model=dm, probe=dm.example_input(), runs=4)
+    assert FULL in {e.config for e in profiled.entries}
+    assert all(e.latency_ms not in (4.0, 8.0, 9.0) for e in profiled.entries)  # measured here, not stored
+    with pytest.raises(DynavitError, match="re-measures latency"):
+        Controller.from_store(tmp_path / "r.db", model=dm, cost="macs", probe=dm.example_input())
+
 
 def test_run_and_budget_context_on_a_real_forward() -> None:
     from dynavit.models.configs import preset_config
@@ -99,6 +109,29 @@ def test_run_and_budget_context_on_a_real_forward() -> None:
         dm(x)
     assert dm.exec_config == FULL  # restored
     assert len(c.history) == 2
+
+
+def test_profile_remeasures_the_menu_and_keeps_the_measured_front() -> None:
+    from dynavit.models.configs import preset_config
+    from dynavit.models.loading import from_config
+
+    dm = from_config(preset_config("vit-t16"), seed=0)
+    # stored latencies from "another machine", upside down: the full model claims to be the cheapest
+    wrong = [Entry(SMALL, 0.70, latency_ms=90.0, latency_p50_ms=80.0, label="small"),
+             Entry(MID, 0.75, latency_ms=50.0, latency_p50_ms=45.0, label="mid"),
+             Entry(FULL, 0.80, latency_ms=1.0, latency_p50_ms=0.9, label="full")]
+    assert [e.config for e in Controller(wrong).entries] == [SMALL, MID, FULL]
+    c = Controller(wrong, model=dm, min_obs=8).profile(dm.example_input(), runs=9)
+    by = {e.config: e for e in c.entries}
+    assert FULL in by and by[FULL].latency_ms != 1.0  # measured, not the stored number
+    assert by[FULL].latency_p50_ms > min(e.latency_p50_ms for e in c.entries if e.config != FULL)
+    order = sorted(c.entries, key=lambda e: e.latency_ms)
+    assert [e.quality for e in order] == sorted(e.quality for e in order)  # a front: dearer is better
+    assert len(c._c.jitter) >= 8 and c.tail >= 1.0  # the tail is known before the first frame
+    assert c.select(latency_ms=by[FULL].latency_ms * 3).config == FULL
+    assert dm.exec_config == ExecConfig()  # restored
+    with pytest.raises(DynavitError, match="one input image"):
+        c.profile(torch.zeros(2, 3, 224, 224))
 
 
 def test_traces() -> None:

@@ -128,6 +128,27 @@ def test_label_free_training_keeps_the_default_path(tmp_path) -> None:
     assert (changed.argmax(1) == original.argmax(1)).float().mean() >= 0.75  # but the default path stays close
 
 
+def test_default_path_loss_mixes_the_anchor_and_the_labels(tmp_path) -> None:
+    """(1 - w) * KD(model as loaded) + w * CE: at the first step the anchor's KD is 0 (the default path *is*
+    the model as loaded) and the other paths' terms are the same in every arm, so the first loss is linear in w."""
+    one = Recipe(steps=1, batch_size=6, lr=2e-3, warmup=1, crop=(16, 16), seed=5)
+
+    def first_loss(name: str, distill: Distill, default_weight: float = 1.0) -> float:
+        res = train_paths(dyn(), Shapes(), tmp_path / name, one, token_paths([0.5], [1]), distill=distill,
+                          default_weight=default_weight, progress=False)
+        return res.losses[0]
+
+    free = first_loss("free", Distill(1.0, use_labels=False))
+    labels_only = first_loss("ce", Distill(1.0, label_weight=1.0))
+    assert first_loss("w0", Distill(1.0, label_weight=0.0)) == pytest.approx(free, rel=1e-5)
+    assert first_loss("half", Distill(1.0, label_weight=0.5)) == pytest.approx((free + labels_only) / 2, rel=1e-5)
+    assert labels_only > free + 0.5  # cross-entropy of a random model on 5 classes is ~1.6
+    ce = labels_only - free
+    assert first_loss("dw3", Distill(1.0, label_weight=1.0), default_weight=3) == pytest.approx(free + 3 * ce, rel=1e-5)
+    with pytest.raises(DynavitError, match="must be positive"):
+        first_loss("dw0", Distill(1.0), default_weight=0)
+
+
 def test_bad_path_training_input(tmp_path) -> None:
     dm = dyn()
     with pytest.raises(DynavitError, match="no images"):

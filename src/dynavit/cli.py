@@ -276,6 +276,10 @@ def simulate_cmd(
     hi: Annotated[float | None, typer.Option(help="Loosest budget, ms (default 4x lo).")] = None,
     load_at: Annotated[float | None, typer.Option(help="Start a competing CPU load at this fraction.")] = None,
     margin: Annotated[float, typer.Option(help="Safety margin on predicted latency.")] = 0.05,
+    profile_runs: Annotated[int, typer.Option(help="Re-measure the candidate paths this many rounds before the "
+                                                   "trace and keep the front by what was measured (0: trust the "
+                                                   "store's latencies).")] = 30,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for inference (default: torch's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of generated traces.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write per-policy results as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write budgets vs measured latency per frame (PNG).")] = None,
@@ -290,15 +294,25 @@ def simulate_cmd(
         target = SweepTarget(**rs.last_target())
     if load_at is not None and not 0 <= load_at < 1:
         raise DynavitError(f"--load-at must be in [0, 1), got {load_at}")
+    if profile_runs and profile_runs < 3:
+        raise DynavitError(f"--profile-runs must be 0 (off) or at least 3, got {profile_runs}")
+    if threads is not None:
+        if threads < 1:
+            raise DynavitError(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     dm, data, _, _ = target.build(progress=sys.stderr.isatty())
     if data.task != "classification":
         raise DynavitError("simulate scores classification sweeps (top-1 per frame); this store is "
                            f"{data.task}")
-    ctrl = Controller.from_store(store, model=dm, margin=margin)
+    frames_data = data.frames()
+    ctrl = Controller.from_store(store, model=dm, margin=margin, probe=frames_data[0][0] if profile_runs else None,
+                                 runs=profile_runs, progress=sys.stderr.isatty())
     lo = lo or default_bounds(ctrl)[0]
     hi = hi or 4 * lo
     budgets = load_trace(trace) if Path(trace).is_file() else make_trace(trace, frames, lo, hi, seed)
-    res = simulate(dm, ctrl, data.frames(), budgets, load_at=load_at, progress=sys.stderr.isatty())
+    res = simulate(dm, ctrl, frames_data, budgets, load_at=load_at, progress=sys.stderr.isatty())
     from rich.table import Table
 
     t = Table(title=f"{len(budgets)} frames, budgets {budgets.min():.1f}-{budgets.max():.1f} ms ({trace})"
@@ -339,6 +353,8 @@ def serve_cmd(
     max_body_mb: Annotated[float, typer.Option(help="Largest accepted request body.")] = 20.0,
     max_megapixels: Annotated[float, typer.Option(help="Largest accepted decoded image.")] = 40.0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    profile_runs: Annotated[int, typer.Option(help="Re-measure the menu's latencies this many rounds at start-up "
+                                                   "(0: trust the store's).")] = 20,
 ) -> None:
     """Serve /v1/infer: each request gets the most accurate path within its budget."""
     try:
@@ -351,7 +367,9 @@ def serve_cmd(
 
     if max_batch < 1 or max_wait_ms < 0:
         raise DynavitError("--max-batch must be >= 1 and --max-wait-ms >= 0")
-    dm, ctrl = load_for_store(model, store, device)
+    if profile_runs and profile_runs < 3:
+        raise DynavitError(f"--profile-runs must be 0 (off) or at least 3, got {profile_runs}")
+    dm, ctrl = load_for_store(model, store, device, profile_runs)
     app = create_app(dm, ctrl, token=token, max_body_bytes=int(max_body_mb * 2**20),
                      max_pixels=int(max_megapixels * 1e6), max_batch=max_batch, max_wait_ms=max_wait_ms)
     console.print(f"serving {dm.source} with {len(ctrl.entries)} paths on http://{host}:{port}")
@@ -448,6 +466,9 @@ def train_cmd(
                                               "the model as loaded, on images alone).")] = True,
     temperature: Annotated[float | None, typer.Option(help="Distillation temperature (default 1 for paths and "
                                                            "sait, 2 for multiplex).")] = None,
+    label_weight: Annotated[float, typer.Option(help="paths, sait: share of the label cross-entropy in the "
+                                                     "default path's loss; the rest distils from the model as "
+                                                     "loaded (1: labels only).")] = 1.0,
     space: Annotated[str, typer.Option(help="paths: search space, a preset (default, small) or JSON file.")] = "small",
     random_paths: Annotated[int, typer.Option(help="paths, sait: random paths per step besides the default "
                                                    "and the smallest.")] = 2,
@@ -508,6 +529,7 @@ def train_cmd(
                              token_layers=None if token_layers is None else
                              [int(v) for v in _floats(token_layers, "--token-layers")],
                              token_distill=token_distill, labels=labels, temperature=temperature or 1.0,
+                             label_weight=label_weight,
                              eval_data=eval_data, console=console)
         return
     res = train_supervised(lm, dataset, out, recipe, progress=sys.stderr.isatty())

@@ -84,10 +84,11 @@ def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     with ResultStore(store, readonly=True) as rs:
         target = SweepTarget(**rs.last_target())
     dm, data, _, _ = target.build()
-    ctrl = Controller.from_store(store, model=dm)
+    shots = data.frames()
+    ctrl = Controller.from_store(store, model=dm, probe=shots[0][0], runs=20)  # the menu re-measured here, now
     lo, hi = default_bounds(ctrl)
     budgets = make_trace("random-walk", frames, lo, hi, seed=0)
-    res = simulate(dm, ctrl, data.frames(), budgets)
+    res = simulate(dm, ctrl, shots, budgets)
     console.print(f"{frames} frames, budgets {lo:.1f}-{hi:.1f} ms, {len(ctrl.entries)} paths on the menu")
     for r in res.table():
         console.print(f"  {r['policy']:12s} misses {r['misses']:4d} ({100 * r['miss_rate']:5.1f} %)  "

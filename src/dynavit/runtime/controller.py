@@ -17,7 +17,10 @@ corrected online from what the controller observes, as a slow level times a fast
   caches, one config at a time; at run time paths and images alternate and the tail is wider;
 - ``r_c``: a slow per-path residual (beta), for paths whose speed changed unlike the rest.
 
-Until ``min_obs`` inferences were observed, ``p95_c * g`` is used (g: an exponentially
+``profile(x)`` re-measures the menu where and when it will run (a sweep's latencies come from
+another time, often another machine, thread count or load, and few runs per config) and keeps
+the front by what it measured; its runs also seed the jitter window, so the tail is known
+before the first frame. Until ``min_obs`` inferences were observed, ``p95_c * g`` is used (g: an exponentially
 weighted mean of observed / p95). A config is chosen when ``predicted_c * (1 + margin) <=
 budget``. When nothing fits, the cheapest config is returned with ``budget_met=False``: a miss
 is always reported, never silent. MACs are exact and need no correction; energy is scaled by g.
@@ -26,6 +29,7 @@ is always reported, never silent. MACs are exact and need no correction; energy 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections import deque
@@ -107,11 +111,15 @@ class Controller:
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def from_store(cls, path: str | Path, *, model: Any = None, cost: str = "latency_p95_ms",
+                   probe: torch.Tensor | None = None, runs: int = 30, progress: bool = False,
                    **kw: Any) -> Controller:
         """The Pareto front of a sweep's store (by ``cost``) as the menu.
 
         ``cost="accel_energy_uj:<design>"`` (after ``dynavit accel``): the menu is the front by
         modelled accelerator energy, and ``select(energy_mj=...)`` budgets that modelled energy.
+        With a ``probe`` input (one image, batch 1) and a latency cost, the candidates are the fronts
+        by MACs and by the stored latencies together, re-measured here with ``profile`` (``runs``
+        rounds), and the menu is the front by the latencies measured now.
         """
         from dynavit.sweep.pareto import cost_of, pareto
         from dynavit.sweep.store import ResultStore
@@ -127,6 +135,15 @@ class Controller:
         except ValueError as e:
             raise DynavitError(str(e)) from None
         menu = pareto(rows, cost if measured else "macs").menu()
+        if probe is not None:
+            if cost not in ("latency_p95_ms", "latency_p50_ms"):
+                raise DynavitError(f"profiling re-measures latency; it cannot re-rank a menu by {cost}")
+            seen = {r.config for r in menu}
+            for extra in ("macs", "latency_p50_ms") if measured else ("macs",):
+                for r in pareto(rows, extra).menu():
+                    if r.config not in seen:
+                        seen.add(r.config)
+                        menu.append(r)
         design = cost.partition(":")[2] if cost.startswith("accel_") else None
 
         def energy(r: Any) -> float | None:  # modelled accelerator energy when the menu is by a design
@@ -138,7 +155,73 @@ class Controller:
         entries = [Entry(config=r.config, quality=r.quality, latency_ms=r.latency_p95_ms,
                          latency_p50_ms=r.latency_p50_ms, energy_mj=energy(r), gmacs=r.macs / 1e9, batch=r.batch,
                          batch_ms=r.batch_p95_ms, label=r.label) for r in menu]
-        return cls(entries, model=model, **kw)
+        ctrl = cls(entries, model=model, **kw)
+        return ctrl if probe is None else ctrl.profile(probe, runs=runs, progress=progress)
+
+    def profile(self, x: torch.Tensor, *, runs: int = 30, warmup: int = 2, front: bool = True,
+                progress: bool = False) -> Controller:
+        """Time every menu entry on ``x`` (batch 1) here and now; keep the front by what was measured.
+
+        Entries run round-robin in a shuffled order each round, so a drift in the machine's speed
+        touches all of them alike. The measured p50 and p95 replace the stored ones (a stored batch
+        time is scaled by the same factor), dominated entries are dropped (``front``), and the
+        correction restarts from these runs: level 1, the tail from their spread. Multiplexed paths
+        (``mux`` > 1) need several images per pass and keep their stored latencies.
+        """
+        from tqdm.auto import trange
+
+        dm = self._need_model()
+        if x.ndim != 4 or len(x) != 1:
+            raise DynavitError(f"profile needs one input image of shape (1, C, H, W), got {tuple(x.shape)}")
+        if runs < 3:
+            raise DynavitError(f"profile needs at least 3 runs per config, got {runs}")
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        previous, rng = dm.exec_config, np.random.default_rng(0)
+        times: list[list[float]] = [[] for _ in self.entries]
+        log: list[tuple[int, float]] = []  # (entry, ms) of every run, in the order they ran
+        with torch.inference_mode():
+            for e in self.entries:
+                if e.config.mux == 1:
+                    dm.configure(e.config)
+                    for _ in range(warmup):
+                        dm(x)
+            timed = [i for i, e in enumerate(self.entries) if e.config.mux == 1]
+            for _ in trange(runs, desc="profile menu", disable=not progress, dynamic_ncols=True):
+                for i in rng.permutation(timed):
+                    dm.configure(self.entries[i].config)
+                    sync()
+                    t0 = time.perf_counter()
+                    dm(x)
+                    sync()
+                    times[i].append((time.perf_counter() - t0) * 1e3)
+                    log.append((int(i), times[i][-1]))
+        dm.configure(previous)
+        p50 = [float(np.median(t)) if t else math.nan for t in times]
+        entries = []
+        for e, t, m in zip(self.entries, times, p50, strict=True):
+            if not t:
+                entries.append(e)
+                continue
+            p95 = float(np.quantile(t, 0.95))
+            scale = p95 / e.latency_ms if e.latency_ms else 1.0
+            entries.append(dataclasses.replace(e, latency_ms=p95, latency_p50_ms=m,
+                                               batch_ms=None if e.batch_ms is None else e.batch_ms * scale))
+        keep = list(range(len(entries)))
+        if front:  # cheapest first; an entry stays iff it beats the quality of everything cheaper
+            keep, best = [], -math.inf
+            cheapest_first = sorted(range(len(entries)), key=lambda j: (entries[j].latency_ms or math.inf,
+                                                                         -entries[j].quality))
+            for i in cheapest_first:
+                if entries[i].quality > best:
+                    keep.append(i)
+                    best = entries[i].quality
+        self.entries = [entries[i] for i in keep]
+        old, kept = self._c, set(keep)
+        c = self._c = _Correction(recent=deque(maxlen=old.recent.maxlen), jitter=deque(maxlen=old.jitter.maxlen))
+        c.jitter.extend(ms / p50[i] for i, ms in log if i in kept)
+        if c.jitter:
+            c.tail = float(np.quantile(np.fromiter(c.jitter, float), 1 - self.target_miss))
+        return self
 
     # ---- prediction ------------------------------------------------------------------------------
     def _base_ms(self, e: Entry, batch: int) -> float | None:

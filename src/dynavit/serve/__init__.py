@@ -6,8 +6,12 @@ from pathlib import Path
 from typing import Any
 
 
-def load_for_store(model: str | None, store: str | Path, device: str = "cpu") -> tuple[Any, Any]:
-    """The model as the store's sweep measured it (same calibration, same multiplexed models) and its controller."""
+def load_for_store(model: str | None, store: str | Path, device: str = "cpu",
+                   profile_runs: int = 0) -> tuple[Any, Any]:
+    """The model as the store's sweep measured it (same calibration, same multiplexed models) and its controller.
+
+    ``profile_runs`` > 0 re-measures the menu on this machine first (``Controller.profile``).
+    """
     from dynavit.errors import DynavitError
     from dynavit.models import load
     from dynavit.runtime import Controller
@@ -24,4 +28,5 @@ def load_for_store(model: str | None, store: str | Path, device: str = "cpu") ->
         dm.load_calibration(target["calibration"])
     for folder in target.get("multiplexers") or ():
         dm.add_multiplexer(folder)
-    return dm, Controller.from_store(store, model=dm)
+    probe = dm.example_input() if profile_runs else None
+    return dm, Controller.from_store(store, model=dm, probe=probe, runs=profile_runs)

@@ -2,9 +2,12 @@
 
 One set of weights serves every path. Each step runs (sandwich rule, Yu & Huang's slimmable
 networks, as Once-For-All trains its sub-networks):
-- the **default path**: cross-entropy on the labels when they are used; without labels it is
-  distilled from a frozen copy of the model as it was before training, which is what keeps the
-  default path's accuracy while the other paths pull on the shared weights;
+- the **default path**: cross-entropy on the labels, or, without labels, distillation from a
+  frozen copy of the model as it was before training (the *anchor*), which keeps the default
+  path's function while the other paths pull on the shared weights. With labels the two mix as
+  ``(1 - w) * KD(anchor) + w * CE`` (``w = distill.label_weight``, 1 by default: on Fashion-MNIST
+  the anchor at w = 0.5 did not keep the dense path better than labels alone, docs/benchmarks.md);
+  ``default_weight`` scales this loss against each other path's;
 - the **smallest path** and ``n_random`` **random paths**, each distilled in place from the
   default path's outputs of the same step (detached): ``T^2 * KL(default || path)``.
 The losses are summed and one optimiser step follows, so labels are never required.
@@ -118,21 +121,26 @@ def _check(dm: Any, dataset: Any, paths: PathSet, use_labels: bool, token_distil
 
 
 def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: PathSet, *,
-                distill: Distill = Distill(temperature=1.0, use_labels=True), token_distill: float = 0.0,
-                progress: bool = True, workers: int = 2, stop_after: int | None = None,
+                distill: Distill = Distill(temperature=1.0, label_weight=1.0), token_distill: float = 0.0,
+                default_weight: float = 1.0, progress: bool = True, workers: int = 2, stop_after: int | None = None,
                 augmentation: Callable[..., torch.Tensor] = augment.classification_sample) -> TrainResult:
     """Train the weights ``dm`` shares between its paths, in place; resumable from ``out/checkpoint``.
 
-    ``distill.use_labels=False`` trains on images alone (any unlabelled folder works).
+    ``distill.use_labels=False`` trains on images alone (any unlabelled folder works); with labels,
+    ``distill.label_weight`` is the cross-entropy's share of the default path's loss (1: labels only,
+    no anchor to the model as it was). ``default_weight`` scales the default path's loss against each
+    other path's.
     ``token_distill`` > 0 adds SaiT's early token-selection distillation at ``paths.token_layers``.
     """
     use_labels = distill.use_labels
     _check(dm, dataset, paths, use_labels, token_distill)
+    if not default_weight > 0:
+        raise DynavitError(f"the default path's loss weight must be positive, got {default_weight}")
     default = ExecConfig()
     dm.configure(default)
     module = dm.module
     teacher = None
-    if not use_labels:  # the model before training anchors the default path
+    if not use_labels or distill.label_weight < 1:  # the model before training anchors the default path
         teacher = copy.deepcopy(dm).configure(default)
         for p in teacher.module.parameters():
             p.requires_grad_(False)
@@ -142,6 +150,8 @@ def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: P
     identity = {"data": str(getattr(dataset, "root", "?")), "n": len(dataset), "task": dataset.task,
                 "model": str(getattr(dm, "source", "?")), "paths": paths.spec, "n_random": paths.n_random,
                 "distill": asdict(distill), "token_distill": token_distill}
+    if default_weight != 1.0:  # absent at 1, so runs from before the option existed still resume
+        identity["default_weight"] = default_weight
     sample = make_sampler(dm, dataset, recipe, augmentation)
     t = distill.temperature
 
@@ -150,13 +160,15 @@ def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: P
         dm.configure(default)
         with recording_cls_attention(module) if token_distill else nullcontext() as record:
             out = dm(x)
-        if use_labels:
-            logits = F.interpolate(out, size=y.shape[-2:], mode="bilinear", align_corners=False) if seg else out
-            total = F.cross_entropy(logits, y, ignore_index=ignore)
-        else:
+        total = out.new_zeros(())
+        if teacher is not None:
             with torch.no_grad():
                 target = teacher(x)
-            total = kd_loss(out, target, t)
+            total = kd_loss(out, target, t) * (1 - distill.label_weight if use_labels else 1.0)
+        if use_labels:
+            logits = F.interpolate(out, size=y.shape[-2:], mode="bilinear", align_corners=False) if seg else out
+            total = total + distill.label_weight * F.cross_entropy(logits, y, ignore_index=ignore)
+        total = default_weight * total
         if token_distill:
             late = record[-1].detach()
             total = total + token_distill * torch.stack(
@@ -197,7 +209,8 @@ def _score(dm: Any, data: Any, cfgs: dict[str, ExecConfig]) -> dict[str, tuple[f
 def train_paths_and_save(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, *, mode: str, space: str = "small",
                          random_paths: int = 2, densities: Sequence[float] = (0.8, 0.7, 0.6, 0.5),
                          token_layers: Sequence[int] | None = None, token_distill: float = 0.1, labels: bool = True,
-                         temperature: float = 1.0, eval_data: str | Path | None = None, console: Any = None) -> Path:
+                         temperature: float = 1.0, label_weight: float = 1.0, eval_data: str | Path | None = None,
+                         console: Any = None) -> Path:
     """What ``dynavit train --mode paths|sait`` does: score before, train, score after, export with a card."""
     import json
     import sys
@@ -221,11 +234,13 @@ def train_paths_and_save(dm: Any, dataset: Any, out: str | Path, recipe: Recipe,
 
         held_out = open_dataset(eval_data)
         before = _score(dm, held_out, named)
-    res = train_paths(dm, dataset, out, recipe, paths, distill=Distill(temperature, use_labels=labels),
+    res = train_paths(dm, dataset, out, recipe, paths, distill=Distill(temperature, label_weight, labels),
                       token_distill=token_distill, progress=sys.stderr.isatty())
     card = {"name": f"{dm.source}, {mode} training", **run_card(dataset, recipe, res, labels),
             "paths": json.dumps(paths.spec), "smallest path": paths.smallest.to_json(),
-            "token-selection distillation weight": str(token_distill), "temperature": str(temperature)}
+            "token-selection distillation weight": str(token_distill), "temperature": str(temperature),
+            "default path loss": (f"{1 - label_weight:g} x KD from the model as loaded + {label_weight:g} x "
+                                  "cross-entropy" if labels else "KD from the model as loaded")}
     if dm.calibration is not None:
         card["calibration"] = "applied before training; the exported weights are in importance order"
     if held_out is not None:
