@@ -149,3 +149,24 @@ def test_segformer_calibration_reorders_decoder_channels_too():
     scores = _scores(dm, [torch.randn(4, 3, 64, 64)], "magnitude")
     assert scores["fuse"][0][:64].mean() > scores["fuse"][0][-64:].mean()
     assert scores["branch"][0][:64].mean() > scores["branch"][0][-64:].mean()
+
+
+def test_fingerprint_does_not_depend_on_the_thread_count(small_and_images):
+    """A calibration saved by a 2-thread process must load in a 1-thread one (float32 sums differ with threads)."""
+    from dynavit.calibrate import _param_hash, _same_weights, fingerprint
+
+    big = torch.nn.Linear(1024, 1024)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = fingerprint(big)
+        torch.set_num_threads(1)
+        assert fingerprint(big) == two and two.startswith("v2:")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # restored
+    dm, _ = small_and_images
+    assert _same_weights(dm.module, fingerprint(dm.module))
+    assert _same_weights(dm.module, _param_hash(dm.module, torch.float32, 2))  # saved before v2, 2 threads
+    other = dynavit.from_config(ViTConfig(**SMALL), seed=2)
+    assert not _same_weights(other.module, fingerprint(dm.module))

@@ -64,6 +64,15 @@ def test_online_correction_moves_down_under_slowdown_and_back_after() -> None:
     assert frozen.select(latency_ms=9).config == FULL and frozen.slowdown == 1.0
 
 
+def test_margin_guards_only_until_the_tail_is_measured() -> None:
+    c = Controller(MENU, margin=0.5, min_obs=2)
+    assert c.select(latency_ms=8.5).config == MID  # 8 * 1.5 > 8.5: no tail measured yet, the margin applies
+    for _ in range(2):
+        c.observe(FULL, 8.0)  # runs exactly as predicted: level 1, tail 1
+    assert c.tail == pytest.approx(1.0) and c.select(latency_ms=8.5).config == FULL  # the tail is the margin
+    assert Controller(MENU, margin=0.5, min_obs=2, correct=False).select(latency_ms=8.5).config == MID
+
+
 def test_from_store_uses_the_front_and_refuses_another_model(tmp_path) -> None:
     hits = np.ones((10, 2), np.uint8)
     worse = hits.copy()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -97,13 +98,34 @@ class Calibration:
 
 
 def fingerprint(module: nn.Module) -> str:
-    """Hash of the model's parameters, insensitive to the channel/head order calibration changes."""
-    h = hashlib.sha1()
-    for name, p in sorted(module.named_parameters()):
-        t = p.detach().float()
-        h.update(name.encode())
-        h.update(f"{tuple(t.shape)} {t.sum().item():.6e} {t.abs().sum().item():.6e}".encode())
-    return h.hexdigest()
+    """Hash of the model's parameters, insensitive to the channel/head order calibration changes.
+
+    Sums run in float64 on one thread: a float32 sum's rounding depends on how many threads
+    split it, and a calibration made at 2 threads must load in a process running 1.
+    """
+    return "v2:" + _param_hash(module, torch.float64, threads=1)
+
+
+def _param_hash(module: nn.Module, dtype: torch.dtype, threads: int) -> str:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        h = hashlib.sha1()
+        for name, p in sorted(module.named_parameters()):
+            t = p.detach().to(dtype)
+            h.update(name.encode())
+            h.update(f"{tuple(t.shape)} {t.sum().item():.6e} {t.abs().sum().item():.6e}".encode())
+        return h.hexdigest()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _same_weights(module: nn.Module, saved: str) -> bool:
+    """``saved`` is a ``fingerprint``, or an older float32 one made at whatever thread count its process ran."""
+    if saved.startswith("v2:"):
+        return saved == fingerprint(module)
+    counts = dict.fromkeys([torch.get_num_threads(), *range(1, (os.cpu_count() or 1) + 1)])
+    return any(saved == _param_hash(module, torch.float32, n) for n in counts)
 
 
 def _blocks(family_model: nn.Module) -> Sequence[nn.Module]:
@@ -354,8 +376,7 @@ def apply_saved(dm: Any, calib: Calibration) -> None:
     """Apply a saved calibration to a freshly loaded (uncalibrated) model of the same weights."""
     if getattr(dm, "calibration", None) is not None:
         raise DynavitError("this model is already calibrated; load the calibration into a freshly loaded model")
-    fp = fingerprint(dm.module)
-    if calib.fingerprint and fp != calib.fingerprint:
+    if calib.fingerprint and not _same_weights(dm.module, calib.fingerprint):
         raise DynavitError(f"calibration was made for other weights ({calib.source}); this model is {dm.source}")
     blocks = _blocks(dm.module)
     if len(calib.perms["mlp"]) != len(blocks):
