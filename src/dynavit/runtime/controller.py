@@ -212,14 +212,10 @@ class Controller:
             entries.append(dataclasses.replace(e, latency_ms=p95, latency_p50_ms=m,
                                                batch_ms=None if e.batch_ms is None else e.batch_ms * scale))
         keep = list(range(len(entries)))
-        if front:  # cheapest first; an entry stays iff it beats the quality of everything cheaper
-            keep, best = [], -math.inf
-            cheapest_first = sorted(range(len(entries)), key=lambda j: (entries[j].latency_ms or math.inf,
-                                                                         -entries[j].quality))
-            for i in cheapest_first:
-                if entries[i].quality > best:
-                    keep.append(i)
-                    best = entries[i].quality
+        if front:
+            from dynavit.sweep.pareto import front_indices
+
+            keep = front_indices([e.latency_ms or math.inf for e in entries], [e.quality for e in entries])
         self.entries = [entries[i] for i in keep]
         old, kept = self._c, set(keep)
         c = self._c = _Correction(recent=deque(maxlen=old.recent.maxlen), jitter=deque(maxlen=old.jitter.maxlen))

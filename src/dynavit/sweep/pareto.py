@@ -62,18 +62,25 @@ class Front:
         return [self.rows[i] for i in self.front]
 
 
+def front_indices(cost: Sequence[float], quality: Sequence[float]) -> list[int]:
+    """Indices of the non-dominated points, cheapest first: a point is on the front iff it is more
+    accurate than everything cheaper (ties in cost: the more accurate one first)."""
+    order = sorted(range(len(cost)), key=lambda i: (cost[i], -quality[i]))
+    front, best = [], -np.inf
+    for i in order:
+        if quality[i] > best:
+            front.append(i)
+            best = quality[i]
+    return front
+
+
 def pareto(rows: Sequence[Row], cost: str = "macs", *, task: str = "classification", n_boot: int = 1000,
            seed: int = 0) -> Front:
     """Fronts of ``rows`` (needs per-image data for ``plausible``)."""
     rows = sorted((r for r in rows if cost_of(r, cost) is not None and r.quality is not None),
                   key=lambda r: (cost_of(r, cost), -r.quality))
     c = np.array([cost_of(r, cost) for r in rows], dtype=float)
-    q = np.array([r.quality for r in rows], dtype=float)
-    front, best = [], -np.inf
-    for i in range(len(rows)):  # cheapest first: on the front iff better than everything cheaper
-        if q[i] > best:
-            front.append(i)
-            best = q[i]
+    front = front_indices(c, [r.quality for r in rows])
     plausible = list(range(len(rows)))
     if rows and all(r.per_image is not None for r in rows):
         reps = stats.replicates_many([r.per_image for r in rows], task, n_boot, seed)  # (R, B), paired
