@@ -190,7 +190,8 @@ def test_train_command_paths_and_sait(mode, tmp_path) -> None:
     export(dyn(), tmp_path / "model", {"name": "tiny"})
     space = tmp_path / "space.json"
     space.write_text(json.dumps(SPACE))
-    extra = ["--space", str(space)] if mode == "paths" else ["--densities", "0.75,0.5", "--token-layers", "1"]
+    extra = (["--space", str(space)] if mode == "paths" else
+             ["--densities", "0.75,0.5", "--token-layers", "1", "--default-weight", "3"])
     res = CliRunner().invoke(app, ["train", str(tmp_path / "model"), "--mode", mode, "--data", str(tmp_path / "train"),
                                    "--eval-data", str(tmp_path / "val"), "--out", str(tmp_path / "run"), "--steps", "3",
                                    "--batch-size", "4", "--no-labels", *extra])
@@ -198,6 +199,7 @@ def test_train_command_paths_and_sait(mode, tmp_path) -> None:
     assert "default path" in res.output and "smallest path" in res.output and "before" in res.output
     card = (tmp_path / "run" / "model" / "README.md").read_text()
     assert "held-out smallest path" in card and "labels not used" in card
+    assert f"**default path loss weight**: {3 if mode == 'sait' else 1} x each other path's" in card
     assert dynavit.load(tmp_path / "run" / "model").num_labels == LABELS
 
 

@@ -469,6 +469,9 @@ def train_cmd(
     label_weight: Annotated[float, typer.Option(help="paths, sait: share of the label cross-entropy in the "
                                                      "default path's loss; the rest distils from the model as "
                                                      "loaded (1: labels only).")] = 1.0,
+    default_weight: Annotated[float, typer.Option(help="paths, sait: weight of the default path's loss against "
+                                                       "each other path's (3 kept SaiT's dense path on "
+                                                       "Fashion-MNIST; 1 let it drop 1.3 pt).")] = 1.0,
     space: Annotated[str, typer.Option(help="paths: search space, a preset (default, small) or JSON file.")] = "small",
     random_paths: Annotated[int, typer.Option(help="paths, sait: random paths per step besides the default "
                                                    "and the smallest.")] = 2,
@@ -529,7 +532,7 @@ def train_cmd(
                              token_layers=None if token_layers is None else
                              [int(v) for v in _floats(token_layers, "--token-layers")],
                              token_distill=token_distill, labels=labels, temperature=temperature or 1.0,
-                             label_weight=label_weight,
+                             label_weight=label_weight, default_weight=default_weight,
                              eval_data=eval_data, console=console)
         return
     res = train_supervised(lm, dataset, out, recipe, progress=sys.stderr.isatty())
