@@ -294,8 +294,6 @@ def simulate_cmd(
         target = SweepTarget(**rs.last_target())
     if load_at is not None and not 0 <= load_at < 1:
         raise DynavitError(f"--load-at must be in [0, 1), got {load_at}")
-    if profile_runs and profile_runs < 3:
-        raise DynavitError(f"--profile-runs must be 0 (off) or at least 3, got {profile_runs}")
     if threads is not None:
         if threads < 1:
             raise DynavitError(f"--threads must be at least 1, got {threads}")
@@ -367,8 +365,6 @@ def serve_cmd(
 
     if max_batch < 1 or max_wait_ms < 0:
         raise DynavitError("--max-batch must be >= 1 and --max-wait-ms >= 0")
-    if profile_runs and profile_runs < 3:
-        raise DynavitError(f"--profile-runs must be 0 (off) or at least 3, got {profile_runs}")
     dm, ctrl = load_for_store(model, store, device, profile_runs)
     app = create_app(dm, ctrl, token=token, max_body_bytes=int(max_body_mb * 2**20),
                      max_pixels=int(max_megapixels * 1e6), max_batch=max_batch, max_wait_ms=max_wait_ms)

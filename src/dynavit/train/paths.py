@@ -44,7 +44,7 @@ from dynavit.errors import DynavitError
 from dynavit.knobs.tokens import recording_cls_attention
 from dynavit.sweep.space import SearchSpace
 from dynavit.train import augment, loop
-from dynavit.train.distill import Distill, attention_kd, kd_loss
+from dynavit.train.distill import Distill, attention_kd, distill_loss, kd_loss
 from dynavit.train.loop import Recipe, TrainResult
 from dynavit.train.supervised import make_sampler
 
@@ -162,14 +162,14 @@ def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: P
         dm.configure(default)
         with recording_cls_attention(module) if token_distill else nullcontext() as record:
             out = dm(x)
-        total = out.new_zeros(())
-        if teacher is not None:
+        up = (lambda z: F.interpolate(z, size=y.shape[-2:], mode="bilinear", align_corners=False)) if seg and \
+            use_labels else (lambda z: z)  # segmentation labels are full-size; compare logits at their size
+        if teacher is None:  # labels only
+            total = F.cross_entropy(up(out), y, ignore_index=ignore)
+        else:
             with torch.no_grad():
                 target = teacher(x)
-            total = kd_loss(out, target, t) * (1 - distill.label_weight if use_labels else 1.0)
-        if use_labels:
-            logits = F.interpolate(out, size=y.shape[-2:], mode="bilinear", align_corners=False) if seg else out
-            total = total + distill.label_weight * F.cross_entropy(logits, y, ignore_index=ignore)
+            total = distill_loss(up(out), up(target), y if use_labels else None, distill, ignore)
         total = default_weight * total
         if token_distill:
             late = record[-1].detach()
