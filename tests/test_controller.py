@@ -141,7 +141,8 @@ def test_profile_remeasures_the_menu_and_keeps_the_measured_front() -> None:
     assert [e.quality for e in order] == sorted(e.quality for e in order)  # a front: dearer is better
     assert len(c._c.jitter) >= 8 and c.tail >= 1.0  # the tail is known before the first frame
     assert c.predict(by[FULL]) == pytest.approx(by[FULL].latency_p50_ms * c.tail)  # level 1: p50 x measured tail
-    assert c.select(latency_ms=by[FULL].latency_p50_ms * c.tail * 1.01).config == FULL
+    roomy = by[FULL].latency_p50_ms * max(c._c.jitter) * 1.01  # above every profiled run: no risk
+    assert c.miss_risk(by[FULL], roomy) == 0.0 and c.select(latency_ms=roomy).config == FULL
     assert dm.exec_config == ExecConfig()  # restored
     with pytest.raises(DynavitError, match="one input image"):
         c.profile(torch.zeros(2, 3, 224, 224))
@@ -205,7 +206,61 @@ def test_prediction_covers_the_jitter_tail() -> None:
     assert c.slowdown == pytest.approx(1.0)  # single spikes do not move the level
     assert c.tail == pytest.approx(1.5, rel=0.02)  # but the tail covers them
     assert c.predict(menu[1]) == pytest.approx(12.0, rel=0.05)
-    assert c.select(latency_ms=10).config == MID
+    assert c.miss_risk(menu[1], 10.0) == pytest.approx(0.05, abs=0.02)  # 8 x 1.5 > 10 in 5 % of runs
+    assert c.miss_risk(menu[0], 10.0) == 0.0
+    assert c.miss_risk(menu[1], 12.5) == 0.0
     for _ in range(9):  # a sustained 2x slowdown moves the level within a few runs
         c.observe(MID, 8.0)
     assert c.slowdown == pytest.approx(2.0, rel=0.05)
+
+
+def _spiky(c: Controller, config: ExecConfig, p50: float, n: int = 200) -> None:
+    """Feed ``n`` runs of which every 20th takes 1.5x (5 % spikes); no budgets, so no misses counted."""
+    for i in range(n):
+        c.observe(config, p50 * (1.5 if i % 20 == 0 else 1.0))
+
+
+def test_priced_selection_spends_the_miss_allowance_where_it_pays() -> None:
+    menu = [Entry(MID, 0.75, latency_ms=6.6, latency_p50_ms=6.0), Entry(FULL, 0.85, latency_ms=8.8, latency_p50_ms=8.0)]
+    c = Controller(menu, target_miss=0.01)
+    _spiky(c, FULL, 8.0)
+    assert c.predict(menu[1]) == pytest.approx(12.0, rel=0.05)  # the 99th percentile overruns a 10 ms budget...
+    ch = c.select(latency_ms=10)
+    assert ch.config == FULL and ch.budget_met and ch.miss_risk == pytest.approx(0.05, abs=0.01)  # +10 pt: worth 5 %
+    cheap_gain = [Entry(MID, 0.75, latency_ms=6.6, latency_p50_ms=6.0),
+                  Entry(FULL, 0.77, latency_ms=8.8, latency_p50_ms=8.0)]
+    c2 = Controller(cheap_gain, target_miss=0.01)
+    _spiky(c2, FULL, 8.0)
+    assert c2.select(latency_ms=10).config == MID  # +2 pt is not worth a 5 % chance of missing
+    for _ in range(5):  # five misses in a row raise the price of risk ...
+        c.observe(FULL, 12.0, budget_ms=10.0)
+    assert c.price > 2.0
+    assert c.select(latency_ms=10).config == MID  # ... and the next choices are safe
+    ch = c.select(latency_ms=1.0)
+    assert ch.config == MID and not ch.budget_met and ch.miss_risk == 1.0  # nothing can fit: cheapest, flagged
+
+
+def test_priced_controller_holds_the_miss_target_on_a_jittery_machine() -> None:
+    """Random-walk budgets over 4x, log-normal jitter with 3 % spikes: misses near the target, not far below."""
+    p50 = np.geomspace(10, 30, 8)
+    quality = 0.5 + 0.3 * np.sqrt((p50 - 10) / 20)
+    menu = [Entry(ExecConfig(resolution=224 - 16 * i), float(q), latency_ms=float(m * 1.2), latency_p50_ms=float(m))
+            for i, (q, m) in enumerate(zip(quality[::-1], p50[::-1], strict=True))]
+    budgets = make_trace("random-walk", 3000, 12.5, 50.0, seed=1)
+
+    def run(**kw: float) -> tuple[float, float]:
+        rng = np.random.default_rng(0)
+        c = Controller(menu, **kw)
+        misses, q = 0, []
+        for b in budgets:
+            ch = c.select(latency_ms=float(b))
+            ms = ch.entry.latency_p50_ms * float(np.exp(rng.normal(0, 0.05))) * (1.4 if rng.random() < 0.03 else 1.0)
+            c.observe(ch.config, ms, budget_ms=float(b))
+            misses += ms > b
+            q.append(ch.entry.quality)
+        return misses / len(budgets), float(np.mean(q))
+
+    rate, quality_priced = run()
+    assert 0.003 <= rate <= 0.015
+    cautious_rate, quality_cautious = run(price0=100.0, price_step=0.0)  # never trades risk for quality
+    assert cautious_rate < rate and quality_priced > quality_cautious + 0.005

@@ -280,6 +280,9 @@ def simulate_cmd(
                                                    "trace and keep the front by what was measured (0: trust the "
                                                    "store's latencies).")] = 30,
     threads: Annotated[int | None, typer.Option(help="CPU threads for inference (default: torch's).")] = None,
+    rule: Annotated[str, typer.Option(help="priced: spend the miss allowance where it buys the most accuracy; "
+                                           "quantile: every frame within target-miss on its own.")] = "priced",
+    target_miss: Annotated[float, typer.Option(help="Share of frames allowed to miss their budget.")] = 0.01,
     seed: Annotated[int, typer.Option(help="Seed of generated traces.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write per-policy results as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write budgets vs measured latency per frame (PNG).")] = None,
@@ -306,7 +309,7 @@ def simulate_cmd(
                            f"{data.task}")
     frames_data = data.frames()
     ctrl = Controller.from_store(store, model=dm, margin=margin, probe=frames_data[0][0] if profile_runs else None,
-                                 runs=profile_runs, progress=sys.stderr.isatty())
+                                 runs=profile_runs, progress=sys.stderr.isatty(), rule=rule, target_miss=target_miss)
     lo = lo or default_bounds(ctrl)[0]
     hi = hi or 4 * lo
     budgets = load_trace(trace) if Path(trace).is_file() else make_trace(trace, frames, lo, hi, seed)
@@ -315,14 +318,14 @@ def simulate_cmd(
 
     t = Table(title=f"{len(budgets)} frames, budgets {budgets.min():.1f}-{budgets.max():.1f} ms ({trace})"
                     + (f", competing load from frame {res.load_frame}" if res.load_frame is not None else ""))
-    cols = ["policy", "misses", "miss %", "top-1 %", "p50 ms"]
+    cols = ["policy", "misses", "miss %", "top-1 %", "menu top-1 %", "p50 ms"]
     if res.load_frame is not None:
         cols += ["misses before load", "misses under load"]
     for c in cols:
         t.add_column(c, justify="right" if c != "policy" else "left")
     for row in res.table():
         cells = [row["policy"], str(row["misses"]), f"{100 * row['miss_rate']:.1f}", f"{100 * row['top1']:.1f}",
-                 f"{row['latency_p50_ms']:.1f}"]
+                 f"{100 * row['menu_top1']:.1f}", f"{row['latency_p50_ms']:.1f}"]
         if res.load_frame is not None:
             cells += [str(row["misses_before_load"]), str(row["misses_under_load"])]
         t.add_row(*cells)
@@ -353,6 +356,9 @@ def serve_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     profile_runs: Annotated[int, typer.Option(help="Re-measure the menu's latencies this many rounds at start-up "
                                                    "(0: trust the store's).")] = 20,
+    rule: Annotated[str, typer.Option(help="priced: spend the miss allowance where it buys the most accuracy; "
+                                           "quantile: every request within target-miss on its own.")] = "priced",
+    target_miss: Annotated[float, typer.Option(help="Share of requests allowed to miss their budget.")] = 0.01,
 ) -> None:
     """Serve /v1/infer: each request gets the most accurate path within its budget."""
     try:
@@ -365,7 +371,7 @@ def serve_cmd(
 
     if max_batch < 1 or max_wait_ms < 0:
         raise DynavitError("--max-batch must be >= 1 and --max-wait-ms >= 0")
-    dm, ctrl = load_for_store(model, store, device, profile_runs)
+    dm, ctrl = load_for_store(model, store, device, profile_runs, rule=rule, target_miss=target_miss)
     app = create_app(dm, ctrl, token=token, max_body_bytes=int(max_body_mb * 2**20),
                      max_pixels=int(max_megapixels * 1e6), max_batch=max_batch, max_wait_ms=max_wait_ms)
     console.print(f"serving {dm.source} with {len(ctrl.entries)} paths on http://{host}:{port}")

@@ -23,12 +23,29 @@ the front by what it measured; its runs also seed the jitter window, so the tail
 before the first frame. Until ``min_obs`` inferences were observed, ``p95_c * g`` is used (g: an
 exponentially weighted mean of observed / p95).
 
-A config is chosen when ``predicted_c <= budget`` once the tail is measured (the quantile *is*
-the safety margin; a further 5 % on top of it cost 4.5 pt top-1 at the same misses in one
-DeiT-tiny trace), and when ``predicted_c * (1 + margin) <= budget`` before that and for an
-uncorrected controller. When nothing fits, the cheapest config is returned with
-``budget_met=False``: a miss is always reported, never silent. MACs are exact and need no
-correction; energy is scaled by g.
+Choosing under a latency budget, once the tail is measured, spends the miss allowance where it
+buys the most quality. Each config's chance of missing, ``risk_c = P(jitter > budget /
+(p50_c * level * r_c))``, is read off the jitter window, and the controller picks
+
+    argmax_c  quality_c - price * risk_c
+
+``price`` (quality per expected miss) is a dual variable: ``price0 + price_step * deficit``,
+where ``deficit`` counts realised misses minus ``target_miss`` per frame (``observe(...,
+budget_ms=...)`` feeds it), floored at ``-miss_credit`` so that a long easy stretch cannot bank
+enough allowance to gamble with later. It is an integral controller: misses raise the price and
+make the next choices safer until the realised rate is back at the target; frames that could not
+have missed anyway (a menu is discrete, and most budgets fall well above the chosen path) leave
+allowance that later frames spend where the next path up is worth it. A fixed per-frame
+quantile rule wastes that allowance (docs/benchmarks.md compares both on DeiT-tiny).
+``predict()`` still returns the (1 - target_miss) quantile; ``rule="quantile"`` chooses by it
+(``predicted_c <= budget``), for users who need every single frame to have at most
+``target_miss`` chance of missing rather than the run as a whole.
+
+Before the tail is measured, and for an uncorrected controller, a config is chosen when
+``predicted_c * (1 + margin) <= budget``. When no config has a better than even chance (or,
+for other budgets, none fits), the cheapest config is returned with ``budget_met=False``: a
+miss is always reported, never silent. MACs are exact and need no correction; energy is scaled
+by g.
 """
 
 from __future__ import annotations
@@ -50,6 +67,7 @@ from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
 
 BUDGETS = ("latency_ms", "energy_mj", "gmacs")
+RULES = ("priced", "quantile")  # how a measured jitter tail is used: see the module docstring
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,7 @@ class Choice:
     predicted: float | None  # predicted cost in the budget's unit
     budget: float
     kind: str
+    miss_risk: float | None = None  # predicted chance of missing a latency budget, once the tail is measured
 
     @property
     def config(self) -> ExecConfig:
@@ -96,16 +115,24 @@ class _Correction:
     jitter: deque[float] = field(default_factory=deque)  # (observed / p50) / level: the tail
     level: float = 1.0  # median of ``recent``, updated per observation (not per prediction)
     tail: float = 1.0  # (1 - target_miss) quantile of ``jitter``, likewise
+    sorted_jitter: np.ndarray = field(default_factory=lambda: np.empty(0))  # for miss risks
+    deficit: float = 0.0  # realised misses minus target_miss per frame, at least -miss_credit
 
 
 class Controller:
     def __init__(self, entries: Sequence[Entry], *, model: Any = None, margin: float = 0.05, alpha: float = 0.3,
                  beta: float = 0.05, correct: bool = True, target_miss: float = 0.01, window: int = 256,
-                 level_window: int = 9, min_obs: int = 8) -> None:
+                 level_window: int = 9, min_obs: int = 8, price0: float = 1.0, price_step: float = 0.3,
+                 miss_credit: float = 2.0, rule: str = "priced") -> None:
         if not entries:
             raise DynavitError("the controller needs at least one config in its menu")
         if not 0 < target_miss < 1 or window < 1 or level_window < 1 or margin < 0:
             raise DynavitError("need 0 < target_miss < 1, window >= 1, level_window >= 1 and margin >= 0")
+        if price0 < 0 or price_step < 0 or miss_credit < 0:
+            raise DynavitError("need price0 >= 0, price_step >= 0 and miss_credit >= 0")
+        if rule not in RULES:
+            raise DynavitError(f"unknown rule {rule!r} (choose from {', '.join(RULES)})")
+        self.price0, self.price_step, self.miss_credit, self.rule = price0, price_step, miss_credit, rule
         self.entries = list(entries)
         self.model = model
         self.margin, self.alpha, self.beta, self.correct = margin, alpha, beta, correct
@@ -221,7 +248,7 @@ class Controller:
         c = self._c = _Correction(recent=deque(maxlen=old.recent.maxlen), jitter=deque(maxlen=old.jitter.maxlen))
         c.jitter.extend(ms / p50[i] for i, ms in log if i in kept)
         if c.jitter:
-            c.tail = float(np.quantile(np.fromiter(c.jitter, float), 1 - self.target_miss))
+            self._refresh_tail()
         return self
 
     # ---- prediction ------------------------------------------------------------------------------
@@ -256,6 +283,29 @@ class Controller:
     def _tail_known(self) -> bool:
         return len(self._c.jitter) >= self.min_obs
 
+    def _refresh_tail(self) -> None:
+        c = self._c
+        c.sorted_jitter = np.sort(np.fromiter(c.jitter, float))
+        c.tail = float(np.quantile(c.sorted_jitter, 1 - self.target_miss))
+
+    def miss_risk(self, e: Entry, budget_ms: float, batch: int = 1) -> float | None:
+        """The chance that ``e`` overruns ``budget_ms``: the share of the jitter window above the slack.
+
+        None until the tail is measured (and for an uncorrected controller): no distribution yet.
+        """
+        median = self._median_ms(e, batch)
+        if median is None or not self.correct or not self._tail_known:
+            return None
+        c = self._c
+        slack = budget_ms / (median * c.level * c.r.get(e.config, 1.0))
+        j = c.sorted_jitter
+        return float(len(j) - np.searchsorted(j, slack, side="right")) / len(j)
+
+    @property
+    def price(self) -> float:
+        """Quality one expected miss costs in ``select``: rises with recent misses above the target."""
+        return max(0.0, self.price0 + self.price_step * self._c.deficit)
+
     @property
     def tail(self) -> float:
         """The jitter factor a deadline must survive: a high quantile of observed / expected."""
@@ -272,18 +322,32 @@ class Controller:
         if not priced:
             raise DynavitError(f"no config in the menu has a {kind} measurement (was the sweep run on a GPU "
                                "with an energy counter?)" if kind == "energy_mj" else f"no {kind} in the menu")
+        measured_tail = kind == "latency_ms" and self.correct and self._tail_known
+        if measured_tail and self.rule == "priced":
+            return self._priced(priced, budget, batch)
         # the margin guards predictions without a measured tail; a measured tail already is the margin
-        guarded = kind == "gmacs" or (kind == "latency_ms" and self.correct and self._tail_known)
-        slack = 1.0 if guarded else 1.0 + self.margin
+        slack = 1.0 if kind == "gmacs" or measured_tail else 1.0 + self.margin
         fits = [(e, p) for e, p in priced if p * slack <= budget]
-        if fits:
-            e, p = max(fits, key=lambda ep: (ep[0].quality, -ep[1]))
-            return Choice(e, True, p, budget, kind)
-        e, p = min(priced, key=lambda ep: ep[1])
-        return Choice(e, False, p, budget, kind)
+        met = bool(fits)
+        e, p = max(fits, key=lambda ep: (ep[0].quality, -ep[1])) if fits else min(priced, key=lambda ep: ep[1])
+        return Choice(e, met, p, budget, kind, self.miss_risk(e, budget, batch) if kind == "latency_ms" else None)
 
-    def observe(self, config: ExecConfig, measured_ms: float, batch: int = 1) -> None:
-        """Feed back a measured latency of ``config``; updates the slowdown estimates."""
+    def _priced(self, priced: list[tuple[Entry, float]], budget: float, batch: int) -> Choice:
+        risky = [(e, p, self.miss_risk(e, budget, batch)) for e, p in priced]
+        likely = [t for t in risky if t[2] is not None and t[2] <= 0.5]
+        if not likely:  # nothing has an even chance: the cheapest, flagged
+            e, p, r = min(risky, key=lambda t: t[1])
+            return Choice(e, False, p, budget, "latency_ms", r)
+        price = self.price
+        e, p, r = max(likely, key=lambda t: (t[0].quality - price * t[2], -t[1]))
+        return Choice(e, True, p, budget, "latency_ms", r)
+
+    def observe(self, config: ExecConfig, measured_ms: float, batch: int = 1, *,
+                budget_ms: float | None = None) -> None:
+        """Feed back a measured latency of ``config``; updates the slowdown estimates.
+
+        ``budget_ms``: the latency budget it ran under, so that misses are counted against the target.
+        """
         e = next((x for x in self.entries if x.config == config), None)
         if e is None or not math.isfinite(measured_ms) or measured_ms <= 0:
             return
@@ -295,13 +359,15 @@ class Controller:
         if not self.correct:
             return
         c = self._c
+        if budget_ms is not None:
+            c.deficit = max(-self.miss_credit, c.deficit + float(measured_ms > budget_ms) - self.target_miss)
         r = c.r.get(config, 1.0)
         c.g = (1 - self.alpha) * c.g + self.alpha * measured_ms / (base * r)
         ratio = measured_ms / self._median_ms(e, batch)
         c.recent.append(ratio)
         c.level = level = float(np.median(np.fromiter(c.recent, float)))
         c.jitter.append(ratio / (level * r))
-        c.tail = float(np.quantile(np.fromiter(c.jitter, float), 1 - self.target_miss))
+        self._refresh_tail()
         c.r[config] = (1 - self.beta) * r + self.beta * ratio / level  # this path vs the rest
 
     @property
@@ -326,7 +392,7 @@ class Controller:
             out = dm(x)
         sync()
         ms = (time.perf_counter() - t0) * 1e3
-        self.observe(choice.config, ms, len(x))
+        self.observe(choice.config, ms, len(x), budget_ms=choice.budget if choice.kind == "latency_ms" else None)
         met = ms <= choice.budget if choice.kind == "latency_ms" else None
         return Outcome(out, choice, ms, met)
 
@@ -343,7 +409,8 @@ class Controller:
         finally:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.observe(choice.config, (time.perf_counter() - t0) * 1e3, batch)
+            self.observe(choice.config, (time.perf_counter() - t0) * 1e3, batch,
+                         budget_ms=choice.budget if choice.kind == "latency_ms" else None)
             dm.configure(previous)
 
 

@@ -109,12 +109,15 @@ class PolicyStats:
     correct: list[bool] = field(default_factory=list)
     met: list[bool] = field(default_factory=list)
     configs: list[str] = field(default_factory=list)
+    quality: list[float] = field(default_factory=list)  # the chosen config's menu quality
 
     def summary(self, sl: slice = slice(None)) -> dict[str, float]:
         met, corr, lat = self.met[sl], self.correct[sl], self.latency_ms[sl]
         n = len(met)
+        # menu_top1: the chosen configs' top-1 over all the sweep's images, free of which image each frame drew
         return {"frames": n, "misses": n - int(sum(met)), "miss_rate": (n - sum(met)) / n if n else math.nan,
                 "top1": float(np.mean(corr)) if n else math.nan,
+                "menu_top1": float(np.mean(self.quality[sl])) if n else math.nan,
                 "latency_p50_ms": float(np.median(lat)) if n else math.nan}
 
 
@@ -204,7 +207,7 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
             ctrl = controller if name == "controller" else plain
             e = ctrl.select(latency_ms=float(budget)).entry
             ms, pred = timed(e.config, x)
-            ctrl.observe(e.config, ms)
+            ctrl.observe(e.config, ms, budget_ms=float(budget))
             return e, ms, pred
         e = {"default": default, "smallest": smallest, "static": static}[name]
         return (e, *timed(e.config, x))
@@ -227,6 +230,7 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
                     st.met.append(ms <= budget)
                     st.correct.append(pred == label)
                     st.configs.append(e.label)
+                    st.quality.append(e.quality)
                     if name == "controller":
                         slowdown.append(controller.slowdown)
                     bar.update(1)

@@ -7,10 +7,11 @@ from typing import Any
 
 
 def load_for_store(model: str | None, store: str | Path, device: str = "cpu",
-                   profile_runs: int = 0) -> tuple[Any, Any]:
+                   profile_runs: int = 0, **controller: Any) -> tuple[Any, Any]:
     """The model as the store's sweep measured it (same calibration, same multiplexed models) and its controller.
 
-    ``profile_runs`` > 0 re-measures the menu on this machine first (``Controller.profile``).
+    ``profile_runs`` > 0 re-measures the menu on this machine first (``Controller.profile``); ``controller``:
+    further ``Controller`` options (``rule``, ``target_miss``, ...).
     """
     from dynavit.errors import DynavitError
     from dynavit.models import load
@@ -29,4 +30,4 @@ def load_for_store(model: str | None, store: str | Path, device: str = "cpu",
     for folder in target.get("multiplexers") or ():
         dm.add_multiplexer(folder)
     probe = dm.example_input() if profile_runs else None
-    return dm, Controller.from_store(store, model=dm, probe=probe, runs=profile_runs)
+    return dm, Controller.from_store(store, model=dm, probe=probe, runs=profile_runs, **controller)

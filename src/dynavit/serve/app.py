@@ -323,7 +323,8 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
         out, model_ms, batch = await state["batcher"].submit(entry.config, job)
         total_ms = (time.perf_counter() - t0) * 1e3
         passes = math.ceil(batch / entry.config.mux)  # what the sweep timed: one image, or one pass of N
-        controller.observe(entry.config, model_ms / passes if passes > 1 else model_ms)
+        controller.observe(entry.config, model_ms / passes if passes > 1 else model_ms,  # what it was given
+                           budget_ms=select.get("latency_ms") if kind == "latency_ms" else None)
         met = total_ms <= budget if kind == "latency_ms" else (budget_ok if kind != "config" else None)
         if kind == "latency_ms" and not met:
             metrics.misses.inc()

@@ -129,7 +129,8 @@ def cpu_name() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{cpu_name()} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu:{cpu_name()} ({n} thread{'s' if n != 1 else ''})"
 
 
 def versions() -> dict[str, str]:
