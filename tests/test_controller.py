@@ -264,3 +264,24 @@ def test_priced_controller_holds_the_miss_target_on_a_jittery_machine() -> None:
     assert 0.003 <= rate <= 0.015
     cautious_rate, quality_cautious = run(price0=100.0, price_step=0.0)  # never trades risk for quality
     assert cautious_rate < rate and quality_priced > quality_cautious + 0.005
+
+
+def test_price_is_bounded_and_ignores_misses_that_nothing_could_avoid() -> None:
+    menu = [Entry(MID, 0.75, latency_ms=6.6, latency_p50_ms=6.0), Entry(FULL, 0.85, latency_ms=8.8, latency_p50_ms=8.0)]
+    c = Controller(menu, miss_debt=10.0, miss_credit=2.0)
+    _spiky(c, FULL, 8.0)
+    p0 = c.price
+    c.observe(MID, 6.0, budget_ms=3.0)  # risk 1 when chosen: a predicted miss does not raise the price
+    assert c.price == pytest.approx(p0)
+    for _ in range(4):
+        c.observe(FULL, 12.0, budget_ms=10.0)  # unexpected misses (risk ~5 %) do
+    assert c.price > 2 * p0
+    for _ in range(200):  # a long stretch of them (spikes too rare to move the level): the price stops at its bound
+        c.observe(FULL, 12.0, budget_ms=10.0)
+        c.observe(FULL, 8.0)
+        c.observe(FULL, 8.0)
+    assert c.miss_risk(menu[1], 10.0) < 0.5
+    assert c.price == pytest.approx(c.price0 * np.exp(c.price_step * 10.0))
+    for _ in range(5000):  # and an easy stretch cannot bank more than miss_credit
+        c.observe(MID, 6.0, budget_ms=20.0)
+    assert c.price == pytest.approx(c.price0 * np.exp(-c.price_step * 2.0))

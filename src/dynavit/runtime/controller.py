@@ -29,15 +29,18 @@ buys the most quality. Each config's chance of missing, ``risk_c = P(jitter > bu
 
     argmax_c  quality_c - price * risk_c
 
-``price`` (quality per expected miss) is a dual variable: ``price0 + price_step * deficit``,
+``price`` (quality per expected miss) is a dual variable, ``price0 * exp(price_step * deficit)``,
 where ``deficit`` counts realised misses minus ``target_miss`` per frame (``observe(...,
-budget_ms=...)`` feeds it), floored at ``-miss_credit`` so that a long easy stretch cannot bank
-enough allowance to gamble with later. It is an integral controller: misses raise the price and
-make the next choices safer until the realised rate is back at the target; frames that could not
+budget_ms=...)`` feeds it). It is an integral controller: misses raise the price and make the
+next choices safer until the realised rate is back at the target, while frames that could not
 have missed anyway (a menu is discrete, and most budgets fall well above the chosen path) leave
-allowance that later frames spend where the next path up is worth it. A fixed per-frame
-quantile rule wastes that allowance (docs/benchmarks.md compares both on DeiT-tiny).
-``predict()`` still returns the (1 - target_miss) quantile; ``rule="quantile"`` chooses by it
+allowance that later frames spend where the next path up is worth it. The exponential makes the
+step relative, so the controller finds the right price whatever the menu's quality scale. The
+deficit is kept within ``[-miss_credit, miss_debt]``: a long easy stretch cannot bank enough
+allowance to gamble with later, and a stretch of overload cannot leave the price high for
+thousands of frames; misses whose risk was above even odds when chosen (nothing fitted) do not
+count. A fixed per-frame quantile rule wastes the allowance (docs/benchmarks.md compares both
+on DeiT-tiny). ``predict()`` still returns the (1 - target_miss) quantile; ``rule="quantile"`` chooses by it
 (``predicted_c <= budget``), for users who need every single frame to have at most
 ``target_miss`` chance of missing rather than the run as a whole.
 
@@ -123,16 +126,17 @@ class Controller:
     def __init__(self, entries: Sequence[Entry], *, model: Any = None, margin: float = 0.05, alpha: float = 0.3,
                  beta: float = 0.05, correct: bool = True, target_miss: float = 0.01, window: int = 256,
                  level_window: int = 9, min_obs: int = 8, price0: float = 1.0, price_step: float = 0.3,
-                 miss_credit: float = 2.0, rule: str = "priced") -> None:
+                 miss_credit: float = 2.0, miss_debt: float = 10.0, rule: str = "priced") -> None:
         if not entries:
             raise DynavitError("the controller needs at least one config in its menu")
         if not 0 < target_miss < 1 or window < 1 or level_window < 1 or margin < 0:
             raise DynavitError("need 0 < target_miss < 1, window >= 1, level_window >= 1 and margin >= 0")
-        if price0 < 0 or price_step < 0 or miss_credit < 0:
-            raise DynavitError("need price0 >= 0, price_step >= 0 and miss_credit >= 0")
+        if price0 <= 0 or price_step < 0 or miss_credit < 0 or miss_debt < 0:
+            raise DynavitError("need price0 > 0 and price_step, miss_credit, miss_debt >= 0")
         if rule not in RULES:
             raise DynavitError(f"unknown rule {rule!r} (choose from {', '.join(RULES)})")
-        self.price0, self.price_step, self.miss_credit, self.rule = price0, price_step, miss_credit, rule
+        self.price0, self.price_step, self.rule = price0, price_step, rule
+        self.miss_credit, self.miss_debt = miss_credit, miss_debt
         self.entries = list(entries)
         self.model = model
         self.margin, self.alpha, self.beta, self.correct = margin, alpha, beta, correct
@@ -304,7 +308,7 @@ class Controller:
     @property
     def price(self) -> float:
         """Quality one expected miss costs in ``select``: rises with recent misses above the target."""
-        return max(0.0, self.price0 + self.price_step * self._c.deficit)
+        return self.price0 * math.exp(self.price_step * self._c.deficit)
 
     @property
     def tail(self) -> float:
@@ -359,8 +363,10 @@ class Controller:
         if not self.correct:
             return
         c = self._c
-        if budget_ms is not None:
-            c.deficit = max(-self.miss_credit, c.deficit + float(measured_ms > budget_ms) - self.target_miss)
+        risk = None if budget_ms is None else self.miss_risk(e, budget_ms, batch)
+        if risk is not None and risk <= 0.5:  # a miss predicted anyway (nothing fitted) is not the price's doing
+            c.deficit = min(self.miss_debt, max(-self.miss_credit,
+                                                c.deficit + float(measured_ms > budget_ms) - self.target_miss))
         r = c.r.get(config, 1.0)
         c.g = (1 - self.alpha) * c.g + self.alpha * measured_ms / (base * r)
         ratio = measured_ms / self._median_ms(e, batch)
