@@ -69,6 +69,7 @@ def test_health_ready_configs_metrics(client) -> None:
     assert [c["name"] for c in menu] == ["p0", "p1", "p2"] and menu[2]["label"] == "default"
     text = client.get("/metrics").text
     assert "dynavit_requests_total" in text and "dynavit_infer_latency_ms_bucket" in text
+    assert "dynavit_slowdown " in text and "dynavit_miss_price " in text
 
 
 def test_infer_raw_and_multipart(client) -> None:

@@ -170,8 +170,8 @@ class Batcher:
 class Metrics:
     """Prometheus metrics on a private registry (several apps may live in one process)."""
 
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+    def __init__(self, controller: Controller | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
         self.requests = Counter("dynavit_requests_total", "HTTP requests", ["endpoint", "status"],
@@ -187,6 +187,11 @@ class Metrics:
                               registry=self.registry)
         self.per_config = Counter("dynavit_config_requests_total", "Inferences per chosen config", ["config"],
                                   registry=self.registry)
+        if controller is not None:  # read at scrape time: what the controller believes now
+            Gauge("dynavit_slowdown", "Machine slowdown the controller estimates (observed / measured median)",
+                  registry=self.registry).set_function(lambda: controller.slowdown)
+            Gauge("dynavit_miss_price", "Top-1 one expected budget miss costs in the controller's choice; rises "
+                  "with misses above the target", registry=self.registry).set_function(lambda: controller.price)
 
 
 def _names(entries: list[Entry]) -> dict[str, Entry]:
@@ -200,7 +205,7 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
     """The FastAPI app (``dynavit serve`` runs it with uvicorn)."""
     names = _names(controller.entries)
     by_label = {e.label: n for n, e in names.items()}
-    metrics = Metrics()
+    metrics = Metrics(controller)
     state: dict[str, Any] = {"ready": False}
 
     @contextlib.asynccontextmanager
