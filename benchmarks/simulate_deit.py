@@ -17,6 +17,7 @@ Writes the ``simulate`` section of docs/benchmarks.md and docs/img/simulate_load
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import sys
 from pathlib import Path
@@ -76,8 +77,13 @@ def main() -> None:
     frames = data.frames()
     probe = frames[0][0]
 
-    def profiled(rule: str = "priced") -> Controller:  # as deployed: the menu re-measured at start-up
-        return Controller.from_store(args.store, model=dm, probe=probe, runs=args.profile_runs, rule=rule)
+    def profiled() -> Controller:  # as deployed: the menu re-measured at start-up
+        return Controller.from_store(args.store, model=dm, probe=probe, runs=args.profile_runs)
+
+    def same_start(ctrl: Controller, rule: str) -> Controller:  # same menu, same measured tail: a paired comparison
+        twin = copy.deepcopy(ctrl, {id(dm): dm})
+        twin.rule = rule
+        return twin
 
     cmd = "`.venv/bin/python benchmarks/simulate_deit.py " + " ".join(sys.argv[1:]) + "`"
     stored = Controller.from_store(args.store, model=dm)
@@ -92,15 +98,17 @@ def main() -> None:
              "else runs between its frames); the oracle runs every path on each frame and keeps the most accurate "
              "one that fitted. A miss is a measured forward time above the frame's budget. The *controller* "
              "uses the priced rule (spends the 1 % miss allowance where it buys the most top-1); the *quantile "
-             "rule* row is the same profiled controller choosing by the 99th-percentile prediction, frame by "
-             "frame. *Menu top-1* is the mean over frames of the chosen path's top-1 on all the sweep's images: "
-             "the same comparison without the luck of which image each frame drew.", ""]
+             "rule* row starts from the same profile (same menu, same measured tail) and chooses by the "
+             "99th-percentile prediction, frame by frame. *Menu top-1* is the mean over frames of the chosen "
+             "path's top-1 on all the sweep's images: the same comparison without the luck of which image each "
+             "frame drew.", ""]
     loaded = None
     for threads in args.threads:
         torch.set_num_threads(threads)
         runs, menus = [], []
         for _ in range(args.repeats):
             ctrl = profiled()
+            quantile_ctrl = same_start(ctrl, "quantile")
             if not menus:
                 lo, hi = default_bounds(ctrl)
                 budgets = make_trace("random-walk", args.frames, lo, hi, seed=0)
@@ -109,7 +117,7 @@ def main() -> None:
             base = simulate(dm, Controller.from_store(args.store, model=dm), frames, budgets,
                             policies=("controller",), progress=False)
             run.policies["stored menu"] = base.policies["controller"]
-            quantile = simulate(dm, profiled("quantile"), frames, budgets, policies=("controller",), progress=False)
+            quantile = simulate(dm, quantile_ctrl, frames, budgets, policies=("controller",), progress=False)
             run.policies["quantile rule"] = quantile.policies["controller"]
             runs.append(run)
         lines += repeated(runs, f"**{threads} thread{'s' if threads > 1 else ''}**, no competing load "
