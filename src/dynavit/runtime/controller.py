@@ -40,9 +40,9 @@ deficit is kept within ``[-miss_credit, miss_debt]``: a long easy stretch cannot
 allowance to gamble with later, and a stretch of overload cannot leave the price high for
 thousands of frames; misses whose risk was above even odds when chosen (nothing fitted) do not
 count. A fixed per-frame quantile rule wastes the allowance (docs/benchmarks.md compares both
-on DeiT-tiny). ``predict()`` still returns the (1 - target_miss) quantile; ``rule="quantile"`` chooses by it
-(``predicted_c <= budget``), for users who need every single frame to have at most
-``target_miss`` chance of missing rather than the run as a whole.
+on DeiT-tiny). ``predict()`` still returns the (1 - target_miss) quantile, and
+``rule="quantile"`` chooses by it (``predicted_c <= budget``), for users who need every single
+frame to have at most ``target_miss`` chance of missing rather than the run as a whole.
 
 Before the tail is measured, and for an uncorrected controller, a config is chosen when
 ``predicted_c * (1 + margin) <= budget``. When no config has a better than even chance (or,
@@ -119,7 +119,7 @@ class _Correction:
     level: float = 1.0  # median of ``recent``, updated per observation (not per prediction)
     tail: float = 1.0  # (1 - target_miss) quantile of ``jitter``, likewise
     sorted_jitter: np.ndarray = field(default_factory=lambda: np.empty(0))  # for miss risks
-    deficit: float = 0.0  # realised misses minus target_miss per frame, at least -miss_credit
+    deficit: float = 0.0  # realised misses minus target_miss per frame, in [-miss_credit, miss_debt]
 
 
 class Controller:
