@@ -222,14 +222,14 @@ def _spiky(c: Controller, config: ExecConfig, p50: float, n: int = 200) -> None:
 
 def test_priced_selection_spends_the_miss_allowance_where_it_pays() -> None:
     menu = [Entry(MID, 0.75, latency_ms=6.6, latency_p50_ms=6.0), Entry(FULL, 0.85, latency_ms=8.8, latency_p50_ms=8.0)]
-    c = Controller(menu, target_miss=0.01)
+    c = Controller(menu, target_miss=0.01, price0=1.0)  # one expected miss costs 1.0 top-1 (100 pt)
     _spiky(c, FULL, 8.0)
     assert c.predict(menu[1]) == pytest.approx(12.0, rel=0.05)  # the 99th percentile overruns a 10 ms budget...
     ch = c.select(latency_ms=10)
     assert ch.config == FULL and ch.budget_met and ch.miss_risk == pytest.approx(0.05, abs=0.01)  # +10 pt: worth 5 %
     cheap_gain = [Entry(MID, 0.75, latency_ms=6.6, latency_p50_ms=6.0),
                   Entry(FULL, 0.77, latency_ms=8.8, latency_p50_ms=8.0)]
-    c2 = Controller(cheap_gain, target_miss=0.01)
+    c2 = Controller(cheap_gain, target_miss=0.01, price0=1.0)
     _spiky(c2, FULL, 8.0)
     assert c2.select(latency_ms=10).config == MID  # +2 pt is not worth a 5 % chance of missing
     for _ in range(5):  # five misses in a row raise the price of risk ...
