@@ -88,9 +88,13 @@ def test_killed_sweep_resumes_with_exactly_the_rows_of_an_uninterrupted_one(asse
     sim = _run([*DYNAVIT, "simulate", "--store", str(killed), "--trace", "step", "--frames", "8",
                 "--json", str(tmp_path / "sim.json")])
     assert sim.returncode == 0, sim.stderr
-    policies = json.loads((tmp_path / "sim.json").read_text())["policies"]
+    sim_json = json.loads((tmp_path / "sim.json").read_text())
+    policies = sim_json["policies"]
     assert [p["policy"] for p in policies] == ["controller", "uncorrected", "default", "smallest", "static", "oracle"]
     assert all(p["frames"] == 8 for p in policies)
+    oracle = next(p for p in policies if p["policy"] == "oracle")
+    assert set(sim_json["bounds"]) == {"speed known", "speed unknown"} and "bound: speed known" in sim.stdout
+    assert all(b["menu_top1"] <= oracle["menu_top1"] + 1e-9 for b in sim_json["bounds"].values())
 
 
 def test_read_only_store_is_a_clear_error_and_stays_intact(assets, tmp_path) -> None:

@@ -289,7 +289,7 @@ def simulate_cmd(
 ) -> None:
     """Run real inferences frame by frame against per-frame budgets: controller vs baselines."""
     from dynavit.runtime import Controller
-    from dynavit.runtime.simulate import default_bounds, load_trace, make_trace, plot_trace, simulate
+    from dynavit.runtime.simulate import default_bounds, hindsight_bounds, load_trace, make_trace, plot_trace, simulate
     from dynavit.sweep.run import SweepTarget
     from dynavit.sweep.store import ResultStore
 
@@ -329,11 +329,15 @@ def simulate_cmd(
         if res.load_frame is not None:
             cells += [str(row["misses_before_load"]), str(row["misses_under_load"])]
         t.add_row(*cells)
+    bounds = hindsight_bounds(res, ctrl.entries, target_miss)
+    for name, b in bounds.items():  # what knowing the machine's speed (not each run's own jitter) would reach
+        t.add_row(f"bound: {name}", str(round(b["miss_rate"] * len(budgets))), f"{100 * b['miss_rate']:.1f}", "",
+                  f"{100 * b['menu_top1']:.1f}", "", *[""] * (len(cols) - 6))
     (console if console.is_terminal else Console(width=150)).print(t)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"trace": trace, "budgets": budgets.tolist(), "load_frame": res.load_frame,
-                                        "policies": res.table()}, indent=2))
+                                        "policies": res.table(), "bounds": bounds}, indent=2))
         console.print(f"wrote {json_out}")
     if plot:
         console.print(f"wrote {plot_trace(res, plot)}")

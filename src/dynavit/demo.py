@@ -133,5 +133,8 @@ def run_demo(out: Path, *, limit: int | None = None, console: Console | None = N
             console.print(f"{k}: {m['value']:.4f} ({ci}) on {res.n_images} images")
         summary["sweep"] = _sweep(deit, data, out, limit, console)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"[bold]wrote[/] {', '.join(sorted(p.name for p in out.iterdir()))} to {out}/")
+    ours = [f"{m}_profile.{ext}" for m in ("deit_tiny", "segformer_b2") for ext in ("txt", "json")]
+    ours += ["deit_tiny_flops_vs_time.png", "segformer_b2_flops_vs_time.png", "deit_tiny_eval.json", "calibration",
+             "sweep.db", "report", "summary.json"]  # not whatever else lives in ``out`` (benchmarks write there too)
+    console.print(f"[bold]wrote[/] {', '.join(n for n in ours if (out / n).exists())} to {out}/")
     return summary

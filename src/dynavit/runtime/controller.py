@@ -3,18 +3,25 @@
 The menu is a sweep's Pareto front (or any table of config -> quality, cost). Latency is
 predicted, not known, and it varies twice over: the machine's speed drifts (other processes,
 thermal limits, frequency scaling), and single runs jitter (caches, scheduling). Predictions are
-corrected online from what the controller observes, as a slow level times a fast jitter:
+corrected online from what the controller observes, as a level (the machine's speed now)
+times a jitter (each run's own):
 
     predicted_c = p50_c * level * tail * r_c
 
 - ``p50_c``: the config's measured batch-1 median latency from the sweep;
-- ``level``: the median of observed / p50 over the last ``level_window`` inferences of *any*
-  path. A slowdown caused by other load slows every path while only the chosen one is observed,
-  so one level serves all. The median ignores single spikes and follows a sustained change
-  within a few inferences, down to cheaper paths and back up;
-- ``tail``: the (1 - target_miss) quantile of (observed / p50) / level over the last
-  ``window`` inferences: the jitter a deadline must survive. A sweep measures p50 with warm
-  caches, one config at a time; at run time paths and images alternate and the tail is wider;
+- ``level``: the machine's current speed, an exponentially weighted geometric mean (weight
+  ``level_alpha``) of observed / p50 over the inferences of *any* path. A slowdown caused
+  by other load slows every path while only the chosen one is observed, so one level serves
+  all. It follows the last few runs closely because slowdowns persist: on the 2-core VM the
+  log-latency of consecutive inferences correlates at 0.5-0.9, and the last runs predict the
+  next better than a median of nine (the 99th-percentile one-step error shrinks from 1.22x to
+  1.17x at one thread and from 1.37x to 1.28x at two; ``benchmarks/jitter_deit.py``). A single
+  spike raises the level for a few runs; the errors that follow are in the window too;
+- ``tail``: the (1 - target_miss) quantile of the last ``window`` one-step errors, observed /
+  (p50 * level * r) with the level from *before* the run: the jitter a deadline must survive,
+  measured exactly as the prediction that chose the run was made. A sweep measures p50 with
+  warm caches, one config at a time; at run time paths and images alternate and the tail is
+  wider;
 - ``r_c``: a slow per-path residual (beta), for paths whose speed changed unlike the rest.
 
 ``profile(x)`` re-measures the menu where and when it will run (a sweep's latencies come from
@@ -116,9 +123,9 @@ class Outcome:
 class _Correction:
     g: float = 1.0  # exponentially weighted mean of observed / expected (p95-based)
     r: dict[ExecConfig, float] = field(default_factory=dict)
-    recent: deque[float] = field(default_factory=deque)  # observed / p50, all paths: the level
-    jitter: deque[float] = field(default_factory=deque)  # (observed / p50) / level: the tail
-    level: float = 1.0  # median of ``recent``, updated per observation (not per prediction)
+    jitter: deque[float] = field(default_factory=deque)  # observed / predicted median: one-step errors
+    level: float = 1.0  # exponentially weighted geometric mean of observed / p50, all paths
+    observed: int = 0  # latencies fed back since the last profile
     tail: float = 1.0  # (1 - target_miss) quantile of ``jitter``, likewise
     sorted_jitter: np.ndarray = field(default_factory=lambda: np.empty(0))  # for miss risks
     deficit: float = 0.0  # realised misses minus target_miss per frame, in [-miss_credit, miss_debt]
@@ -127,12 +134,12 @@ class _Correction:
 class Controller:
     def __init__(self, entries: Sequence[Entry], *, model: Any = None, margin: float = 0.05, alpha: float = 0.3,
                  beta: float = 0.05, correct: bool = True, target_miss: float = 0.01, window: int = 256,
-                 level_window: int = 9, min_obs: int = 8, price0: float = 3.0, price_step: float = 0.3,
+                 level_alpha: float = 0.5, min_obs: int = 8, price0: float = 3.0, price_step: float = 0.3,
                  miss_credit: float = 2.0, miss_debt: float = 10.0, rule: str = "priced") -> None:
         if not entries:
             raise DynavitError("the controller needs at least one config in its menu")
-        if not 0 < target_miss < 1 or window < 1 or level_window < 1 or margin < 0:
-            raise DynavitError("need 0 < target_miss < 1, window >= 1, level_window >= 1 and margin >= 0")
+        if not 0 < target_miss < 1 or window < 1 or not 0 < level_alpha <= 1 or margin < 0:
+            raise DynavitError("need 0 < target_miss < 1, window >= 1, 0 < level_alpha <= 1 and margin >= 0")
         if price0 <= 0 or price_step < 0 or miss_credit < 0 or miss_debt < 0:
             raise DynavitError("need price0 > 0 and price_step, miss_credit, miss_debt >= 0")
         if rule not in RULES:
@@ -142,8 +149,8 @@ class Controller:
         self.entries = list(entries)
         self.model = model
         self.margin, self.alpha, self.beta, self.correct = margin, alpha, beta, correct
-        self.target_miss, self.min_obs = target_miss, min_obs
-        self._c = _Correction(recent=deque(maxlen=level_window), jitter=deque(maxlen=window))
+        self.target_miss, self.min_obs, self.level_alpha = target_miss, min_obs, level_alpha
+        self._c = _Correction(jitter=deque(maxlen=window))
         self.history: list[tuple[ExecConfig, float, float]] = []  # (config, predicted ms, observed ms)
 
     # ---- construction ----------------------------------------------------------------------------
@@ -251,7 +258,7 @@ class Controller:
             keep = front_indices([e.latency_ms or math.inf for e in entries], [e.quality for e in entries])
         self.entries = [entries[i] for i in keep]
         old, kept = self._c, set(keep)
-        c = self._c = _Correction(recent=deque(maxlen=old.recent.maxlen), jitter=deque(maxlen=old.jitter.maxlen))
+        c = self._c = _Correction(jitter=deque(maxlen=old.jitter.maxlen))
         c.jitter.extend(ms / p50[i] for i, ms in log if i in kept)
         if c.jitter:
             self._refresh_tail()
@@ -372,16 +379,17 @@ class Controller:
         r = c.r.get(config, 1.0)
         c.g = (1 - self.alpha) * c.g + self.alpha * measured_ms / (base * r)
         ratio = measured_ms / self._median_ms(e, batch)
-        c.recent.append(ratio)
-        c.level = level = float(np.median(np.fromiter(c.recent, float)))
-        c.jitter.append(ratio / (level * r))
+        c.jitter.append(ratio / (c.level * r))  # the error of the prediction this run was chosen by
         self._refresh_tail()
-        c.r[config] = (1 - self.beta) * r + self.beta * ratio / level  # this path vs the rest
+        c.r[config] = (1 - self.beta) * r + self.beta * ratio / c.level  # this path vs the rest
+        a = self.level_alpha
+        c.level = c.level ** (1 - a) * ratio ** a
+        c.observed += 1
 
     @property
     def slowdown(self) -> float:
-        """How much slower than in the sweep the machine runs now (median of recent observed / p50)."""
-        return self._c.level if self._c.recent else self._c.g
+        """How much slower than in the sweep the machine runs now (the level: recent observed / p50)."""
+        return self._c.level if self._c.observed else self._c.g
 
     # ---- running ---------------------------------------------------------------------------------
     def _need_model(self) -> Any:

@@ -110,6 +110,7 @@ class PolicyStats:
     met: list[bool] = field(default_factory=list)
     configs: list[str] = field(default_factory=list)
     quality: list[float] = field(default_factory=list)  # the chosen config's menu quality
+    menu_ms: list[list[float]] = field(default_factory=list)  # oracle only: every menu path's time, per frame
 
     def summary(self, sl: slice = slice(None)) -> dict[str, float]:
         met, corr, lat = self.met[sl], self.correct[sl], self.latency_ms[sl]
@@ -201,6 +202,7 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
     def choose(name: str, budget: float, x: torch.Tensor) -> tuple[Entry, float, int]:
         if name == "oracle":
             runs = [(e, *timed(e.config, x)) for e in entries]
+            stats["oracle"].menu_ms.append([r[1] for r in runs])
             fit = [r for r in runs if r[1] <= budget]
             return max(fit, key=lambda r: r[0].quality) if fit else min(runs, key=lambda r: r[1])
         if name in ("controller", "uncorrected"):
@@ -239,6 +241,46 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
                     load.__exit__(None, None, None)
     bar.close()
     return SimResult(np.asarray(budgets), stats, load_frame, slowdown)
+
+
+def hindsight_bounds(res: SimResult, entries: Sequence[Entry], target_miss: float = 0.01) -> dict[str, dict]:
+    """What a controller could reach on this trace, knowing more than any controller can, but less than the oracle.
+
+    Read off the oracle's pass, where every path ran on every frame. Each frame's *speed* is the
+    median over paths of measured / median; a path's *own jitter* is what is left. A bound picks,
+    per frame, argmax quality - price x P(own jitter > slack), with the jitter distribution of the
+    whole trace and the best price in hindsight whose realised miss rate is at most ``target_miss``:
+
+    - ``speed known``: knows each frame's speed, not the path's own jitter on it;
+    - ``speed unknown``: knows neither (only the trace's overall distribution).
+
+    The oracle also sees the own jitter of the one run it keeps; no controller can, since a run's
+    time is known only after it ran. The gap between the oracle and ``speed known`` is that part.
+    Returns ``{name: {"miss_rate", "menu_top1", "price"}}``; empty without an oracle pass.
+    """
+    oracle = res.policies.get("oracle")
+    if oracle is None or not oracle.menu_ms:
+        return {}
+    ms = np.asarray(oracle.menu_ms)  # frames x paths
+    b = np.asarray(res.budgets[:len(ms)], float)
+    q = np.array([e.quality for e in entries])
+    base = np.median(ms, axis=0)
+    ratio = ms / base
+    cheapest = int(np.argmin(base))
+    out = {}
+    for name, speed in (("speed known", np.median(ratio, axis=1)), ("speed unknown", np.ones(len(ms)))):
+        own = np.sort((ratio / speed[:, None]).ravel())
+        slack = b[:, None] / (base[None, :] * speed[:, None])
+        risk = 1 - np.searchsorted(own, slack, side="right") / len(own)
+        tried = []
+        for price in np.geomspace(0.01, 1e4, 81):
+            score = np.where(risk <= 0.5, q[None, :] - price * risk, -np.inf)
+            pick = np.where(np.isfinite(score).any(axis=1), score.argmax(axis=1), cheapest)
+            tried.append({"miss_rate": float(np.mean(ms[np.arange(len(ms)), pick] > b)),
+                          "menu_top1": float(np.mean(q[pick])), "price": float(price)})
+        fit = [t for t in tried if t["miss_rate"] <= target_miss]  # none: even the safest price misses more
+        out[name] = max(fit, key=lambda t: t["menu_top1"]) if fit else min(tried, key=lambda t: t["miss_rate"])
+    return out
 
 
 def plot_trace(res: SimResult, path: str | Path, policies: Sequence[str] = ("controller", "uncorrected", "oracle"),
