@@ -66,7 +66,7 @@ def main() -> None:
         target = SweepTarget(**rs.last_target())
     dm, data, _, _ = target.build()
     frames = data.frames()
-    cmd = "`.venv/bin/python benchmarks/jitter_deit.py " + " ".join(sys.argv[1:]) + "`"
+    cmd = "`" + " ".join([".venv/bin/python benchmarks/jitter_deit.py", *sys.argv[1:]]) + "`"
     lines = [f"Machine: {device_name(torch.device('cpu'))}; {dt.date.today()}; command: {cmd}.", "",
              f"{args.frames} consecutive batch-1 inferences of DeiT-tiny on the profiled menu (the sweep's held-out "
              "photos in turn), switching to a random path with probability 0.3 per frame. *One-step error*: "

@@ -77,7 +77,7 @@ def _sweep(deit, data: Path, out: Path, limit: int | None, console: Console) -> 
 
 def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     from dynavit.runtime import Controller
-    from dynavit.runtime.simulate import default_bounds, make_trace, simulate
+    from dynavit.runtime.simulate import default_bounds, hindsight_bounds, make_trace, simulate
     from dynavit.sweep import ResultStore, SweepTarget
 
     console.rule("5/5 budget controller on a random-walk trace of latency budgets")
@@ -92,7 +92,10 @@ def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     console.print(f"{frames} frames, budgets {lo:.1f}-{hi:.1f} ms, {len(ctrl.entries)} paths on the menu")
     for r in res.table():
         console.print(f"  {r['policy']:12s} misses {r['misses']:4d} ({100 * r['miss_rate']:5.1f} %)  "
-                      f"top-1 {100 * r['top1']:5.1f} %  p50 {r['latency_p50_ms']:6.1f} ms")
+                      f"top-1 {100 * r['top1']:5.1f} %  menu top-1 {100 * r['menu_top1']:5.1f} %  "
+                      f"p50 {r['latency_p50_ms']:6.1f} ms")
+    for name, b in hindsight_bounds(res, ctrl.entries).items():  # how close any controller could get
+        console.print(f"  bound, {name}: misses {100 * b['miss_rate']:.1f} %, menu top-1 {100 * b['menu_top1']:.1f} %")
     return res.table()
 
 
