@@ -126,7 +126,7 @@ class _Correction:
     jitter: deque[float] = field(default_factory=deque)  # observed / predicted median: one-step errors
     level: float = 1.0  # exponentially weighted geometric mean of observed / p50, all paths
     observed: int = 0  # latencies fed back since the last profile
-    tail: float = 1.0  # (1 - target_miss) quantile of ``jitter``, likewise
+    tail: float = 1.0  # (1 - target_miss) quantile of ``jitter``, updated per observation
     sorted_jitter: np.ndarray = field(default_factory=lambda: np.empty(0))  # for miss risks
     deficit: float = 0.0  # realised misses minus target_miss per frame, in [-miss_credit, miss_debt]
 
