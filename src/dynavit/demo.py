@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -99,6 +100,14 @@ def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     return res.table()
 
 
+def _written_since(out: Path, t0: float) -> list[str]:
+    """Top-level entries of ``out`` that this run wrote (benchmarks and other runs also write to ``out``)."""
+    def fresh(p: Path) -> bool:
+        return p.stat().st_mtime >= t0 or (p.is_dir() and any(q.stat().st_mtime >= t0 for q in p.rglob("*")))
+
+    return sorted(p.name for p in out.iterdir() if fresh(p))
+
+
 def run_demo(out: Path, *, limit: int | None = None, console: Console | None = None,
              data: Path | None = None) -> dict:
     from dynavit.cost import profile
@@ -110,6 +119,7 @@ def run_demo(out: Path, *, limit: int | None = None, console: Console | None = N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
+    started = time.time()
 
     src = deit_tiny_source()
     console.rule(f"1/5 profile DeiT-tiny ({src})")
@@ -136,8 +146,5 @@ def run_demo(out: Path, *, limit: int | None = None, console: Console | None = N
             console.print(f"{k}: {m['value']:.4f} ({ci}) on {res.n_images} images")
         summary["sweep"] = _sweep(deit, data, out, limit, console)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    ours = [f"{m}_profile.{ext}" for m in ("deit_tiny", "segformer_b2") for ext in ("txt", "json")]
-    ours += ["deit_tiny_flops_vs_time.png", "segformer_b2_flops_vs_time.png", "deit_tiny_eval.json", "calibration",
-             "sweep.db", "report", "summary.json"]  # not whatever else lives in ``out`` (benchmarks write there too)
-    console.print(f"[bold]wrote[/] {', '.join(n for n in ours if (out / n).exists())} to {out}/")
+    console.print(f"[bold]wrote[/] {', '.join(_written_since(out, started))} to {out}/")
     return summary

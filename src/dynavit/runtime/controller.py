@@ -311,8 +311,7 @@ class Controller:
             return None
         c = self._c
         slack = budget_ms / (median * c.level * c.r.get(e.config, 1.0))
-        j = c.sorted_jitter
-        return float(len(j) - np.searchsorted(j, slack, side="right")) / len(j)
+        return float(share_above(c.sorted_jitter, slack))
 
     @property
     def price(self) -> float:
@@ -428,6 +427,11 @@ class Controller:
             self.observe(choice.config, (time.perf_counter() - t0) * 1e3, batch,
                          budget_ms=choice.budget if choice.kind == "latency_ms" else None)
             dm.configure(previous)
+
+
+def share_above(sorted_values: np.ndarray, x: float | np.ndarray) -> float | np.ndarray:
+    """The share of ``sorted_values`` above ``x`` (elementwise for an array): a miss risk read off a jitter sample."""
+    return 1.0 - np.searchsorted(sorted_values, x, side="right") / len(sorted_values)
 
 
 def _one_budget(**budgets: float | None) -> tuple[str, float]:

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dynavit.errors import DynavitError
-from dynavit.runtime.controller import Controller, Entry
+from dynavit.runtime.controller import Controller, Entry, share_above
 
 TRACES = ("step", "sine", "random-walk", "bursty")
 POLICIES = ("controller", "uncorrected", "default", "smallest", "static", "oracle")
@@ -271,7 +271,7 @@ def hindsight_bounds(res: SimResult, entries: Sequence[Entry], target_miss: floa
     for name, speed in (("speed known", np.median(ratio, axis=1)), ("speed unknown", np.ones(len(ms)))):
         own = np.sort((ratio / speed[:, None]).ravel())
         slack = b[:, None] / (base[None, :] * speed[:, None])
-        risk = 1 - np.searchsorted(own, slack, side="right") / len(own)
+        risk = share_above(own, slack)
         tried = []
         for price in np.geomspace(0.01, 1e4, 81):
             score = np.where(risk <= 0.5, q[None, :] - price * risk, -np.inf)
