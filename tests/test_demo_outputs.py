@@ -20,6 +20,7 @@ def test_written_since_lists_new_files_and_folders_with_new_files(tmp_path) -> N
         os.utime(p, (past, past))
     t0 = time.time() - 1
     (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "sweep.db-wal").write_text("")  # SQLite's side files are not outputs
     (touched_dir / "sub" / "index.html").write_text("new")  # rewritten in place: the folder's own mtime may not move
     os.utime(touched_dir, (past, past))
     assert _written_since(tmp_path, t0) == ["report", "summary.json"]

@@ -105,7 +105,7 @@ def _written_since(out: Path, t0: float) -> list[str]:
     def fresh(p: Path) -> bool:
         return p.stat().st_mtime >= t0 or (p.is_dir() and any(q.stat().st_mtime >= t0 for q in p.rglob("*")))
 
-    return sorted(p.name for p in out.iterdir() if fresh(p))
+    return sorted(p.name for p in out.iterdir() if not p.name.endswith(("-wal", "-shm")) and fresh(p))  # SQLite's
 
 
 def run_demo(out: Path, *, limit: int | None = None, console: Console | None = None,
