@@ -7,8 +7,9 @@ candidate menu here (``Controller.from_store(..., probe=x)``). For each thread c
    controller on the store's menu without profiling;
 2. the same with a competing CPU load started half-way: the corrected controller against the
    uncorrected one.
-The controller uses the priced rule; a profiled controller with the per-frame quantile rule runs
-beside it for comparison.
+The controller uses the priced rule and runs each frame under a deadline (blocks dropped when a run
+falls behind); the same profiled controller without the deadline, and with the per-frame quantile rule,
+run beside it for comparison.
 Writes the ``simulate`` section of docs/benchmarks.md and docs/img/simulate_load.png:
 
     .venv/bin/python benchmarks/simulate_deit.py [--frames 400] [--threads 2 1]
@@ -27,7 +28,7 @@ import torch
 from docsection import write_section
 
 from dynavit.runtime import Controller
-from dynavit.runtime.simulate import default_bounds, hindsight_bounds, make_trace, plot_trace, simulate
+from dynavit.runtime.simulate import default_bounds, hindsight_bounds, make_trace, path_quality, plot_trace, simulate
 from dynavit.sweep import ResultStore, SweepTarget
 from dynavit.sweep.engine import device_name
 
@@ -36,12 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def table(res, title: str) -> list[str]:
     load = res.load_frame is not None
-    head = "| policy | misses | miss % | top-1 % | menu top-1 % | p50 ms |"
+    head = "| policy | misses | miss % | top-1 % | menu top-1 % | p50 ms | rescued |"
     head += " misses before load | misses under load |" if load else ""
-    lines = [title, "", head, "|---" * (8 if load else 6) + "|"]
+    lines = [title, "", head, "|---" * (9 if load else 7) + "|"]
     for r in res.table():
         line = (f"| {r['policy']} | {r['misses']} | {100 * r['miss_rate']:.1f} | {100 * r['top1']:.1f} | "
-                f"{100 * r['menu_top1']:.1f} | {r['latency_p50_ms']:.1f} |")
+                f"{100 * r['menu_top1']:.1f} | {r['latency_p50_ms']:.1f} | {r['rescued']} |")
         if load:
             line += f" {r['misses_before_load']} | {r['misses_under_load']} |"
         lines.append(line)
@@ -50,7 +51,7 @@ def table(res, title: str) -> list[str]:
 
 def repeated(runs, title: str, bounds=None) -> list[str]:
     lines = [title, "", "| policy | misses (median, range) | miss % (median) | top-1 % (median, range) | "
-             "menu top-1 % (median, range) | p50 ms |", "|---|---|---|---|---|---|"]
+             "menu top-1 % (median, range) | p50 ms | rescued (median) |", "|---|---|---|---|---|---|---|"]
     for name in runs[0].policies:
         rows = [next(r for r in run.table() if r["policy"] == name) for run in runs]
         m = [r["misses"] for r in rows]
@@ -59,11 +60,12 @@ def repeated(runs, title: str, bounds=None) -> list[str]:
         rate = 100 * np.median(m) / rows[0]["frames"]
         lines.append(f"| {name} | {int(np.median(m))} ({min(m)}–{max(m)}) | {rate:.1f}"
                      f" | {np.median(t):.1f} ({min(t):.1f}–{max(t):.1f}) | {np.median(q):.1f} ({min(q):.1f}–"
-                     f"{max(q):.1f}) | {np.median([r['latency_p50_ms'] for r in rows]):.1f} |")
+                     f"{max(q):.1f}) | {np.median([r['latency_p50_ms'] for r in rows]):.1f} | "
+                     f"{int(np.median([r['rescued'] for r in rows]))} |")
     for name in bounds[0] if bounds else ():
         m = [100 * b[name]["miss_rate"] for b in bounds]
         q = [100 * b[name]["menu_top1"] for b in bounds]
-        lines.append(f"| bound: {name} | | {np.median(m):.1f} | | {np.median(q):.1f} ({min(q):.1f}–{max(q):.1f}) | |")
+        lines.append(f"| bound: {name} | | {np.median(m):.1f} | | {np.median(q):.1f} ({min(q):.1f}–{max(q):.1f}) | | |")
     return lines + [""]
 
 
@@ -80,14 +82,18 @@ def main() -> None:
     dm, data, _, _ = target.build()
     frames = data.frames()
     probe = frames[0][0]
+    quality_of = path_quality(dm, data)  # of the paths a deadline cuts short, cached over runs
 
-    def profiled() -> Controller:  # as deployed: the menu re-measured at start-up
-        return Controller.from_store(args.store, model=dm, probe=probe, runs=args.profile_runs)
+    def profiled() -> Controller:  # as deployed: the menu re-measured at start-up, the drops' cost measured
+        ctrl = Controller.from_store(args.store, model=dm, probe=probe, runs=args.profile_runs)
+        return ctrl.measure_rescue(quality_of)
 
-    def same_start(ctrl: Controller, rule: str) -> Controller:  # same menu, same measured tail: a paired comparison
+    def same_start(ctrl: Controller, **changes) -> Controller:  # same menu, same measured tail: a paired comparison
         twin = copy.deepcopy(ctrl, {id(dm): dm})
-        twin.rule = rule
+        for k, v in changes.items():
+            setattr(twin, k, v)
         return twin
+
 
     cmd = "`.venv/bin/python benchmarks/simulate_deit.py " + " ".join(sys.argv[1:]) + "`"
     stored = Controller.from_store(args.store, model=dm)
@@ -101,7 +107,12 @@ def main() -> None:
              "cheapest measured path's p95. Each policy makes its own pass over the trace (as deployed: nothing "
              "else runs between its frames); the oracle runs every path on each frame and keeps the most accurate "
              "one that fitted. A miss is a measured forward time above the frame's budget. The *controller* "
-             "uses the priced rule (spends the 1 % miss allowance where it buys the most top-1); the *quantile "
+             "uses the priced rule (spends the 1 % miss allowance where it buys the most top-1) and runs each frame "
+             "under a deadline: when a run falls behind, it drops up to 3 of the least important remaining blocks "
+             "if that makes it fit (*rescued* frames; their menu top-1 is the top-1 of the path that actually ran, "
+             "measured on the sweep's images). Before the trace it measures what 1, 2 and 3 drops cost each path "
+             "(`measure_rescue`), and chooses by expected top-1 with rescues counted. The *no deadline* row is the "
+             "same controller (same profile) without deadlines and without the ladder; the *quantile "
              "rule* row starts from the same profile (same menu, same measured tail) and chooses by the "
              "99th-percentile prediction, frame by frame. *Menu top-1* is the mean over frames of the chosen "
              "path's top-1 on all the sweep's images: the same comparison without the luck of which image each "
@@ -116,17 +127,18 @@ def main() -> None:
         runs, menus, bounds = [], [], []
         for _ in range(args.repeats):
             ctrl = profiled()
-            quantile_ctrl = same_start(ctrl, "quantile")
+            quantile_ctrl = same_start(ctrl, rule="quantile")
+            whole_ctrl = same_start(ctrl, rescue=False)
             if not menus:
                 lo, hi = default_bounds(ctrl)
                 budgets = make_trace("random-walk", args.frames, lo, hi, seed=0)
             menus.append(len(ctrl.entries))
-            run = simulate(dm, ctrl, frames, budgets, progress=False)
-            base = simulate(dm, Controller.from_store(args.store, model=dm), frames, budgets,
-                            policies=("controller",), progress=False)
-            run.policies["stored menu"] = base.policies["controller"]
-            quantile = simulate(dm, quantile_ctrl, frames, budgets, policies=("controller",), progress=False)
-            run.policies["quantile rule"] = quantile.policies["controller"]
+            run = simulate(dm, ctrl, frames, budgets, quality_of=quality_of, progress=False)
+            for name, other in (("no deadline", whole_ctrl), ("quantile rule", quantile_ctrl),
+                                ("stored menu", Controller.from_store(args.store, model=dm))):
+                extra = simulate(dm, other, frames, budgets, policies=("controller",), quality_of=quality_of,
+                                 progress=False)
+                run.policies[name] = extra.policies["controller"]
             runs.append(run)
             bounds.append(hindsight_bounds(run, ctrl.entries))
         lines += repeated(runs, f"**{threads} thread{'s' if threads > 1 else ''}**, no competing load "
@@ -135,7 +147,7 @@ def main() -> None:
                                 "runs):", bounds)
         if threads == args.threads[0]:
             ctrl = profiled()
-            loaded = simulate(dm, ctrl, frames, budgets, load_at=0.5,
+            loaded = simulate(dm, ctrl, frames, budgets, load_at=0.5, quality_of=quality_of,
                               policies=("controller", "uncorrected", "oracle", "static"), progress=False)
             plot_trace(loaded, ROOT / "docs" / "img" / "simulate_load.png")
             load_title = (f"{threads} thread{'s' if threads > 1 else ''}, competing load from frame "

@@ -95,6 +95,8 @@ def test_killed_sweep_resumes_with_exactly_the_rows_of_an_uninterrupted_one(asse
     oracle = next(p for p in policies if p["policy"] == "oracle")
     assert set(sim_json["bounds"]) == {"speed known", "speed unknown"} and "bound: speed known" in sim.stdout
     assert all(b["menu_top1"] <= oracle["menu_top1"] + 1e-9 for b in sim_json["bounds"].values())
+    assert all(p["rescued"] == 0 for p in policies if p["policy"] != "controller")  # only the controller rescues
+    assert all(0 <= p["menu_top1"] <= 1 for p in policies)  # rescued frames scored by the path that ran, never NaN
 
 
 def test_read_only_store_is_a_clear_error_and_stays_intact(assets, tmp_path) -> None:

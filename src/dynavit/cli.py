@@ -283,13 +283,25 @@ def simulate_cmd(
     rule: Annotated[str, typer.Option(help="priced: spend the miss allowance where it buys the most accuracy; "
                                            "quantile: every frame within target-miss on its own.")] = "priced",
     target_miss: Annotated[float, typer.Option(help="Share of frames allowed to miss their budget.")] = 0.01,
+    rescue: Annotated[bool, typer.Option(help="Measure what dropping blocks costs each path, then run each "
+                                              "inference under a deadline that drops the least important "
+                                              "remaining blocks when the run falls behind (needs a "
+                                              "calibrated ViT).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of generated traces.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write per-policy results as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write budgets vs measured latency per frame (PNG).")] = None,
 ) -> None:
     """Run real inferences frame by frame against per-frame budgets: controller vs baselines."""
     from dynavit.runtime import Controller
-    from dynavit.runtime.simulate import default_bounds, hindsight_bounds, load_trace, make_trace, plot_trace, simulate
+    from dynavit.runtime.simulate import (
+        default_bounds,
+        hindsight_bounds,
+        load_trace,
+        make_trace,
+        path_quality,
+        plot_trace,
+        simulate,
+    )
     from dynavit.sweep.run import SweepTarget
     from dynavit.sweep.store import ResultStore
 
@@ -309,23 +321,28 @@ def simulate_cmd(
                            f"{data.task}")
     frames_data = data.frames()
     ctrl = Controller.from_store(store, model=dm, margin=margin, probe=frames_data[0][0] if profile_runs else None,
-                                 runs=profile_runs, progress=sys.stderr.isatty(), rule=rule, target_miss=target_miss)
+                                 runs=profile_runs, progress=sys.stderr.isatty(), rule=rule, target_miss=target_miss,
+                                 rescue=rescue)
+    quality_of = path_quality(dm, data)
+    if ctrl.can_rescue:  # what dropping blocks costs each path, measured on the sweep's images
+        ctrl.measure_rescue(quality_of, progress=sys.stderr.isatty())
     lo = lo or default_bounds(ctrl)[0]
     hi = hi or 4 * lo
     budgets = load_trace(trace) if Path(trace).is_file() else make_trace(trace, frames, lo, hi, seed)
-    res = simulate(dm, ctrl, frames_data, budgets, load_at=load_at, progress=sys.stderr.isatty())
+    res = simulate(dm, ctrl, frames_data, budgets, load_at=load_at, quality_of=quality_of,
+                   progress=sys.stderr.isatty())
     from rich.table import Table
 
     t = Table(title=f"{len(budgets)} frames, budgets {budgets.min():.1f}-{budgets.max():.1f} ms ({trace})"
                     + (f", competing load from frame {res.load_frame}" if res.load_frame is not None else ""))
-    cols = ["policy", "misses", "miss %", "top-1 %", "menu top-1 %", "p50 ms"]
+    cols = ["policy", "misses", "miss %", "top-1 %", "menu top-1 %", "p50 ms", "rescued"]
     if res.load_frame is not None:
         cols += ["misses before load", "misses under load"]
     for c in cols:
         t.add_column(c, justify="right" if c != "policy" else "left")
     for row in res.table():
         cells = [row["policy"], str(row["misses"]), f"{100 * row['miss_rate']:.1f}", f"{100 * row['top1']:.1f}",
-                 f"{100 * row['menu_top1']:.1f}", f"{row['latency_p50_ms']:.1f}"]
+                 f"{100 * row['menu_top1']:.1f}", f"{row['latency_p50_ms']:.1f}", str(row["rescued"])]
         if res.load_frame is not None:
             cells += [str(row["misses_before_load"]), str(row["misses_under_load"])]
         t.add_row(*cells)

@@ -78,7 +78,7 @@ def _sweep(deit, data: Path, out: Path, limit: int | None, console: Console) -> 
 
 def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     from dynavit.runtime import Controller
-    from dynavit.runtime.simulate import default_bounds, hindsight_bounds, make_trace, simulate
+    from dynavit.runtime.simulate import default_bounds, hindsight_bounds, make_trace, path_quality, simulate
     from dynavit.sweep import ResultStore, SweepTarget
 
     console.rule("5/5 budget controller on a random-walk trace of latency budgets")
@@ -87,14 +87,17 @@ def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     dm, data, _, _ = target.build()
     shots = data.frames()
     ctrl = Controller.from_store(store, model=dm, probe=shots[0][0], runs=20)  # the menu re-measured here, now
+    quality_of = path_quality(dm, data)
+    if ctrl.can_rescue:  # what dropping blocks under a deadline costs each path
+        ctrl.measure_rescue(quality_of, progress=True)
     lo, hi = default_bounds(ctrl)
     budgets = make_trace("random-walk", frames, lo, hi, seed=0)
-    res = simulate(dm, ctrl, shots, budgets)
+    res = simulate(dm, ctrl, shots, budgets, quality_of=quality_of)
     console.print(f"{frames} frames, budgets {lo:.1f}-{hi:.1f} ms, {len(ctrl.entries)} paths on the menu")
     for r in res.table():
         console.print(f"  {r['policy']:12s} misses {r['misses']:4d} ({100 * r['miss_rate']:5.1f} %)  "
                       f"top-1 {100 * r['top1']:5.1f} %  menu top-1 {100 * r['menu_top1']:5.1f} %  "
-                      f"p50 {r['latency_p50_ms']:6.1f} ms")
+                      f"p50 {r['latency_p50_ms']:6.1f} ms  rescued {r['rescued']:3d}")
     for name, b in hindsight_bounds(res, ctrl.entries).items():  # how close any controller could get
         console.print(f"  bound, {name}: misses {100 * b['miss_rate']:.1f} %, menu top-1 {100 * b['menu_top1']:.1f} %")
     return res.table()

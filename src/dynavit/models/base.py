@@ -9,6 +9,7 @@ costs a pointer assignment.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ class FamilyModel(nn.Module):
 
     family: str = ""
     space: Space
+    supports_deadline: bool = False  # the forward consults ``self.deadline`` before each block
+
+    deadline: Any = None  # a ``dynavit.deadline.Deadline`` for the next forward, set by the controller
 
     def __init__(self, source: nn.Module) -> None:
         super().__init__()

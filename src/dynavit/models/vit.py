@@ -130,6 +130,7 @@ def timm_unsupported(model: nn.Module) -> str:
 
 class DynViT(FamilyModel):
     family = "vit"
+    supports_deadline = True
 
     def __init__(self, source: nn.Module) -> None:
         super().__init__(source)
@@ -177,9 +178,14 @@ class DynViT(FamilyModel):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         carry = self.begin(pixel_values)
+        deadline = self.deadline
         for i in range(len(self.blocks)):
-            carry = self.step(carry, i)
-        return self.end(carry)
+            if deadline is None or not deadline.skip(i, self.plan):
+                carry = self.step(carry, i)
+        out = self.end(carry)
+        if deadline is not None:
+            deadline.finish()
+        return out
 
     # The forward in stages, so that a sweep can keep the activations after block k and run
     # only the rest for the next config that executes the same first k blocks.

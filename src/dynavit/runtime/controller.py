@@ -53,6 +53,15 @@ on DeiT-tiny). ``predict()`` still returns the (1 - target_miss) quantile, and
 ``rule="quantile"`` chooses by it (``predicted_c <= budget``), for users who need every single
 frame to have at most ``target_miss`` chance of missing rather than the run as a whole.
 
+Deadlines (``dynavit.deadline``): a run that falls behind its pace can drop its least important
+remaining blocks when that saves its deadline. This is the one correction that acts on a run's
+own jitter, which no prediction made before the run can see. ``measure_rescue(quality_of)``
+measures what the drops cost each path (a ladder: quality with 1, 2, ... blocks dropped, and the
+time each saves). Once it has, ``run()`` and ``budget()`` attach a ``Deadline`` under latency
+budgets (``rescue``, on unless turned off), and the priced rule weighs each path by its expected
+quality, rescues included, and its risk of missing even after dropping blocks. A rescued run
+feeds its pace back, not its truncated time, which would read as a fast machine.
+
 Before the tail is measured, and for an uncorrected controller, a config is chosen when
 ``predicted_c * (1 + margin) <= budget``. When no config has a better than even chance (or,
 for other budgets, none fits), the cheapest config is returned with ``budget_met=False``: a
@@ -67,7 +76,7 @@ import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +85,7 @@ import numpy as np
 import torch
 
 from dynavit.config import ExecConfig
+from dynavit.deadline import Deadline, default_max_drop, droppable, stage_shares, timed_stages, with_dropped
 from dynavit.errors import DynavitError
 
 BUDGETS = ("latency_ms", "energy_mj", "gmacs")
@@ -95,6 +105,8 @@ class Entry:
     batch: int = 1
     batch_ms: float | None = None  # p95 time of one batch of ``batch`` images
     label: str = ""
+    shares: tuple[float, ...] | None = None  # stage shares of its time (``profile``): what a deadline reads
+    ladder: tuple[tuple[float, float], ...] = ()  # (share saved, quality) with 1, 2, ... blocks dropped
 
 
 @dataclass
@@ -105,6 +117,7 @@ class Choice:
     budget: float
     kind: str
     miss_risk: float | None = None  # predicted chance of missing a latency budget, once the tail is measured
+    dropped: tuple[int, ...] = ()  # blocks the deadline dropped during the run (``budget()``: after the body)
 
     @property
     def config(self) -> ExecConfig:
@@ -117,6 +130,11 @@ class Outcome:
     choice: Choice
     measured_ms: float
     deadline_met: bool | None  # None for non-latency budgets
+    executed: ExecConfig | None = None  # the path that ran: the choice's, plus any blocks the deadline dropped
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        return self.choice.dropped
 
 
 @dataclass
@@ -135,7 +153,9 @@ class Controller:
     def __init__(self, entries: Sequence[Entry], *, model: Any = None, margin: float = 0.05, alpha: float = 0.3,
                  beta: float = 0.05, correct: bool = True, target_miss: float = 0.01, window: int = 256,
                  level_alpha: float = 0.5, min_obs: int = 8, price0: float = 3.0, price_step: float = 0.3,
-                 miss_credit: float = 2.0, miss_debt: float = 10.0, rule: str = "priced") -> None:
+                 miss_credit: float = 2.0, miss_debt: float = 10.0, rule: str = "priced", rescue: bool = True,
+                 rescue_safety: float = 1.05, rescue_max_drop: int | None = None,
+                 drop_order: Sequence[int] | None = None) -> None:
         if not entries:
             raise DynavitError("the controller needs at least one config in its menu")
         if not 0 < target_miss < 1 or window < 1 or not 0 < level_alpha <= 1 or margin < 0:
@@ -145,6 +165,8 @@ class Controller:
         if rule not in RULES:
             raise DynavitError(f"unknown rule {rule!r} (choose from {', '.join(RULES)})")
         self.price0, self.price_step, self.rule = price0, price_step, rule
+        self.rescue, self.rescue_safety, self.drop_order = rescue, rescue_safety, drop_order
+        self.rescue_max_drop = rescue_max_drop
         self.miss_credit, self.miss_debt = miss_credit, miss_debt
         self.entries = list(entries)
         self.model = model
@@ -221,8 +243,10 @@ class Controller:
         if runs < 3:
             raise DynavitError(f"profile needs at least 3 runs per config, got {runs}")
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        staged = getattr(dm.module, "supports_deadline", False)  # time each stage: what a deadline reads
         previous, rng = dm.exec_config, np.random.default_rng(0)
         times: list[list[float]] = [[] for _ in self.entries]
+        stages: list[list[list[float]]] = [[] for _ in self.entries]
         log: list[tuple[int, float]] = []  # (entry, ms) of every run, in the order they ran
         with torch.inference_mode():
             for e in self.entries:
@@ -235,22 +259,27 @@ class Controller:
                 for i in rng.permutation(timed):
                     dm.configure(self.entries[i].config)
                     sync()
-                    t0 = time.perf_counter()
-                    dm(x)
-                    sync()
-                    times[i].append((time.perf_counter() - t0) * 1e3)
+                    if staged:
+                        stages[i].append(timed_stages(dm.module, x, sync if x.is_cuda else None))
+                        times[i].append(sum(stages[i][-1]))
+                    else:
+                        t0 = time.perf_counter()
+                        dm(x)
+                        sync()
+                        times[i].append((time.perf_counter() - t0) * 1e3)
                     log.append((int(i), times[i][-1]))
         dm.configure(previous)
         p50 = [float(np.median(t)) if t else math.nan for t in times]
         entries = []
-        for e, t, m in zip(self.entries, times, p50, strict=True):
+        for e, t, m, st in zip(self.entries, times, p50, stages, strict=True):
             if not t:
                 entries.append(e)
                 continue
             p95 = float(np.quantile(t, 0.95))
             scale = p95 / e.latency_ms if e.latency_ms else 1.0
             entries.append(dataclasses.replace(e, latency_ms=p95, latency_p50_ms=m,
-                                               batch_ms=None if e.batch_ms is None else e.batch_ms * scale))
+                                               batch_ms=None if e.batch_ms is None else e.batch_ms * scale,
+                                               shares=tuple(stage_shares(st)) if st else e.shares))
         keep = list(range(len(entries)))
         if front:
             from dynavit.sweep.pareto import front_indices
@@ -304,14 +333,32 @@ class Controller:
     def miss_risk(self, e: Entry, budget_ms: float, batch: int = 1) -> float | None:
         """The chance that ``e`` overruns ``budget_ms``: the share of the jitter window above the slack.
 
-        None until the tail is measured (and for an uncorrected controller): no distribution yet.
+        With a rescue ladder (``measure_rescue``), the chance that even dropping blocks does not save
+        it. None until the tail is measured (and for an uncorrected controller): no distribution yet.
+        """
+        outlook = self._outlook(e, budget_ms, batch)
+        return None if outlook is None else outlook[0]
+
+    def _outlook(self, e: Entry, budget_ms: float, batch: int) -> tuple[float, float] | None:
+        """(miss risk, expected quality) of running ``e`` under ``budget_ms``, read off the jitter window.
+
+        A run whose jitter J stays under the slack keeps ``e.quality``. With a ladder, a run the
+        deadline can save by dropping k blocks (J * (1 - saved_k) * safety <= slack, k the fewest)
+        gets the quality of that path; a run none of the ladder saves is computed in full and misses.
         """
         median = self._median_ms(e, batch)
         if median is None or not self.correct or not self._tail_known:
             return None
         c = self._c
         slack = budget_ms / (median * c.level * c.r.get(e.config, 1.0))
-        return float(share_above(c.sorted_jitter, slack))
+        if not (self.rescue and e.ladder and batch == 1):
+            return float(share_above(c.sorted_jitter, slack)), e.quality
+        saved = np.array([0.0] + [s for s, _ in e.ladder])
+        quality = np.array([e.quality] + [q for _, q in e.ladder])
+        # share of runs the deadline cannot save with k drops (k = 0: the deadline does not act)
+        above = share_above(c.sorted_jitter, slack / ((1 - saved) * self.rescue_safety))
+        expected = (1 - above[0] + above[-1]) * e.quality + float(np.dot(above[:-1] - above[1:], quality[1:]))
+        return float(above[-1]), float(expected)
 
     @property
     def price(self) -> float:
@@ -345,29 +392,32 @@ class Controller:
         return Choice(e, met, p, budget, kind, self.miss_risk(e, budget, batch) if kind == "latency_ms" else None)
 
     def _priced(self, priced: list[tuple[Entry, float]], budget: float, batch: int) -> Choice:
-        risky = [(e, p, self.miss_risk(e, budget, batch)) for e, p in priced]
-        likely = [t for t in risky if t[2] is not None and t[2] <= 0.5]
+        risky = [(e, p, self._outlook(e, budget, batch)) for e, p in priced]
+        likely = [(e, p, o) for e, p, o in risky if o is not None and o[0] <= 0.5]
         if not likely:  # nothing has an even chance: the cheapest, flagged
-            e, p, r = min(risky, key=lambda t: t[1])
-            return Choice(e, False, p, budget, "latency_ms", r)
+            e, p, o = min(risky, key=lambda t: t[1])
+            return Choice(e, False, p, budget, "latency_ms", None if o is None else o[0])
         price = self.price
-        e, p, r = max(likely, key=lambda t: (t[0].quality - price * t[2], -t[1]))
-        return Choice(e, True, p, budget, "latency_ms", r)
+        e, p, o = max(likely, key=lambda t: (t[2][1] - price * t[2][0], -t[1]))
+        return Choice(e, True, p, budget, "latency_ms", o[0])
 
     def observe(self, config: ExecConfig, measured_ms: float, batch: int = 1, *,
-                budget_ms: float | None = None) -> None:
+                budget_ms: float | None = None, pace_ms: float | None = None) -> None:
         """Feed back a measured latency of ``config``; updates the slowdown estimates.
 
         ``budget_ms``: the latency budget it ran under, so that misses are counted against the target.
+        ``pace_ms``: when a deadline dropped blocks, the whole path's time at the run's pace
+        (``Deadline.full_ms``): the machine's speed is learnt from it, misses from ``measured_ms``.
         """
         e = next((x for x in self.entries if x.config == config), None)
         if e is None or not math.isfinite(measured_ms) or measured_ms <= 0:
             return
+        speed_ms = measured_ms if pace_ms is None or not math.isfinite(pace_ms) or pace_ms <= 0 else pace_ms
         base = self._base_ms(e, batch)
         if base is None:
             return
         predicted = self.predict(e, "latency_ms", batch)
-        self.history.append((config, predicted or math.nan, measured_ms))
+        self.history.append((config, predicted or math.nan, speed_ms))
         if not self.correct:
             return
         c = self._c
@@ -376,8 +426,8 @@ class Controller:
             c.deficit = min(self.miss_debt, max(-self.miss_credit,
                                                 c.deficit + float(measured_ms > budget_ms) - self.target_miss))
         r = c.r.get(config, 1.0)
-        c.g = (1 - self.alpha) * c.g + self.alpha * measured_ms / (base * r)
-        ratio = measured_ms / self._median_ms(e, batch)
+        c.g = (1 - self.alpha) * c.g + self.alpha * speed_ms / (base * r)
+        ratio = speed_ms / self._median_ms(e, batch)
         c.jitter.append(ratio / (c.level * r))  # the error of the prediction this run was chosen by
         self._refresh_tail()
         c.r[config] = (1 - self.beta) * r + self.beta * ratio / c.level  # this path vs the rest
@@ -396,36 +446,129 @@ class Controller:
             raise DynavitError("this controller has no model: build it with Controller.from_store(..., model=dm)")
         return self.model
 
+    def deadline(self, choice: Choice, *, cuda: bool = False) -> Deadline | None:
+        """The in-run deadline for a latency choice (None when rescue is off or the path cannot take one).
+
+        It needs a model whose forward consults a deadline, a drop order (``drop_order``, else the
+        model's calibration ranking) and the chosen path's rescue ladder (``measure_rescue``, after
+        ``profile``): a deadline whose cost the selection cannot weigh is not attached. In paired
+        runs on DeiT-tiny, deadlines without the ladder cost top-1 (docs/benchmarks.md).
+        """
+        if not self.rescue or choice.kind != "latency_ms" or not choice.entry.ladder:
+            return None
+        order = self._drop_order()
+        if order is None:
+            return None
+        median = self._median_ms(choice.entry, 1)
+        expected = median * self.slowdown * self._c.r.get(choice.config, 1.0) if median else None
+        return Deadline(choice.budget, choice.entry.shares, order, safety=self.rescue_safety,
+                        max_drop=self.rescue_max_drop, expected_ms=expected,
+                        sync=torch.cuda.synchronize if cuda else None)
+
+    @property
+    def can_rescue(self) -> bool:
+        """Whether runs can carry a deadline: a model whose forward takes one, and a block ranking."""
+        return self.rescue and self._drop_order() is not None
+
+    def _drop_order(self) -> list[int] | None:
+        """Blocks least important first (``drop_order``, else the calibration's); None: no deadline possible."""
+        if self.model is None or not getattr(self.model.module, "supports_deadline", False):
+            return None
+        if self.drop_order is not None:
+            return list(self.drop_order)
+        calib = getattr(self.model, "calibration", None)
+        return calib.block_order("block") if calib is not None and "block" in calib.block_kl else None
+
+    def measure_rescue(self, quality_of: Callable[[ExecConfig], float], *, progress: bool = False) -> Controller:
+        """Measure what the deadline's drops cost each path, so that ``select`` can count on them.
+
+        For every entry with stage shares, the quality (``quality_of(config)``, e.g.
+        ``simulate.path_quality``: labelled images) with its first 1, 2, ... droppable blocks
+        dropped, up to the deadline's ``max_drop``, and the share of the path's time each saves.
+        With these ladders the priced rule weighs a tight path by its expected quality (runs the
+        deadline saves lose a block or two) and its risk of missing even so.
+        """
+        from tqdm.auto import tqdm
+
+        dm, order = self._need_model(), self._drop_order()
+        if order is None:
+            raise DynavitError("rescue needs a model whose forward takes a deadline and a block ranking "
+                               "(calibrate the model, or give drop_order)")
+        previous, entries = dm.exec_config, []
+        for e in tqdm(self.entries, desc="rescue ladder", disable=not progress, dynamic_ncols=True):
+            if e.shares is None or e.config.mux > 1:
+                entries.append(e)
+                continue
+            plan = dm.configure(e.config).module.plan
+            limit = self.rescue_max_drop if self.rescue_max_drop is not None else default_max_drop(len(plan.blocks))
+            blocks = droppable(plan, order)[:limit]
+            saved = np.cumsum([e.shares[1 + j] for j in blocks])
+            ladder = tuple((float(saved[k]), float(quality_of(with_dropped(e.config, blocks[:k + 1]))))
+                           for k in range(len(blocks)))
+            entries.append(dataclasses.replace(e, ladder=ladder))
+        dm.configure(previous)
+        self.entries = entries
+        return self
+
     def run(self, x: torch.Tensor, **budget: float) -> Outcome:
-        """Select, configure, run and time one inference; the measurement corrects later predictions."""
+        """Select, configure, run and time one inference; the measurement corrects later predictions.
+
+        Under a latency budget the run carries a deadline (``deadline()``): when it falls behind, the
+        least important remaining blocks are dropped; ``Outcome.executed`` is the path that ran.
+        """
         dm = self._need_model()
         choice = self.select(batch=len(x), **budget)
         dm.configure(choice.config)
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        impl, deadline = dm.module, self.deadline(choice, cuda=x.is_cuda)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = dm(x)
-        sync()
+        impl.deadline = deadline
+        if deadline is not None:
+            deadline.start = t0
+        try:
+            with torch.inference_mode():
+                out = dm(x)
+            sync()
+        finally:
+            impl.deadline = None
         ms = (time.perf_counter() - t0) * 1e3
-        self.observe(choice.config, ms, len(x), budget_ms=choice.budget if choice.kind == "latency_ms" else None)
-        met = ms <= choice.budget if choice.kind == "latency_ms" else None
-        return Outcome(out, choice, ms, met)
+        return Outcome(out, *self._settle(choice, deadline, ms, len(x)))
+
+    def _settle(self, choice: Choice, deadline: Deadline | None, ms: float, batch: int,
+                ) -> tuple[Choice, float, bool | None, ExecConfig]:
+        """Feed a finished run back; what an ``Outcome`` needs after the output."""
+        dropped = tuple(deadline.dropped) if deadline is not None else ()
+        choice.dropped = dropped
+        latency = choice.kind == "latency_ms"
+        self.observe(choice.config, ms, batch, budget_ms=choice.budget if latency else None,
+                     pace_ms=deadline.full_ms if dropped else None)
+        executed = deadline.executed(choice.config) if deadline is not None else choice.config
+        return choice, ms, (ms <= choice.budget if latency else None), executed
 
     @contextlib.contextmanager
     def budget(self, *, batch: int = 1, **budget: float) -> Iterator[Choice]:
-        """``with ctrl.budget(latency_ms=4): out = dm(x)``: the body runs on the chosen path and is timed."""
+        """``with ctrl.budget(latency_ms=4): out = dm(x)``: the body runs on the chosen path and is timed.
+
+        The model's forwards in the body carry the run's deadline (see ``run``); ``choice.dropped``
+        says, after the body, which blocks it dropped.
+        """
         dm = self._need_model()
         choice = self.select(batch=batch, **budget)
         previous = dm.exec_config
         dm.configure(choice.config)
+        cuda = torch.cuda.is_available()
+        impl, deadline = dm.module, self.deadline(choice, cuda=cuda)
         t0 = time.perf_counter()
+        impl.deadline = deadline
+        if deadline is not None:
+            deadline.start = t0
         try:
             yield choice
         finally:
-            if torch.cuda.is_available():
+            impl.deadline = None
+            if cuda:
                 torch.cuda.synchronize()
-            self.observe(choice.config, (time.perf_counter() - t0) * 1e3, batch,
-                         budget_ms=choice.budget if choice.kind == "latency_ms" else None)
+            self._settle(choice, deadline, (time.perf_counter() - t0) * 1e3, batch)
             dm.configure(previous)
 
 

@@ -4,8 +4,9 @@ Each policy makes its own pass over the trace, as it would run deployed: the sam
 the same budgets, nothing else running between its frames. Every run is timed, and a frame is
 a *miss* when the measured latency exceeds that frame's budget. Policies:
 
-- ``controller``: the budget controller with online correction;
-- ``uncorrected``: the same menu and rule, predictions never corrected;
+- ``controller``: the budget controller with online correction, each run under a deadline that
+  drops the least important remaining blocks when the run falls behind (``Controller.run``);
+- ``uncorrected``: the same menu and rule, predictions never corrected, no deadline;
 - ``default``: always the full model;
 - ``smallest``: always the cheapest config of the menu;
 - ``static``: the config the uncorrected controller picks for the median budget, for every frame;
@@ -24,7 +25,7 @@ import math
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
 from dynavit.runtime.controller import Controller, Entry, share_above
 
@@ -109,14 +111,18 @@ class PolicyStats:
     correct: list[bool] = field(default_factory=list)
     met: list[bool] = field(default_factory=list)
     configs: list[str] = field(default_factory=list)
-    quality: list[float] = field(default_factory=list)  # the chosen config's menu quality
+    quality: list[float] = field(default_factory=list)  # the executed path's quality on the sweep's images
+    dropped: list[tuple[int, ...]] = field(default_factory=list)  # blocks a deadline dropped, per frame
+    executed: list[ExecConfig] = field(default_factory=list)  # the path that ran, per frame
     menu_ms: list[list[float]] = field(default_factory=list)  # oracle only: every menu path's time, per frame
 
     def summary(self, sl: slice = slice(None)) -> dict[str, float]:
         met, corr, lat = self.met[sl], self.correct[sl], self.latency_ms[sl]
         n = len(met)
         # menu_top1: the chosen configs' top-1 over all the sweep's images, free of which image each frame drew
+        rescued = sum(bool(d) for d in self.dropped[sl])
         return {"frames": n, "misses": n - int(sum(met)), "miss_rate": (n - sum(met)) / n if n else math.nan,
+                "rescued": rescued,
                 "top1": float(np.mean(corr)) if n else math.nan,
                 "menu_top1": float(np.mean(self.quality[sl])) if n else math.nan,
                 "latency_p50_ms": float(np.median(lat)) if n else math.nan}
@@ -175,16 +181,21 @@ class CompetingLoad:
 
 def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tensor, int]], budgets: np.ndarray, *,
              load_at: float | None = None, load_threads: int = 1, load_duty: float = 0.5,
-             policies: Sequence[str] = POLICIES,
+             policies: Sequence[str] = POLICIES, quality_of: Callable[[ExecConfig], float] | None = None,
              warmup: int = 3, progress: bool = True) -> SimResult:
-    """Run every policy on every frame; ``frames`` are (pixels (1, 3, H, W), label) pairs, cycled."""
+    """Run every policy on every frame; ``frames`` are (pixels (1, 3, H, W), label) pairs, cycled.
+
+    ``quality_of(config)``: the quality of a path that is not on the menu, for frames on which a
+    deadline dropped blocks (``path_quality`` measures it on the sweep's images). Without it such
+    frames have no menu quality, and ``menu_top1`` is NaN.
+    """
     unknown = set(policies) - set(POLICIES)
     if unknown:
         raise DynavitError(f"unknown policies {sorted(unknown)} (choose from {', '.join(POLICIES)})")
     if not frames:
         raise DynavitError("no frames to run")
     entries = controller.entries
-    plain = Controller(entries, model=dm, margin=controller.margin, correct=False)  # same rule, frozen
+    plain = Controller(entries, model=dm, margin=controller.margin, correct=False, rescue=False)  # same rule, frozen
     median = float(np.median(budgets))
     static = plain.select(latency_ms=median).entry
     smallest = min(entries, key=lambda e: e.latency_ms or math.inf)
@@ -199,20 +210,18 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
         logits = dm(x)
         return (time.perf_counter() - t0) * 1e3, int(logits.argmax(-1)[0])
 
-    def choose(name: str, budget: float, x: torch.Tensor) -> tuple[Entry, float, int]:
+    def choose(name: str, budget: float, x: torch.Tensor) -> tuple[Entry, float, int, ExecConfig]:
         if name == "oracle":
             runs = [(e, *timed(e.config, x)) for e in entries]
             stats["oracle"].menu_ms.append([r[1] for r in runs])
             fit = [r for r in runs if r[1] <= budget]
-            return max(fit, key=lambda r: r[0].quality) if fit else min(runs, key=lambda r: r[1])
+            e, ms, pred = max(fit, key=lambda r: r[0].quality) if fit else min(runs, key=lambda r: r[1])
+            return e, ms, pred, e.config
         if name in ("controller", "uncorrected"):
-            ctrl = controller if name == "controller" else plain
-            e = ctrl.select(latency_ms=float(budget)).entry
-            ms, pred = timed(e.config, x)
-            ctrl.observe(e.config, ms, budget_ms=float(budget))
-            return e, ms, pred
+            out = (controller if name == "controller" else plain).run(x, latency_ms=budget)
+            return out.choice.entry, out.measured_ms, int(out.output.argmax(-1)[0]), out.executed
         e = {"default": default, "smallest": smallest, "static": static}[name]
-        return (e, *timed(e.config, x))
+        return (e, *timed(e.config, x), e.config)
 
     bar = tqdm(total=len(budgets) * len(policies), desc="trace", unit="frame", disable=not progress,
                dynamic_ncols=True)
@@ -227,12 +236,14 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
                     if load_frame is not None and i == load_frame:
                         load = CompetingLoad(load_threads, load_duty).__enter__()
                     x, label = frames[i % len(frames)]
-                    e, ms, pred = choose(name, float(budget), x)
+                    e, ms, pred, path = choose(name, float(budget), x)
                     st.latency_ms.append(ms)
                     st.met.append(ms <= budget)
                     st.correct.append(pred == label)
                     st.configs.append(e.label)
-                    st.quality.append(e.quality)
+                    st.executed.append(path)
+                    st.dropped.append(tuple(sorted(set(path.skip_blocks) - set(e.config.skip_blocks))))
+                    st.quality.append(e.quality)  # a rescued frame's is measured after the passes
                     if name == "controller":
                         slowdown.append(controller.slowdown)
                     bar.update(1)
@@ -240,7 +251,27 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
                 if load is not None:
                     load.__exit__(None, None, None)
     bar.close()
+    for st in stats.values():  # off the clock: measuring a path's quality takes seconds
+        for i, d in enumerate(st.dropped):
+            if d:
+                st.quality[i] = quality_of(st.executed[i]) if quality_of is not None else math.nan
     return SimResult(np.asarray(budgets), stats, load_frame, slowdown)
+
+
+def path_quality(dm: Any, data: Any) -> Callable[[ExecConfig], float]:
+    """Quality of any path on ``data`` (a sweep's ``CachedData``), measured as the sweep measures it, cached."""
+    from dynavit.sweep.engine import Evaluator
+
+    evaluator, cache = Evaluator(dm, data, measure_latency=False), {}
+
+    def quality(cfg: ExecConfig) -> float:
+        if cfg not in cache:
+            previous = dm.exec_config
+            cache[cfg] = evaluator.measure(cfg).quality
+            dm.configure(previous)
+        return cache[cfg]
+
+    return quality
 
 
 def hindsight_bounds(res: SimResult, entries: Sequence[Entry], target_miss: float = 0.01) -> dict[str, dict]:

@@ -1,0 +1,91 @@
+"""What a deadline inside the forward costs and what its drops cost (DeiT-tiny, CPU).
+
+1. Overhead: the default path at batch 1, with and without a deadline attached that never needs to
+   drop anything (a roomy budget), interleaved run by run; the median time ratio.
+2. The rescue ladder of the default path and of the controller's profiled menu (``measure_rescue``):
+   top-1 on the sweep's images with the first 1, 2 and 3 droppable blocks dropped (the calibration's
+   least important first), and the share of the path's time each saves.
+
+Writes the ``deadline`` section of docs/benchmarks.md:
+
+    .venv/bin/python benchmarks/deadline_deit.py [--runs 400] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from docsection import write_section
+
+from dynavit.config import ExecConfig
+from dynavit.deadline import Deadline
+from dynavit.runtime import Controller, Entry
+from dynavit.runtime.simulate import path_quality
+from dynavit.sweep import ResultStore, SweepTarget
+from dynavit.sweep.engine import device_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", type=Path, default=ROOT / "out" / "bench-sweep" / "deit-tiny.db")
+    ap.add_argument("--runs", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with ResultStore(args.store, readonly=True) as rs:
+        target = SweepTarget(**rs.last_target())
+    dm, data, _, _ = target.build()
+    frames = data.frames()
+    x = frames[0][0]
+    quality_of = path_quality(dm, data)
+    ctrl = Controller.from_store(args.store, model=dm, probe=x, runs=30)
+    default = Controller([Entry(ExecConfig(), quality_of(ExecConfig()), latency_ms=1.0, label="default")],
+                         model=dm).profile(x, runs=30, front=False)
+    ctrl.entries = [e for e in ctrl.entries if not e.config.is_default] + default.entries
+    ctrl.measure_rescue(quality_of)
+
+    impl = dm.configure(ExecConfig()).module
+    shares, order = default.entries[0].shares, dm.calibration.block_order("block")
+    plain, timed = [], []
+    with torch.inference_mode():
+        for _ in range(5):
+            dm(x)
+        for i in range(args.runs):
+            for with_deadline in ((False, True) if i % 2 else (True, False)):
+                t0 = time.perf_counter()
+                impl.deadline = Deadline(1e9, shares, order, start=t0) if with_deadline else None
+                dm(x)
+                (timed if with_deadline else plain).append((time.perf_counter() - t0) * 1e3)
+        impl.deadline = None
+    ratio = float(np.median(timed) / np.median(plain))
+
+    cmd = "`.venv/bin/python benchmarks/deadline_deit.py " + " ".join(sys.argv[1:]) + "`"
+    lines = [f"Machine: {device_name(torch.device('cpu'))}; {dt.date.today()}; "
+             f"command: {cmd}.", "",
+             f"**Overhead of the checks** (default path, batch 1, {args.runs} runs each, interleaved): median "
+             f"{np.median(plain):.2f} ms without a deadline, {np.median(timed):.2f} ms with one that never drops "
+             f"a block: ratio {ratio:.3f}.", "",
+             f"**Rescue ladders** (top-1 on the sweep's {data.n} images; *saves*: share of the path's measured "
+             "time; blocks are dropped in the calibration's order, least important first, skipping blocks that "
+             "change the token count; the default path is added to the profiled menu):", "",
+             "| path | top-1 % | 1 block dropped: top-1 %, saves | 2 blocks | 3 blocks |", "|---|---|---|---|---|"]
+    for e in sorted(ctrl.entries, key=lambda e: e.quality):
+        rungs = [f"{100 * q:.1f}, {100 * s:.0f} %" for s, q in e.ladder]
+        rungs += ["—"] * (3 - len(rungs))
+        lines.append(f"| {e.label} | {100 * e.quality:.1f} | " + " | ".join(rungs[:3]) + " |")
+    body = "\n".join(lines + [""])
+    write_section("deadline", "Deadlines in the forward: overhead and the cost of dropped blocks (DeiT-tiny, CPU)",
+                  body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
