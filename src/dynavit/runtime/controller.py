@@ -173,7 +173,7 @@ class Controller:
         self.margin, self.alpha, self.beta, self.correct = margin, alpha, beta, correct
         self.target_miss, self.min_obs, self.level_alpha = target_miss, min_obs, level_alpha
         self._c = _Correction(jitter=deque(maxlen=window))
-        self.history: list[tuple[ExecConfig, float, float]] = []  # (config, predicted ms, observed ms)
+        self.history: list[tuple[ExecConfig, float, float]] = []  # (config, predicted ms, observed ms or pace)
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
