@@ -520,17 +520,11 @@ class Controller:
         choice = self.select(batch=len(x), **budget)
         dm.configure(choice.config)
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        impl, deadline = dm.module, self.deadline(choice, cuda=x.is_cuda)
+        deadline = self.deadline(choice, cuda=x.is_cuda)
         t0 = time.perf_counter()
-        impl.deadline = deadline
-        if deadline is not None:
-            deadline.start = t0
-        try:
-            with torch.inference_mode():
-                out = dm(x)
+        with _attached(dm.module, deadline, t0), torch.inference_mode():
+            out = dm(x)
             sync()
-        finally:
-            impl.deadline = None
         ms = (time.perf_counter() - t0) * 1e3
         return Outcome(out, *self._settle(choice, deadline, ms, len(x)))
 
@@ -557,19 +551,28 @@ class Controller:
         previous = dm.exec_config
         dm.configure(choice.config)
         cuda = torch.cuda.is_available()
-        impl, deadline = dm.module, self.deadline(choice, cuda=cuda)
+        deadline = self.deadline(choice, cuda=cuda)
         t0 = time.perf_counter()
-        impl.deadline = deadline
-        if deadline is not None:
-            deadline.start = t0
         try:
-            yield choice
+            with _attached(dm.module, deadline, t0):
+                yield choice
         finally:
-            impl.deadline = None
             if cuda:
                 torch.cuda.synchronize()
             self._settle(choice, deadline, (time.perf_counter() - t0) * 1e3, batch)
             dm.configure(previous)
+
+
+@contextlib.contextmanager
+def _attached(impl: Any, deadline: Deadline | None, start: float) -> Iterator[None]:
+    """The model's forwards in the body carry ``deadline``, counted from ``start``; detached afterwards."""
+    if deadline is not None:
+        deadline.start = start
+    impl.deadline = deadline
+    try:
+        yield
+    finally:
+        impl.deadline = None
 
 
 def share_above(sorted_values: np.ndarray, x: float | np.ndarray) -> float | np.ndarray:
