@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of the no-load trace (the machine is noisy)")
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="CPU threads; one table each")
     ap.add_argument("--profile-runs", type=int, default=30, help="rounds of the menu profile before each run")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                    help="policies take turns on each frame (paired); --no-interleave: one pass each")
     args = ap.parse_args()
     with ResultStore(args.store, readonly=True) as rs:
         target = SweepTarget(**rs.last_target())
@@ -97,6 +99,10 @@ def main() -> None:
 
     cmd = "`.venv/bin/python benchmarks/simulate_deit.py " + " ".join(sys.argv[1:]) + "`"
     stored = Controller.from_store(args.store, model=dm)
+    paired = ("The policies run side by side: on each frame every policy takes one turn, in a fresh random order "
+              "(`simulate(..., interleave=True)`), so that all of them meet the same machine; this VM's speed drifts "
+              "over minutes, and passes made one after another compared poorly." if args.interleave else
+              "Each policy makes its own pass over the trace (as deployed: nothing else runs between its frames).")
     lines = [f"Machine: {device_name(torch.device('cpu'))}; {dt.date.today()}; command: {cmd}.", "",
              f"Frames: the sweep's {len(frames)} held-out ImageNet sample photos, one per frame, batch 1. Menu: "
              f"at the start of each run the controller re-measures its candidates ({args.profile_runs} shuffled "
@@ -104,43 +110,38 @@ def main() -> None:
              "keeps the front by the p95 it measured (`Controller.from_store(..., probe=x)`). The *stored menu* "
              f"row is the controller on the store's own latency front ({len(stored.entries)} configs, as measured "
              "during the sweep) with no profiling. Budgets: a random walk in log space over 4x, from 1.2x the "
-             "cheapest measured path's p95. Each policy makes its own pass over the trace (as deployed: nothing "
-             "else runs between its frames); the oracle runs every path on each frame and keeps the most accurate "
-             "one that fitted. A miss is a measured forward time above the frame's budget. The *controller* "
-             "uses the priced rule (spends the 1 % miss allowance where it buys the most top-1) and runs each frame "
-             "under a deadline: when a run falls behind, it drops up to 3 of the least important remaining blocks "
-             "if that makes it fit (*rescued* frames; their menu top-1 is the top-1 of the path that actually ran, "
-             "measured on the sweep's images). Before the trace it measures what 1, 2 and 3 drops cost each path "
-             "(`measure_rescue`), and chooses by expected top-1 with rescues counted. The *no deadline* row is the "
-             "same controller (same profile) without deadlines and without the ladder; the *quantile "
-             "rule* row starts from the same profile (same menu, same measured tail) and chooses by the "
-             "99th-percentile prediction, frame by frame. *Menu top-1* is the mean over frames of the chosen "
-             "path's top-1 on all the sweep's images: the same comparison without the luck of which image each "
-             "frame drew. The two *bound* rows are read off the oracle's pass (every path timed on every frame) with "
-             "the best price in hindsight at <= 1 % misses: *speed known* knows each frame's machine speed (the "
-             "median over paths of measured / median) but not a run's own jitter, *speed unknown* knows only the "
-             "trace's overall jitter distribution (`hindsight_bounds`). No controller can see a run's own jitter "
-             "before it runs; the oracle does, and the gap between the oracle and *speed known* is that part.", ""]
+             f"cheapest measured path's p95. {paired} The oracle runs every path on each frame and keeps the most "
+             "accurate one that fitted. A miss is a measured forward time above the frame's budget. The "
+             "*controller* uses the priced rule (spends the 1 % miss allowance where it buys the most top-1) and "
+             "runs each frame under a deadline: when a run falls behind, it drops up to 3 of the least important "
+             "remaining blocks if that makes it fit (*rescued* frames; their menu top-1 is the top-1 of the path "
+             "that actually ran, measured on the sweep's images). Before the trace it measures what 1, 2 and 3 "
+             "drops cost each path (`measure_rescue`), and chooses by expected top-1 with rescues counted. The "
+             "*no deadline* row is the same controller (same profile) without deadlines and without the ladder; "
+             "the *quantile rule* row starts from the same profile (same menu, same measured tail, same ladder "
+             "and deadlines) and chooses by the 99th-percentile prediction, frame by frame. *Menu top-1* is the "
+             "mean over frames of the chosen path's top-1 on all the sweep's images: the same comparison without "
+             "the luck of which image each frame drew. The two *bound* rows are read off the oracle's runs (every "
+             "path timed on every frame) with the best price in hindsight at <= 1 % misses: *speed known* knows "
+             "each frame's machine speed (the median over paths of measured / median) but not a run's own jitter, "
+             "*speed unknown* knows only the trace's overall jitter distribution (`hindsight_bounds`). No "
+             "controller can see a run's own jitter before it runs; the oracle does, and the gap between the "
+             "oracle and *speed known* is that part.", ""]
     loaded = None
     for threads in args.threads:
         torch.set_num_threads(threads)
         runs, menus, bounds = [], [], []
         for _ in range(args.repeats):
             ctrl = profiled()
-            quantile_ctrl = same_start(ctrl, rule="quantile")
-            whole_ctrl = same_start(ctrl, rescue=False)
+            others = {"no deadline": same_start(ctrl, rescue=False), "quantile rule": same_start(ctrl, rule="quantile"),
+                      "stored menu": Controller.from_store(args.store, model=dm)}
             if not menus:
                 lo, hi = default_bounds(ctrl)
                 budgets = make_trace("random-walk", args.frames, lo, hi, seed=0)
             menus.append(len(ctrl.entries))
-            run = simulate(dm, ctrl, frames, budgets, quality_of=quality_of, progress=False)
-            for name, other in (("no deadline", whole_ctrl), ("quantile rule", quantile_ctrl),
-                                ("stored menu", Controller.from_store(args.store, model=dm))):
-                extra = simulate(dm, other, frames, budgets, policies=("controller",), quality_of=quality_of,
-                                 progress=False)
-                run.policies[name] = extra.policies["controller"]
-            runs.append(run)
-            bounds.append(hindsight_bounds(run, ctrl.entries))
+            runs.append(simulate(dm, ctrl, frames, budgets, others=others, quality_of=quality_of,
+                                 interleave=args.interleave, seed=len(runs), progress=False))
+            bounds.append(hindsight_bounds(runs[-1], ctrl.entries))
         lines += repeated(runs, f"**{threads} thread{'s' if threads > 1 else ''}**, no competing load "
                                 f"({args.frames} frames, budgets {lo:.1f}-{hi:.1f} ms, {args.repeats} runs of the "
                                 f"same trace, menus of {'/'.join(map(str, menus))} configs; median and range over "
@@ -148,7 +149,8 @@ def main() -> None:
         if threads == args.threads[0]:
             ctrl = profiled()
             loaded = simulate(dm, ctrl, frames, budgets, load_at=0.5, quality_of=quality_of,
-                              policies=("controller", "uncorrected", "oracle", "static"), progress=False)
+                              policies=("controller", "uncorrected", "oracle", "static"),
+                              interleave=args.interleave, progress=False)
             plot_trace(loaded, ROOT / "docs" / "img" / "simulate_load.png")
             load_title = (f"{threads} thread{'s' if threads > 1 else ''}, competing load from frame "
                           f"{loaded.load_frame}: a second process multiplying matrices on one core, busy half of "

@@ -199,6 +199,36 @@ def test_simulate_runs_every_policy_on_every_frame() -> None:
     assert len(res.slowdown) == 8 and res.table()[0]["policy"] == "controller"
 
 
+def test_simulate_interleaves_policies_frame_by_frame() -> None:
+    """Side by side: every frame, each policy (``others`` included) takes one turn, in a shuffled order."""
+    from dynavit.models.configs import preset_config
+    from dynavit.models.loading import from_config
+
+    dm = from_config(preset_config("vit-t16"), seed=0)
+    frames = [(torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)), 0)]
+    calls: list[str] = []
+
+    def recording(name: str, ctrl: Controller) -> Controller:
+        ctrl.run = lambda x, **b: (calls.append(name), Controller.run(ctrl, x, **b))[1]
+        return ctrl
+
+    budgets = make_trace("step", 8, 3.0, 12.0)
+    for interleave in (True, False):
+        calls.clear()
+        ctrl, twin = recording("controller", Controller(MENU, model=dm)), recording("twin", Controller(MENU, model=dm))
+        res = simulate(dm, ctrl, frames, budgets, policies=("controller",), others={"twin": twin},
+                       interleave=interleave, progress=False, warmup=1)
+        assert list(res.policies) == ["controller", "twin"] and len(res.policies["twin"].met) == 8
+        if interleave:
+            turns = [tuple(calls[k:k + 2]) for k in range(0, 16, 2)]
+            assert all(set(t) == {"controller", "twin"} for t in turns)
+            assert len(set(turns)) == 2  # both orders occur: no policy always runs first
+        else:
+            assert calls == ["controller"] * 8 + ["twin"] * 8
+    with pytest.raises(DynavitError, match="reuse policy names"):
+        simulate(dm, ctrl, frames, budgets, others={"oracle": twin}, progress=False)
+
+
 def test_competing_load_is_stopped() -> None:
     with CompetingLoad() as load:
         assert load.proc.poll() is None

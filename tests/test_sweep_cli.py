@@ -85,7 +85,7 @@ def test_killed_sweep_resumes_with_exactly_the_rows_of_an_uninterrupted_one(asse
     out = _run([*DYNAVIT, "export", str(killed), str(tmp_path / "rows.csv")])
     assert out.returncode == 0 and len((tmp_path / "rows.csv").read_text().splitlines()) == 9
 
-    sim = _run([*DYNAVIT, "simulate", "--store", str(killed), "--trace", "step", "--frames", "8",
+    sim = _run([*DYNAVIT, "simulate", "--store", str(killed), "--trace", "step", "--frames", "8", "--interleave",
                 "--json", str(tmp_path / "sim.json")])
     assert sim.returncode == 0, sim.stderr
     sim_json = json.loads((tmp_path / "sim.json").read_text())

@@ -287,7 +287,10 @@ def simulate_cmd(
                                               "inference under a deadline that drops the least important "
                                               "remaining blocks when the run falls behind (needs a "
                                               "calibrated ViT).")] = True,
-    seed: Annotated[int, typer.Option(help="Seed of generated traces.")] = 0,
+    interleave: Annotated[bool, typer.Option(help="Run the policies side by side, taking turns on each frame, "
+                                                  "instead of one pass each: a paired comparison on a machine "
+                                                  "whose speed drifts.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of generated traces (and of the turns' order).")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write per-policy results as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write budgets vs measured latency per frame (PNG).")] = None,
 ) -> None:
@@ -329,8 +332,8 @@ def simulate_cmd(
     lo = lo or default_bounds(ctrl)[0]
     hi = hi or 4 * lo
     budgets = load_trace(trace) if Path(trace).is_file() else make_trace(trace, frames, lo, hi, seed)
-    res = simulate(dm, ctrl, frames_data, budgets, load_at=load_at, quality_of=quality_of,
-                   progress=sys.stderr.isatty())
+    res = simulate(dm, ctrl, frames_data, budgets, load_at=load_at, quality_of=quality_of, interleave=interleave,
+                   seed=seed, progress=sys.stderr.isatty())
     from rich.table import Table
 
     t = Table(title=f"{len(budgets)} frames, budgets {budgets.min():.1f}-{budgets.max():.1f} ms ({trace})"

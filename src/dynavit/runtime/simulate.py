@@ -1,8 +1,11 @@
 """Trace-driven evaluation: real inferences, frame by frame, against per-frame latency budgets.
 
-Each policy makes its own pass over the trace, as it would run deployed: the same frames,
-the same budgets, nothing else running between its frames. Every run is timed, and a frame is
-a *miss* when the measured latency exceeds that frame's budget. Policies:
+By default each policy makes its own pass over the trace, as it would run deployed: the same
+frames, the same budgets, nothing else running between its frames. On a shared machine whose
+speed drifts over minutes, passes made at different times compare poorly; ``interleave=True``
+runs the policies side by side instead, taking turns on each frame in a seeded random order,
+so that every policy meets the same machine. Every run is timed, and a frame is a *miss* when
+the measured latency exceeds that frame's budget. Policies:
 
 - ``controller``: the budget controller with online correction, each run under a deadline that
   drops the least important remaining blocks when the run falls behind (``Controller.run``);
@@ -14,6 +17,9 @@ a *miss* when the measured latency exceeds that frame's budget. Policies:
   measured latency fit (the cheapest when none did): what a controller that knew each
   frame's true latency would have picked.
 
+Further controllers (``others``, by name: another rule, no deadline, ...) run as policies of
+their own, through ``Controller.run`` like ``controller``.
+
 ``load_at`` starts a competing CPU load (a second process multiplying matrices on
 ``load_threads`` cores, busy ``load_duty`` of the time) that far into the trace, to show the
 correction at work.
@@ -21,11 +27,12 @@ correction at work.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,17 +188,25 @@ class CompetingLoad:
 
 def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tensor, int]], budgets: np.ndarray, *,
              load_at: float | None = None, load_threads: int = 1, load_duty: float = 0.5,
-             policies: Sequence[str] = POLICIES, quality_of: Callable[[ExecConfig], float] | None = None,
+             policies: Sequence[str] = POLICIES, others: Mapping[str, Controller] | None = None,
+             quality_of: Callable[[ExecConfig], float] | None = None, interleave: bool = False, seed: int = 0,
              warmup: int = 3, progress: bool = True) -> SimResult:
     """Run every policy on every frame; ``frames`` are (pixels (1, 3, H, W), label) pairs, cycled.
 
+    ``others``: more controllers, each a policy under its name (after ``policies``).
     ``quality_of(config)``: the quality of a path that is not on the menu, for frames on which a
     deadline dropped blocks (``path_quality`` measures it on the sweep's images). Without it such
     frames have no menu quality, and ``menu_top1`` is NaN.
+    ``interleave``: the policies take turns on each frame (order shuffled per frame with ``seed``)
+    instead of making one pass each: a paired comparison on a machine whose speed drifts.
     """
     unknown = set(policies) - set(POLICIES)
     if unknown:
         raise DynavitError(f"unknown policies {sorted(unknown)} (choose from {', '.join(POLICIES)})")
+    others = dict(others or {})
+    clash = set(others) & set(policies)
+    if clash:
+        raise DynavitError(f"controllers in others cannot reuse policy names: {sorted(clash)}")
     if not frames:
         raise DynavitError("no frames to run")
     entries = controller.entries
@@ -200,7 +215,8 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
     static = plain.select(latency_ms=median).entry
     smallest = min(entries, key=lambda e: e.latency_ms or math.inf)
     default = next((e for e in entries if e.config.is_default), max(entries, key=lambda e: e.quality))
-    stats = {p: PolicyStats(p) for p in policies}
+    names = [*policies, *others]
+    stats = {p: PolicyStats(p) for p in names}
     load_frame = int(load_at * len(budgets)) if load_at is not None else None
     slowdown: list[float] = []
 
@@ -217,39 +233,55 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
             fit = [r for r in runs if r[1] <= budget]
             e, ms, pred = max(fit, key=lambda r: r[0].quality) if fit else min(runs, key=lambda r: r[1])
             return e, ms, pred, e.config
-        if name in ("controller", "uncorrected"):
-            out = (controller if name == "controller" else plain).run(x, latency_ms=budget)
+        if name in others or name in ("controller", "uncorrected"):
+            ctrl = others.get(name) or (controller if name == "controller" else plain)
+            out = ctrl.run(x, latency_ms=budget)
             return out.choice.entry, out.measured_ms, int(out.output.argmax(-1)[0]), out.executed
         e = {"default": default, "smallest": smallest, "static": static}[name]
         return (e, *timed(e.config, x), e.config)
 
-    bar = tqdm(total=len(budgets) * len(policies), desc="trace", unit="frame", disable=not progress,
+    def warm() -> None:  # first-call allocations are not the steady state
+        for e in entries:
+            for _ in range(warmup):
+                timed(e.config, frames[0][0])
+
+    def step(name: str, i: int, budget: float) -> None:
+        x, label = frames[i % len(frames)]
+        e, ms, pred, path = choose(name, budget, x)
+        st = stats[name]
+        st.latency_ms.append(ms)
+        st.met.append(ms <= budget)
+        st.correct.append(pred == label)
+        st.configs.append(e.label)
+        st.executed.append(path)
+        st.dropped.append(tuple(sorted(set(path.skip_blocks) - set(e.config.skip_blocks))))
+        st.quality.append(e.quality)  # a rescued frame's is measured after the passes
+        if name == "controller":
+            slowdown.append(controller.slowdown)
+        bar.update(1)
+
+    def load_starts(i: int, stack: contextlib.ExitStack) -> None:
+        if load_frame is not None and i == load_frame:
+            stack.enter_context(CompetingLoad(load_threads, load_duty))
+
+    bar = tqdm(total=len(budgets) * len(names), desc="trace", unit="frame", disable=not progress,
                dynamic_ncols=True)
+    rng = np.random.default_rng(seed)
     with torch.inference_mode():
-        for name in policies:  # one pass per policy: as deployed, nothing else runs between its frames
-            for e in entries:  # warm every path (first-call allocations are not the steady state)
-                for _ in range(warmup):
-                    timed(e.config, frames[0][0])
-            st, load = stats[name], None
-            try:
+        if interleave:  # side by side: each frame, every policy in a fresh random order
+            warm()
+            with contextlib.ExitStack() as stack:
                 for i, budget in enumerate(budgets):
-                    if load_frame is not None and i == load_frame:
-                        load = CompetingLoad(load_threads, load_duty).__enter__()
-                    x, label = frames[i % len(frames)]
-                    e, ms, pred, path = choose(name, float(budget), x)
-                    st.latency_ms.append(ms)
-                    st.met.append(ms <= budget)
-                    st.correct.append(pred == label)
-                    st.configs.append(e.label)
-                    st.executed.append(path)
-                    st.dropped.append(tuple(sorted(set(path.skip_blocks) - set(e.config.skip_blocks))))
-                    st.quality.append(e.quality)  # a rescued frame's is measured after the passes
-                    if name == "controller":
-                        slowdown.append(controller.slowdown)
-                    bar.update(1)
-            finally:
-                if load is not None:
-                    load.__exit__(None, None, None)
+                    load_starts(i, stack)
+                    for k in rng.permutation(len(names)):
+                        step(names[k], i, float(budget))
+        else:
+            for name in names:  # one pass per policy: as deployed, nothing else runs between its frames
+                warm()
+                with contextlib.ExitStack() as stack:
+                    for i, budget in enumerate(budgets):
+                        load_starts(i, stack)
+                        step(name, i, float(budget))
     bar.close()
     for st in stats.values():  # off the clock: measuring a path's quality takes seconds
         for i, d in enumerate(st.dropped):
