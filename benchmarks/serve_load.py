@@ -37,15 +37,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(store: Path, n_requests: int, clients: int, max_batch: int, max_wait_ms: float) -> dict:
+def run(store: Path, n_requests: int, clients: int, max_batch: int, max_wait_ms: float, rescue: bool = False) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "dynavit.cli", "serve", "--store", str(store), "--port",
-                               str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
+                               str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
+                               *(["--rescue"] if rescue else [])],
                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(600):
+        for _ in range(3000):  # start-up: profiling the menu, and with --rescue measuring the ladders (minutes)
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited at start-up: {server.stderr.read()[-2000:]}")
             try:
                 if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
                     break
@@ -62,6 +65,7 @@ def run(store: Path, n_requests: int, clients: int, max_batch: int, max_wait_ms:
         met: list[bool] = []
         batch_sizes: list[int] = []
         gmacs: list[float] = []
+        rescued: list[bool] = []
         lock = threading.Lock()
         counter = iter(range(n_requests))
 
@@ -83,6 +87,7 @@ def run(store: Path, n_requests: int, clients: int, max_batch: int, max_wait_ms:
                         met.append(bool(body["budget_met"]))
                         batch_sizes.append(body["batch_size"])
                         gmacs.append(by_name[body["config"]["name"]])
+                        rescued.append(bool(body["dropped_blocks"]))
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -96,7 +101,8 @@ def run(store: Path, n_requests: int, clients: int, max_batch: int, max_wait_ms:
         server.wait(timeout=60)
     st = np.asarray(statuses)
     return {"clients": clients, "gmacs": float(np.mean(gmacs)) if gmacs else float("nan"),
-            "max_batch": max_batch, "max_wait_ms": max_wait_ms, "requests": len(st), "ok": int((st == 200).sum()),
+            "max_batch": max_batch, "max_wait_ms": max_wait_ms, "rescue": rescue, "rescued": int(sum(rescued)),
+            "requests": len(st), "ok": int((st == 200).sum()),
             "4xx": int(((st >= 400) & (st < 500)).sum()), "5xx": int((st >= 500).sum()),
             "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
             "throughput": len(st) / wall, "budget_met": float(np.mean(met)) if met else float("nan"),
@@ -111,7 +117,8 @@ def main() -> None:
     args = ap.parse_args()
     rows = [run(args.store, args.requests, args.clients, 1, 0.0),
             run(args.store, args.requests, args.clients, 8, 5.0),
-            run(args.store, args.requests, 1, 8, 5.0)]
+            run(args.store, args.requests, 1, 8, 5.0),
+            run(args.store, args.requests, 1, 8, 5.0, rescue=True)]
     lines = [f"Machine: {device_name(__import__('torch').device('cpu'))}; {dt.date.today()}; server and clients on "
              f"the same 2 cores over loopback; command: `.venv/bin/python benchmarks/serve_load.py "
              f"--requests {args.requests}`.", "",
@@ -119,18 +126,24 @@ def main() -> None:
              "unloaded case), real JPEGs (ImageNet samples), "
              "per-request latency budgets uniform over 4x from 1.2x the cheapest path's p95. Round-trip times "
              "measured by the clients.", "",
-             "| clients | micro-batching | requests | 200 | 4xx | 5xx | p50 ms | p99 ms | req/s | budget met | "
-             "mean batch | mean path GMACs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| clients | micro-batching | deadlines | requests | 200 | 4xx | 5xx | p50 ms | p99 ms | req/s | "
+             "budget met | rescued | mean batch | mean path GMACs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mode = "off (max batch 1)" if r["max_batch"] == 1 else f"max batch {r['max_batch']}, wait {r['max_wait_ms']} ms"
-        lines.append(f"| {r['clients']} | {mode} | {r['requests']} | {r['ok']} | {r['4xx']} | {r['5xx']} | "
-                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['throughput']:.1f} | {100 * r['budget_met']:.1f} % | "
+        lines.append(f"| {r['clients']} | {mode} | {'--rescue' if r['rescue'] else 'off'} | {r['requests']} | "
+                     f"{r['ok']} | {r['4xx']} | {r['5xx']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['throughput']:.1f} | {100 * r['budget_met']:.1f} % | {r['rescued']} | "
                      f"{r['mean_batch']:.2f} | {r['gmacs']:.3f} |")
     lines += ["", "Budget met: the round trip inside the server (decode, queue, model) within the request's budget. "
               "The server subtracts the predicted backlog from each budget. With 8 clients on 2 cores the queue "
               "ahead of a request alone exceeds every budget, so requests fall back to the cheapest path "
-              "(flagged `predicted_to_fit: false`): throughput rises, and the misses are reported, not hidden."]
+              "(flagged `predicted_to_fit: false`): throughput rises, and the misses are reported, not hidden. "
+              "The last row is the one before it with `serve --rescue`: at start-up the server measures each "
+              "path's rescue ladder on the sweep's images, and a budgeted forward that falls behind drops its "
+              "least important remaining blocks when that makes it in time (*rescued*: answers with "
+              "`dropped_blocks`). The two rows ran one after the other, each server with its own start-up "
+              "profile."]
     body = "\n".join(lines)
     write_section("serve-load", "Server load test (loopback)", body)
     print(body)

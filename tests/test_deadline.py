@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import require
 
 import dynavit.deadline as deadline_mod
 from dynavit.config import ExecConfig
@@ -233,3 +234,35 @@ def test_measure_rescue_walks_each_paths_droppable_blocks() -> None:
     assert dm.exec_config == ExecConfig()
     with pytest.raises(DynavitError, match="block ranking"):
         Controller(menu, model=dm).measure_rescue(quality_of)
+
+
+def test_server_runs_budgeted_requests_under_their_deadline(ticking, monkeypatch) -> None:
+    """``serve --rescue``: a tight request's forward drops blocks to answer in time and says which."""
+    require("fastapi")
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    import dynavit.serve.app as app_mod
+
+    monkeypatch.setattr(app_mod, "time", deadline_mod.time)  # the server's clock is the ticking one
+    dm, x = _vit()
+    n = len(dm.module.blocks)
+    menu = [Entry(SMALL, 0.70, latency_ms=2.0, label="small"), Entry(FULL, 0.80, latency_ms=8.0, label="full")]
+    c = Controller(menu, model=dm, drop_order=list(reversed(range(1, n))), rescue_max_drop=n, min_obs=4
+                   ).profile(x, runs=4, front=False).measure_rescue(lambda cfg: 0.5)
+    tight = 0.6 * min(e.latency_p50_ms for e in c.entries)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 120, 30)).save(buf, "PNG")
+    post = {"content": buf.getvalue(), "headers": {"content-type": "image/png"}}
+    with TestClient(app_mod.create_app(dm, c, max_wait_ms=0)) as client:
+        r = client.post(f"/v1/infer?latency_ms={tight}", **post).json()
+        assert len(r["dropped_blocks"]) == 6 and r["budget_met"] is True and r["model_ms"] <= tight
+        assert r["executed_config"] == r["config"]["exec_config"] | {"skip_blocks": r["dropped_blocks"]}
+        assert c.history[-1][2] > r["model_ms"]  # the speed is learnt from the pace, not the truncated run
+        named = client.post(f"/v1/infer?config={r['config']['name']}", **post).json()
+        assert named["dropped_blocks"] == [] and named["executed_config"] == named["config"]["exec_config"]
+        roomy = client.post(f"/v1/infer?latency_ms={50 * tight}", **post).json()
+        assert roomy["dropped_blocks"] == [] and roomy["budget_met"] is True
+        assert "dynavit_rescued_total 1.0" in client.get("/metrics").text

@@ -270,3 +270,38 @@ def test_backlog_takes_budget_away() -> None:
     assert asyncio.run(go()) == pytest.approx(7.0)
     c = Controller(MENU, margin=0.0)
     assert c.select(latency_ms=12 - 7.0).config == ExecConfig(mlp_width=0.5)  # 12 ms alone would take the full path
+
+
+def test_load_for_store_with_rescue_measures_ladders_on_the_sweeps_images(tmp_path) -> None:
+    """``serve --rescue``: the ladders come from the images the sweep measured, for a calibrated ViT only."""
+    from helpers import Shapes, tiny_vit
+    from typer.testing import CliRunner
+
+    from dynavit.cli import app
+    from dynavit.errors import DynavitError
+    from dynavit.serve import load_for_store
+    from dynavit.train.supervised import export
+
+    export(tiny_vit(layers=4), tmp_path / "vit", {"name": "tiny"})  # 4 blocks: a deadline may drop one
+    data = Shapes(12)
+    for i in range(len(data)):
+        img, y = data.load(i)
+        (tmp_path / "data" / f"c{y}").mkdir(parents=True, exist_ok=True)
+        img.save(tmp_path / "data" / f"c{y}" / f"{i}.png")
+    (tmp_path / "space.json").write_text('{"mlp_width": [1.0, 0.5]}')
+    runner = CliRunner()
+    vit, images = str(tmp_path / "vit"), str(tmp_path / "data")
+    assert runner.invoke(app, ["calibrate", vit, "--images", images, "--out", str(tmp_path / "calib"),
+                               "--limit", "4"]).exit_code == 0
+    sweep = ["sweep", vit, "--data", images, "--space", str(tmp_path / "space.json"), "--strategy", "grid",
+             "--latency-repeats", "2"]
+    for store, extra in (("plain.db", []), ("calibrated.db", ["--calibration", str(tmp_path / "calib")])):
+        res = runner.invoke(app, [*sweep, "--store", str(tmp_path / store), *extra])
+        assert res.exit_code == 0, res.output
+    _, ctrl = load_for_store(None, tmp_path / "calibrated.db", profile_runs=3, rescue=True)
+    assert ctrl.can_rescue and ctrl.entries and all(len(e.ladder) == 1 for e in ctrl.entries)
+    assert all(0 < saved < 1 and 0 <= q <= 1 for e in ctrl.entries for saved, q in e.ladder)
+    with pytest.raises(DynavitError, match="profiled at start-up"):
+        load_for_store(None, tmp_path / "calibrated.db", profile_runs=0, rescue=True)
+    with pytest.raises(DynavitError, match="calibrated ViT"):
+        load_for_store(None, tmp_path / "plain.db", profile_runs=3, rescue=True)

@@ -383,6 +383,11 @@ def serve_cmd(
     rule: Annotated[str, typer.Option(help="priced: spend the miss allowance where it buys the most accuracy; "
                                            "quantile: every request within target-miss on its own.")] = "priced",
     target_miss: Annotated[float, typer.Option(help="Share of requests allowed to miss their budget.")] = 0.01,
+    rescue: Annotated[bool, typer.Option(help="At start-up, measure what dropping blocks costs each path on the "
+                                              "sweep's images (minutes; they must be where the sweep read "
+                                              "them), then run budgeted requests under a deadline that drops "
+                                              "the least important remaining blocks when a forward falls "
+                                              "behind (a calibrated ViT).")] = False,
 ) -> None:
     """Serve /v1/infer: each request gets the most accurate path within its budget."""
     try:
@@ -395,10 +400,13 @@ def serve_cmd(
 
     if max_batch < 1 or max_wait_ms < 0:
         raise DynavitError("--max-batch must be >= 1 and --max-wait-ms >= 0")
-    dm, ctrl = load_for_store(model, store, device, profile_runs, rule=rule, target_miss=target_miss)
+    dm, ctrl = load_for_store(model, store, device, profile_runs, rescue=rescue, progress=sys.stderr.isatty(),
+                              rule=rule, target_miss=target_miss)
     app = create_app(dm, ctrl, token=token, max_body_bytes=int(max_body_mb * 2**20),
                      max_pixels=int(max_megapixels * 1e6), max_batch=max_batch, max_wait_ms=max_wait_ms)
-    console.print(f"serving {dm.source} with {len(ctrl.entries)} paths on http://{host}:{port}")
+    rescuing = sum(bool(e.ladder) for e in ctrl.entries)
+    console.print(f"serving {dm.source} with {len(ctrl.entries)} paths on http://{host}:{port}"
+                  + (f"; {rescuing} of them under deadlines" if rescue else ""))
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
 
 

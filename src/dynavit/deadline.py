@@ -19,8 +19,9 @@ blocks after them were timed, and their accuracy measured, with fewer tokens.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,18 @@ class Deadline:
     def executed(self, config: Any) -> Any:
         """The config that actually ran: ``config`` with the dropped blocks added to ``skip_blocks``."""
         return with_dropped(config, self.dropped)
+
+
+@contextlib.contextmanager
+def attached(impl: Any, deadline: Deadline | None, start: float) -> Iterator[None]:
+    """The forwards of family model ``impl`` in the body carry ``deadline``, counted from ``start``; detached after."""
+    if deadline is not None:
+        deadline.start = start
+    impl.deadline = deadline
+    try:
+        yield
+    finally:
+        impl.deadline = None
 
 
 def with_dropped(config: Any, blocks: Sequence[int]) -> Any:

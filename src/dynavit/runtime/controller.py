@@ -85,7 +85,7 @@ import numpy as np
 import torch
 
 from dynavit.config import ExecConfig
-from dynavit.deadline import Deadline, default_max_drop, droppable, stage_shares, timed_stages, with_dropped
+from dynavit.deadline import Deadline, attached, default_max_drop, droppable, stage_shares, timed_stages, with_dropped
 from dynavit.errors import DynavitError
 
 BUDGETS = ("latency_ms", "energy_mj", "gmacs")
@@ -446,22 +446,28 @@ class Controller:
             raise DynavitError("this controller has no model: build it with Controller.from_store(..., model=dm)")
         return self.model
 
-    def deadline(self, choice: Choice, *, cuda: bool = False) -> Deadline | None:
+    def deadline(self, choice: Choice, *, cuda: bool = False, budget_ms: float | None = None,
+                 batch: int = 1) -> Deadline | None:
         """The in-run deadline for a latency choice (None when rescue is off or the path cannot take one).
 
         It needs a model whose forward consults a deadline, a drop order (``drop_order``, else the
         model's calibration ranking) and the chosen path's rescue ladder (``measure_rescue``, after
         ``profile``): a deadline whose cost the selection cannot weigh is not attached. In paired
         runs on DeiT-tiny, deadlines without the ladder cost top-1 (docs/benchmarks.md).
+        ``budget_ms``: the time the run may take, when not the choice's budget (a server's batch
+        runs by the tightest of its requests' deadlines); ``batch``: images in the run.
         """
         if not self.rescue or choice.kind != "latency_ms" or not choice.entry.ladder:
             return None
         order = self._drop_order()
         if order is None:
             return None
-        median = self._median_ms(choice.entry, 1)
+        budget = choice.budget if budget_ms is None else budget_ms
+        if not budget > 0:  # already late: no drop can save it
+            return None
+        median = self._median_ms(choice.entry, batch)
         expected = median * self.slowdown * self._c.r.get(choice.config, 1.0) if median else None
-        return Deadline(choice.budget, choice.entry.shares, order, safety=self.rescue_safety,
+        return Deadline(budget, choice.entry.shares, order, safety=self.rescue_safety,
                         max_drop=self.rescue_max_drop, expected_ms=expected,
                         sync=torch.cuda.synchronize if cuda else None)
 
@@ -522,7 +528,7 @@ class Controller:
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
         deadline = self.deadline(choice, cuda=x.is_cuda)
         t0 = time.perf_counter()
-        with _attached(dm.module, deadline, t0), torch.inference_mode():
+        with attached(dm.module, deadline, t0), torch.inference_mode():
             out = dm(x)
             sync()
         ms = (time.perf_counter() - t0) * 1e3
@@ -554,25 +560,13 @@ class Controller:
         deadline = self.deadline(choice, cuda=cuda)
         t0 = time.perf_counter()
         try:
-            with _attached(dm.module, deadline, t0):
+            with attached(dm.module, deadline, t0):
                 yield choice
         finally:
             if cuda:
                 torch.cuda.synchronize()
             self._settle(choice, deadline, (time.perf_counter() - t0) * 1e3, batch)
             dm.configure(previous)
-
-
-@contextlib.contextmanager
-def _attached(impl: Any, deadline: Deadline | None, start: float) -> Iterator[None]:
-    """The model's forwards in the body carry ``deadline``, counted from ``start``; detached afterwards."""
-    if deadline is not None:
-        deadline.start = start
-    impl.deadline = deadline
-    try:
-        yield
-    finally:
-        impl.deadline = None
 
 
 def share_above(sorted_values: np.ndarray, x: float | np.ndarray) -> float | np.ndarray:

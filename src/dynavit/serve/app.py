@@ -8,6 +8,12 @@ reading its own slot; a group without N requests is filled with blank images (se
 ``dynavit.multiplex``). The model runs on one worker
 thread: the event loop keeps accepting and decoding while it computes.
 
+When the controller can rescue (``Controller.measure_rescue`` ran at start-up: ``serve
+--rescue``), a batch of latency-budgeted requests runs under a ``Deadline`` set by the tightest
+of their end-to-end deadlines: a forward that falls behind drops up to a quarter of its least
+important remaining blocks when that makes it in time, and the answer names the blocks it
+dropped. A batch holding a request that named its config runs that config whole.
+
 Every bad request gets a 4xx JSON ``{"error": ...}`` that says what was wrong; the server keeps
 serving. Images are checked before they are decoded: body size, content type, and the pixel
 count from the header (decompression bombs are refused before any pixel is allocated).
@@ -37,8 +43,9 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dynavit.config import ExecConfig
+from dynavit.deadline import attached, with_dropped
 from dynavit.errors import DynavitError
-from dynavit.runtime.controller import Controller, Entry
+from dynavit.runtime.controller import Choice, Controller, Entry
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff",
                "application/octet-stream")
@@ -78,6 +85,18 @@ class _Job:
     future: asyncio.Future
     arrived: float
     predicted_ms: float = 0.0  # the controller's prediction for this image alone, for the backlog
+    choice: Choice | None = None  # a latency budget's choice: the batch may run under its deadline
+    due: float | None = None  # perf_counter by which the answer is due (the request's latency budget)
+
+
+@dataclass
+class _Ran:
+    """One forward of a batch: its outputs and what the clock and the deadline saw."""
+
+    out: Any
+    ms: float
+    dropped: tuple[int, ...] = ()  # blocks the deadline dropped
+    pace_ms: float | None = None  # with drops: the whole path's time at the run's pace
 
 
 @dataclass
@@ -87,6 +106,7 @@ class Batcher:
     dm: Any
     max_batch: int = 8
     max_wait_ms: float = 5.0
+    controller: Controller | None = None  # gives batches of latency-budgeted requests a deadline
     queues: dict[ExecConfig, list[_Job]] = field(default_factory=dict)
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "dynavit-model"))
 
@@ -140,7 +160,7 @@ class Batcher:
         self.batch_sizes.append(len(jobs))
         self._busy_until = time.perf_counter() + sum(j.predicted_ms for j in jobs) / 1e3
         try:
-            out, ms = await loop.run_in_executor(self.executor, self._forward, cfg, [j.pixels for j in jobs])
+            ran = await loop.run_in_executor(self.executor, self._forward, cfg, [j.pixels for j in jobs], jobs)
         except Exception as e:  # noqa: BLE001 - delivered to each waiting request as a 500
             for j in jobs:
                 if not j.future.done():
@@ -148,15 +168,29 @@ class Batcher:
             return
         for k, j in enumerate(jobs):
             if not j.future.done():
-                j.future.set_result((out[k], ms, len(jobs)))
+                j.future.set_result((ran.out[k], ran, len(jobs)))
 
-    def _forward(self, cfg: ExecConfig, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
-        t0 = time.perf_counter()
+    def _forward(self, cfg: ExecConfig, pixels: list[torch.Tensor], jobs: list[_Job] | None = None) -> _Ran:
+        """One forward of ``pixels`` on ``cfg``; with ``jobs`` (their requests), under the batch's deadline."""
         with torch.inference_mode():
             self.dm.configure(cfg)
             same = len({p.shape for p in pixels}) == 1  # else (segmentation keeps aspect): one pass each
-            out = self.dm(torch.stack(pixels)) if same else [self.dm(p[None])[0] for p in pixels]
-        return out, (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter()
+            deadline = self._deadline(jobs, t0) if same and jobs else None
+            with attached(self.dm.module, deadline, t0) if deadline is not None else contextlib.nullcontext():
+                out = self.dm(torch.stack(pixels)) if same else [self.dm(p[None])[0] for p in pixels]
+            ms = (time.perf_counter() - t0) * 1e3
+        if deadline is None or not deadline.dropped:
+            return _Ran(out, ms)
+        return _Ran(out, ms, tuple(sorted(deadline.dropped)), deadline.full_ms)
+
+    def _deadline(self, jobs: list[_Job], start: float) -> Any:
+        """The batch's deadline: the tightest request's; none if any request named its config."""
+        if self.controller is None or any(j.choice is None or j.due is None for j in jobs):
+            return None
+        tightest = min(jobs, key=lambda j: j.due)
+        return self.controller.deadline(tightest.choice, cuda=jobs[0].pixels.is_cuda,
+                                        budget_ms=(tightest.due - start) * 1e3, batch=len(jobs))
 
     async def close(self) -> None:
         """Finish everything queued, then stop."""
@@ -187,6 +221,8 @@ class Metrics:
                               registry=self.registry)
         self.per_config = Counter("dynavit_config_requests_total", "Inferences per chosen config", ["config"],
                                   registry=self.registry)
+        self.rescued = Counter("dynavit_rescued_total", "Inferences whose deadline dropped blocks to answer in time",
+                               registry=self.registry)
         if controller is not None:  # read at scrape time: what the controller believes now
             Gauge("dynavit_slowdown", "Machine slowdown the controller estimates (observed / measured median)",
                   registry=self.registry).set_function(lambda: controller.slowdown)
@@ -210,7 +246,7 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher = Batcher(dm, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        batcher = Batcher(dm, max_batch=max_batch, max_wait_ms=max_wait_ms, controller=controller)
         batcher.start()
         state["batcher"] = batcher
         loop = asyncio.get_running_loop()
@@ -307,6 +343,7 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
         finally:  # no await between here and submit(): the request is queued before anyone looks
             batcher.arriving -= 1
         wait_ms = batcher.expected_wait_ms()
+        choice = None
         if config is not None:
             entry, predicted, budget_ok, kind, budget = names[name], None, True, "config", None
             model_budget = None  # what the model's own time had to fit: a miss counted by the controller
@@ -325,12 +362,15 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
             model_budget = choice.budget if kind == "latency_ms" else None
             name = next(n for n, e in names.items() if e is entry)
         loop = asyncio.get_running_loop()
+        due = t0 + budgets["latency_ms"] / 1e3 if kind == "latency_ms" else None
         job = _Job(pixels, img.size, loop.create_future(), time.perf_counter(),
-                   controller.predict(entry) or 0.0)
-        out, model_ms, batch = await state["batcher"].submit(entry.config, job)
+                   controller.predict(entry) or 0.0, choice if kind == "latency_ms" else None, due)
+        out, ran, batch = await state["batcher"].submit(entry.config, job)
+        model_ms = ran.ms
         total_ms = (time.perf_counter() - t0) * 1e3
         passes = math.ceil(batch / entry.config.mux)  # what the sweep timed: one image, or one pass of N
-        controller.observe(entry.config, model_ms / passes if passes > 1 else model_ms, budget_ms=model_budget)
+        controller.observe(entry.config, model_ms / passes, budget_ms=model_budget,
+                           pace_ms=ran.pace_ms / passes if ran.pace_ms else None)
         met = total_ms <= budget if kind == "latency_ms" else (budget_ok if kind != "config" else None)
         if kind == "latency_ms" and not met:
             metrics.misses.inc()
@@ -338,7 +378,11 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
         metrics.model_ms.observe(model_ms)
         metrics.batch.observe(batch)
         metrics.per_config.labels(name).inc()
+        if ran.dropped:
+            metrics.rescued.inc()
         result = {"config": {"name": name, "label": entry.label, "exec_config": entry.config.to_dict()},
+                  "dropped_blocks": list(ran.dropped),
+                  "executed_config": with_dropped(entry.config, ran.dropped).to_dict(),
                   "predicted_ms": predicted if kind == "latency_ms" else _none_if(entry.latency_ms),
                   "measured_ms": total_ms, "model_ms": model_ms, "batch_size": batch, "budget": budget,
                   "budget_kind": kind, "budget_met": met, "predicted_to_fit": budget_ok, "queue_wait_ms": wait_ms}

@@ -49,30 +49,39 @@ class SweepTarget:
 
     def build(self, *, progress: bool = False) -> tuple[Any, CachedData, Evaluator, int]:
         """(model, cached data, evaluator, number of calibration images left out)."""
-        from dynavit.data import open_dataset
-        from dynavit.data.datasets import file_sha1
         from dynavit.dynamic import DynamicModel
         from dynavit.models import load
 
-        dataset = open_dataset(self.data, layout=self.layout)
         dm = load(self.model, device=self.device)
         if not isinstance(dm, DynamicModel):
             raise DynavitError(f"{self.model} ({dm.family}) has no execution paths to sweep")
-        excluded = 0
         if self.calibration:
-            calib = dm.load_calibration(self.calibration)
-            if self.exclude_calibration_images and calib.image_hashes:
-                used = set(calib.image_hashes)
-                keep = [i for i in range(len(dataset)) if file_sha1(dataset.path(i)) not in used]
-                excluded = len(dataset) - len(keep)
-                dataset = dataset.subset(keep)
+            dm.load_calibration(self.calibration)
         for folder in self.multiplexers:
             dm.add_multiplexer(folder)
-        dataset = dataset.limit(self.limit)
-        data = cache_dataset(dm, dataset, batch_size=self.batch_size, skip_bad=self.skip_bad, progress=progress)
+        data, excluded = self.images(dm, progress=progress)
         ev = Evaluator(dm, data, latency_repeats=self.latency_repeats, reuse_prefix=self.reuse_prefix,
                        measure_latency=self.measure_latency, n_boot=self.n_boot, seed=self.seed)
         return dm, data, ev, excluded
+
+    def images(self, dm: Any, *, progress: bool = False) -> tuple[CachedData, int]:
+        """The sweep's images, decoded for ``dm`` (the calibration's own left out), and how many were left out.
+
+        ``dm`` is the model as the sweep measured it (``build`` loads it; ``serve --rescue`` has its own).
+        """
+        from dynavit.data import open_dataset
+        from dynavit.data.datasets import file_sha1
+
+        dataset, excluded = open_dataset(self.data, layout=self.layout), 0
+        calib = getattr(dm, "calibration", None)
+        if self.calibration and calib is not None and self.exclude_calibration_images and calib.image_hashes:
+            used = set(calib.image_hashes)
+            keep = [i for i in range(len(dataset)) if file_sha1(dataset.path(i)) not in used]
+            excluded = len(dataset) - len(keep)
+            dataset = dataset.subset(keep)
+        dataset = dataset.limit(self.limit)
+        return cache_dataset(dm, dataset, batch_size=self.batch_size, skip_bad=self.skip_bad,
+                             progress=progress), excluded
 
 
 def identity(target: SweepTarget, dm: Any, data: CachedData) -> dict[str, Any]:
