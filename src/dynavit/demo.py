@@ -78,10 +78,10 @@ def _sweep(deit, data: Path, out: Path, limit: int | None, console: Console) -> 
 
 def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     from dynavit.runtime import Controller
-    from dynavit.runtime.simulate import default_bounds, hindsight_bounds, make_trace, path_quality, simulate
+    from dynavit.runtime.simulate import hindsight_bounds, make_trace, path_quality, simulate
     from dynavit.sweep import ResultStore, SweepTarget
 
-    console.rule("5/5 budget controller on a random-walk trace of latency budgets")
+    console.rule("5/5 budget controller on a trace of latency budgets")
     with ResultStore(store, readonly=True) as rs:
         target = SweepTarget(**rs.last_target())
     dm, data, _, _ = target.build()
@@ -90,8 +90,11 @@ def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     quality_of = path_quality(dm, data)
     if ctrl.can_rescue:  # what dropping blocks under a deadline costs each path
         ctrl.measure_rescue(quality_of, progress=True)
-    lo, hi = default_bounds(ctrl)
-    budgets = make_trace("random-walk", frames, lo, hi, seed=0)
+    # a sine over 4x from just above the cheapest path's median: a quarter of the frames leave no room
+    # for the full model, so the policies differ (``default_bounds``, from the cheapest p95, is roomier)
+    lo = 1.05 * min(e.latency_p50_ms or e.latency_ms for e in ctrl.entries)
+    hi = 4 * lo
+    budgets = make_trace("sine", frames, lo, hi)
     res = simulate(dm, ctrl, shots, budgets, quality_of=quality_of, interleave=True)  # side by side: a fair race
     console.print(f"{frames} frames, budgets {lo:.1f}-{hi:.1f} ms, {len(ctrl.entries)} paths on the menu; "
                   "the policies take turns on each frame")
