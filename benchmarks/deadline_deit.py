@@ -5,6 +5,8 @@
 2. The rescue ladder of the default path and of the controller's profiled menu (``measure_rescue``):
    top-1 on the sweep's images with the first 1, 2 and 3 droppable blocks dropped (the calibration's
    least important first), and the share of the path's time each saves.
+3. What measuring the ladders takes with ``path_quality`` told the next rung (activations the rungs
+   share are kept, as in a sweep) and without (each rung from the input), and that both agree.
 
 Writes the ``deadline`` section of docs/benchmarks.md:
 
@@ -50,7 +52,16 @@ def main() -> None:
     default = Controller([Entry(ExecConfig(), quality_of(ExecConfig()), latency_ms=1.0, label="default")],
                          model=dm).profile(x, runs=30, front=False)
     ctrl.entries = [e for e in ctrl.entries if not e.config.is_default] + default.entries
+    t0 = time.perf_counter()
     ctrl.measure_rescue(quality_of)
+    hinted_s = time.perf_counter() - t0
+    blind = path_quality(dm, data)  # a fresh cache; called without the hint
+    check = Controller(ctrl.entries, model=dm)
+    t0 = time.perf_counter()
+    check.measure_rescue(lambda cfg: blind(cfg))
+    blind_s = time.perf_counter() - t0
+    same = [e.ladder for e in check.entries] == [e.ladder for e in ctrl.entries]
+    n_rungs = sum(len(e.ladder) for e in ctrl.entries)
 
     impl = dm.configure(ExecConfig()).module
     shares, order = default.entries[0].shares, dm.calibration.block_order("block")
@@ -73,6 +84,10 @@ def main() -> None:
              f"**Overhead of the checks** (default path, batch 1, {args.runs} runs each, interleaved): median "
              f"{np.median(plain):.2f} ms without a deadline, {np.median(timed):.2f} ms with one that never drops "
              f"a block: ratio {ratio:.3f}.", "",
+             f"**Measuring the ladders** ({len(ctrl.entries)} paths, {n_rungs} rungs, {data.n} images, one after "
+             f"the other): {hinted_s:.0f} s when each rung is told the next and the blocks they share are kept "
+             f"(`path_quality(dm, data)`), {blind_s:.0f} s when each rung runs from the input: "
+             f"{blind_s / hinted_s:.2f}x; the ladders are {'identical' if same else 'NOT identical'}.", "",
              f"**Rescue ladders** (top-1 on the sweep's {data.n} images; *saves*: share of the path's measured "
              "time; blocks are dropped in the calibration's order, least important first, skipping blocks that "
              "change the token count; the default path is added to the profiled menu):", "",

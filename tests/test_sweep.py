@@ -299,6 +299,27 @@ def test_prefix_reuse_is_exact_and_saves_work(built) -> None:
     assert fast.reused_blocks == (10 + 0 + 0) * len(data.batches) and plain.reused_blocks == 0
 
 
+def test_rescue_ladders_reuse_shared_blocks_exactly(built) -> None:
+    """``measure_rescue`` tells ``path_quality`` the next rung: same ladders, fewer blocks computed."""
+    from dynavit.runtime import Controller, Entry
+    from dynavit.runtime.simulate import path_quality
+
+    dm, data, _, _ = built
+    n = len(dm.module.blocks)
+    shares = (1 / (n + 2),) * (n + 2)
+    menu = [Entry(ExecConfig(), 0.8, latency_ms=8.0, label="full", shares=shares),
+            Entry(ExecConfig(mlp_width=0.5), 0.7, latency_ms=6.0, label="half", shares=shares)]
+    order = list(reversed(range(n)))  # the last blocks first: the rungs share most of the path
+    hinted, plain = path_quality(dm, data), path_quality(dm, data)
+    fast = Controller(menu, model=dm, drop_order=order).measure_rescue(hinted)
+    slow = Controller(menu, model=dm, drop_order=order).measure_rescue(lambda cfg: plain(cfg))
+    assert [len(e.ladder) for e in fast.entries] == [3, 3]
+    assert [e.ladder for e in fast.entries] == [e.ladder for e in slow.entries]
+    # full: rungs 2 and 3 reuse blocks 0..9 and 0..8 of the rung before; half: the same; none across paths
+    assert hinted.evaluator.reused_blocks == 2 * (10 + 9) * len(data.batches)
+    assert plain.evaluator.reused_blocks == 0
+
+
 def test_evaluator_row_is_complete(built) -> None:
     dm, data, ev, _ = built
     r = ev.measure(ExecConfig(token_threshold=0.9))

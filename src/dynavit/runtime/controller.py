@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import time
 from collections import deque
@@ -485,33 +486,52 @@ class Controller:
         calib = getattr(self.model, "calibration", None)
         return calib.block_order("block") if calib is not None and "block" in calib.block_kl else None
 
-    def measure_rescue(self, quality_of: Callable[[ExecConfig], float], *, progress: bool = False) -> Controller:
+    def measure_rescue(self, quality_of: Callable[..., float], *, progress: bool = False) -> Controller:
         """Measure what the deadline's drops cost each path, so that ``select`` can count on them.
 
         For every entry with stage shares, the quality (``quality_of(config)``, e.g.
         ``simulate.path_quality``: labelled images) with its first 1, 2, ... droppable blocks
-        dropped, up to the deadline's ``max_drop``, and the share of the path's time each saves.
-        With these ladders the priced rule weighs a tight path by its expected quality (runs the
-        deadline saves lose a block or two) and its risk of missing even so.
+        dropped, up to the deadline's ``max_drop``, and the share of the path's time each saves. A
+        ``quality_of`` that takes ``next_config`` is told the rung measured next, so that it can
+        keep the activations the two share (``path_quality`` does). With these ladders the priced
+        rule weighs a tight path by its expected quality (runs the deadline saves lose a block or
+        two) and its risk of missing even so.
         """
         from tqdm.auto import tqdm
 
         dm, order = self._need_model(), self._drop_order()
+        hinted = "next_config" in inspect.signature(quality_of).parameters  # can keep shared activations
         if order is None:
             raise DynavitError("rescue needs a model whose forward takes a deadline and a block ranking "
                                "(calibrate the model, or give drop_order)")
-        previous, entries = dm.exec_config, []
-        for e in tqdm(self.entries, desc="rescue ladder", disable=not progress, dynamic_ncols=True):
+        previous, plans = dm.exec_config, {}  # entry index -> (blocks dropped in turn, time each saves, rungs)
+        for i, e in enumerate(self.entries):
             if e.shares is None or e.config.mux > 1:
-                entries.append(e)
                 continue
             plan = dm.configure(e.config).module.plan
             limit = self.rescue_max_drop if self.rescue_max_drop is not None else default_max_drop(len(plan.blocks))
             blocks = droppable(plan, order)[:limit]
-            saved = np.cumsum([e.shares[1 + j] for j in blocks])
-            ladder = tuple((float(saved[k]), float(quality_of(with_dropped(e.config, blocks[:k + 1]))))
-                           for k in range(len(blocks)))
-            entries.append(dataclasses.replace(e, ladder=ladder))
+            plans[i] = (blocks, np.cumsum([e.shares[1 + j] for j in blocks]),
+                        [with_dropped(e.config, blocks[:k + 1]) for k in range(len(blocks))])
+        # one sequence of rungs, each told the next: rung k and k + 1 share the blocks before blocks[k + 1].
+        # Activations kept at one depth serve a later rung only if the next depth is not shallower: each
+        # ladder runs in the direction (shallow to deep drop, or back) whose shared depths rise more often
+        flat = []
+        for blocks, _, rungs in plans.values():
+            depths = blocks[1:]
+            rising = sum(a <= b for a, b in zip(depths, depths[1:], strict=False))
+            falling = sum(a >= b for a, b in zip(depths, depths[1:], strict=False))
+            flat += rungs if rising >= falling else rungs[::-1]
+        quality: dict[ExecConfig, float] = {}
+        for c, nxt in tqdm(list(zip(flat, [*flat[1:], None], strict=True)), desc="rescue ladder",
+                           disable=not progress, dynamic_ncols=True):
+            quality[c] = float(quality_of(c, next_config=nxt) if hinted else quality_of(c))
+        entries = []
+        for i, e in enumerate(self.entries):
+            if i in plans:
+                _, saved, rungs = plans[i]
+                e = dataclasses.replace(e, ladder=tuple((float(saved[k]), quality[c]) for k, c in enumerate(rungs)))
+            entries.append(e)
         dm.configure(previous)
         self.entries = entries
         return self

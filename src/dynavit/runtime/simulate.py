@@ -290,19 +290,25 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
     return SimResult(np.asarray(budgets), stats, load_frame, slowdown)
 
 
-def path_quality(dm: Any, data: Any) -> Callable[[ExecConfig], float]:
-    """Quality of any path on ``data`` (a sweep's ``CachedData``), measured as the sweep measures it, cached."""
+def path_quality(dm: Any, data: Any) -> Callable[..., float]:
+    """Quality of any path on ``data`` (a sweep's ``CachedData``), measured as the sweep measures it, cached.
+
+    ``quality(cfg, next_config=nxt)`` keeps the activations ``cfg`` shares with ``nxt`` for the next
+    call, as a sweep does (``Evaluator``'s prefix reuse, bit-identical): a rescue ladder's rungs
+    differ only from the first block they drop. ``quality.evaluator`` counts what was reused.
+    """
     from dynavit.sweep.engine import Evaluator
 
     evaluator, cache = Evaluator(dm, data, measure_latency=False), {}
 
-    def quality(cfg: ExecConfig) -> float:
+    def quality(cfg: ExecConfig, next_config: ExecConfig | None = None) -> float:
         if cfg not in cache:
             previous = dm.exec_config
-            cache[cfg] = evaluator.measure(cfg).quality
+            cache[cfg] = evaluator.measure(cfg, next_config=next_config).quality
             dm.configure(previous)
         return cache[cfg]
 
+    quality.evaluator = evaluator  # type: ignore[attr-defined]
     return quality
 
 
