@@ -234,7 +234,7 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
             e, ms, pred = max(fit, key=lambda r: r[0].quality) if fit else min(runs, key=lambda r: r[1])
             return e, ms, pred, e.config
         if name in others or name in ("controller", "uncorrected"):
-            ctrl = others.get(name) or (controller if name == "controller" else plain)
+            ctrl = others.get(name, controller if name == "controller" else plain)
             out = ctrl.run(x, latency_ms=budget)
             return out.choice.entry, out.measured_ms, int(out.output.argmax(-1)[0]), out.executed
         e = {"default": default, "smallest": smallest, "static": static}[name]

@@ -43,7 +43,7 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dynavit.config import ExecConfig
-from dynavit.deadline import attached, with_dropped
+from dynavit.deadline import Deadline, attached, with_dropped
 from dynavit.errors import DynavitError
 from dynavit.runtime.controller import Choice, Controller, Entry
 
@@ -184,7 +184,7 @@ class Batcher:
             return _Ran(out, ms)
         return _Ran(out, ms, tuple(sorted(deadline.dropped)), deadline.full_ms)
 
-    def _deadline(self, jobs: list[_Job], start: float) -> Any:
+    def _deadline(self, jobs: list[_Job], start: float) -> Deadline | None:
         """The batch's deadline: the tightest request's; none if any request named its config."""
         if self.controller is None or any(j.choice is None or j.due is None for j in jobs):
             return None
