@@ -91,92 +91,44 @@ def _num_or_tuple(name: str, v: Any, kind: type) -> Any:
         raise ConfigError(f"{name}={v!r} must be a number or a list of numbers") from None
 
 
-_FIELDS: dict[str, Any] = {
-    "skip_blocks": (),
-    "skip_attn": (),
-    "skip_mlp": (),
-    "heads": None,
-    "mlp_width": 1.0,
-    "granularity": 1,
-    "token_keep": 1.0,
-    "token_layers": (),
-    "token_method": "prune",
-    "token_fuse": False,
-    "token_threshold": None,
-    "resolution": None,
-    "decoder_width": 1.0,
-    "decoder_branches": None,
-    "variant": None,
-    "mux": 1,
-}
-
-
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True, kw_only=True)
 class ExecConfig:
-    """One execution path. ``ExecConfig()`` is the unmodified model. See the module docstring."""
+    """One execution path. ``ExecConfig()`` is the unmodified model. See the module docstring.
 
-    skip_blocks: tuple[int, ...]
-    skip_attn: tuple[int, ...]
-    skip_mlp: tuple[int, ...]
-    heads: int | tuple[int, ...] | None
-    mlp_width: float | tuple[float, ...]
-    granularity: int
-    token_keep: float
-    token_layers: tuple[int, ...]
-    token_method: str
-    token_fuse: bool
-    token_threshold: float | None
-    resolution: tuple[int, int] | None
-    decoder_width: float
-    decoder_branches: tuple[int, ...] | None
-    variant: str | None
-    mux: int
+    Every field and its default is declared here, once; ``__post_init__`` normalises what a
+    caller (or JSON) may spell loosely: lists become sorted tuples, ints become floats.
+    """
 
-    def __init__(self, **kwargs: Any) -> None:
-        unknown = sorted(set(kwargs) - set(_FIELDS))
-        if unknown:
-            raise ConfigError(f"unknown ExecConfig field {unknown[0]!r} (fields: {', '.join(_FIELDS)})")
-        v = {**_FIELDS, **kwargs}
-        for name in ("skip_blocks", "skip_attn", "skip_mlp", "token_layers"):
-            v[name] = _int_tuple(name, v[name])
-        v["decoder_branches"] = None if v["decoder_branches"] is None else _int_tuple(
-            "decoder_branches", v["decoder_branches"])
-        v["heads"] = _num_or_tuple("heads", v["heads"], int)
-        v["mlp_width"] = _num_or_tuple("mlp_width", v["mlp_width"], float)
-        for name in ("token_keep", "decoder_width"):
-            if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
-                raise ConfigError(f"{name}={v[name]!r} must be a number in (0, 1]")
-            v[name] = float(v[name])
-        if v["token_threshold"] is not None:
-            v["token_threshold"] = float(v["token_threshold"])
-        res = v["resolution"]
-        if res is not None:
-            res = (res, res) if isinstance(res, int) else tuple(res)
-            if len(res) != 2 or not all(isinstance(r, int) and r > 0 for r in res):
-                raise ConfigError(f"resolution={v['resolution']!r} must be a positive int or (height, width)")
-            v["resolution"] = res
-        if v["token_method"] not in ("prune", "merge"):
-            raise ConfigError(f"token_method={v['token_method']!r} must be 'prune' or 'merge'")
-        if not isinstance(v["granularity"], int) or v["granularity"] < 1:
-            raise ConfigError(f"granularity={v['granularity']!r} must be a positive integer")
-        if not isinstance(v["mux"], int) or isinstance(v["mux"], bool) or v["mux"] < 1:
-            raise ConfigError(f"mux={v['mux']!r} must be a positive integer (images per forward pass)")
-        for name, value in v.items():
+    skip_blocks: tuple[int, ...] = ()
+    skip_attn: tuple[int, ...] = ()
+    skip_mlp: tuple[int, ...] = ()
+    heads: int | tuple[int, ...] | None = None
+    mlp_width: float | tuple[float, ...] = 1.0
+    granularity: int = 1
+    token_keep: float = 1.0
+    token_layers: tuple[int, ...] = ()
+    token_method: str = "prune"
+    token_fuse: bool = False
+    token_threshold: float | None = None
+    resolution: tuple[int, int] | None = None
+    decoder_width: float = 1.0
+    decoder_branches: tuple[int, ...] | None = None
+    variant: str | None = None
+    mux: int = 1
+
+    def __post_init__(self) -> None:
+        for name, value in _normalised(self).items():
             object.__setattr__(self, name, value)
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self, *, only_changed: bool = True) -> dict[str, Any]:
         out = {}
-        for name, default in _FIELDS.items():
-            value = getattr(self, name)
-            if only_changed and value == ExecConfig._default_value(name, default):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if only_changed and value == f.default:
                 continue
-            out[name] = list(value) if isinstance(value, tuple) else value
+            out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
-
-    @staticmethod
-    def _default_value(name: str, default: Any) -> Any:
-        return float(default) if name in ("token_keep", "decoder_width", "mlp_width") else default
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -186,6 +138,10 @@ class ExecConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"an ExecConfig must be a JSON object, got {type(d).__name__}")
         return cls(**d)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
 
     @classmethod
     def from_json(cls, s: str) -> ExecConfig:
@@ -203,6 +159,54 @@ class ExecConfig:
 
     def __repr__(self) -> str:
         return f"ExecConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+
+_generated_init = ExecConfig.__init__
+
+
+def _checked_init(self: ExecConfig, **kwargs: Any) -> None:
+    """The dataclass ``__init__``, with an unknown field a ``ConfigError`` that lists the fields."""
+    unknown = sorted(set(kwargs) - set(ExecConfig.field_names()))
+    if unknown:
+        raise ConfigError(f"unknown ExecConfig field {unknown[0]!r} (fields: {', '.join(ExecConfig.field_names())})")
+    _generated_init(self, **kwargs)
+
+
+ExecConfig.__init__ = _checked_init  # type: ignore[method-assign]
+
+
+def _normalised(cfg: ExecConfig) -> dict[str, Any]:
+    """``cfg``'s values in canonical form (so equal paths hash equal), or a ConfigError naming the field."""
+    v = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    for name in ("skip_blocks", "skip_attn", "skip_mlp", "token_layers"):
+        v[name] = _int_tuple(name, v[name])
+    if v["decoder_branches"] is not None:
+        v["decoder_branches"] = _int_tuple("decoder_branches", v["decoder_branches"])
+    v["heads"] = _num_or_tuple("heads", v["heads"], int)
+    v["mlp_width"] = _num_or_tuple("mlp_width", v["mlp_width"], float)
+    for name in ("token_keep", "decoder_width"):
+        if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
+            raise ConfigError(f"{name}={v[name]!r} must be a number in (0, 1]")
+        v[name] = float(v[name])
+    if v["token_threshold"] is not None:
+        v["token_threshold"] = float(v["token_threshold"])
+    v["resolution"] = _resolution(v["resolution"])
+    if v["token_method"] not in ("prune", "merge"):
+        raise ConfigError(f"token_method={v['token_method']!r} must be 'prune' or 'merge'")
+    if not isinstance(v["granularity"], int) or v["granularity"] < 1:
+        raise ConfigError(f"granularity={v['granularity']!r} must be a positive integer")
+    if not isinstance(v["mux"], int) or isinstance(v["mux"], bool) or v["mux"] < 1:
+        raise ConfigError(f"mux={v['mux']!r} must be a positive integer (images per forward pass)")
+    return v
+
+
+def _resolution(res: Any) -> tuple[int, int] | None:
+    if res is None:
+        return None
+    out = (res, res) if isinstance(res, int) else tuple(res)
+    if len(out) != 2 or not all(isinstance(r, int) and r > 0 for r in out):
+        raise ConfigError(f"resolution={res!r} must be a positive int or (height, width)")
+    return out
 
 
 @dataclass(frozen=True)
@@ -254,58 +258,10 @@ def _per_block(name: str, value: Any, n: int) -> tuple:
 def resolve(cfg: ExecConfig, space: Space) -> Plan:
     """Validate ``cfg`` against ``space`` and compute the per-block plan (no tensors touched)."""
     n = space.num_blocks
-    if cfg.mux != 1:
-        if cfg.mux > space.max_mux:
-            raise ConfigError(f"mux={cfg.mux} is larger than the {space.max_mux} images per pass this model was "
-                              "trained for" if space.max_mux > 1 else
-                              f"mux={cfg.mux} needs a multiplexed model; this {space.family} model takes one "
-                              "image per pass")
-        others = sorted(set(cfg.to_dict()) - {"mux"})
-        if others:
-            raise ConfigError(f"mux={cfg.mux} cannot be combined with {others[0]} (multiplexed models run "
-                              "their full path only)")
-    for name in ("skip_blocks", "skip_attn", "skip_mlp", "token_layers"):
-        bad = [i for i in getattr(cfg, name) if not 0 <= i < n]
-        if bad:
-            raise ConfigError(f"{name} contains block {bad[0]}, outside the model's blocks 0..{n - 1}")
-    heads = _per_block("heads", cfg.heads, n)
-    widths = _per_block("mlp_width", cfg.mlp_width, n)
-    for i, (h, full) in enumerate(zip(heads, space.heads, strict=True)):
-        if h is not None and not 1 <= h <= full:
-            raise ConfigError(f"heads={h} for block {i} is outside 1..{full} (the block has {full} heads)")
-    for i, w in enumerate(widths):
-        if not 0.0 < w <= 1.0:
-            raise ConfigError(f"mlp_width={w} for block {i} is outside (0, 1]")
-    token_change = cfg.token_keep < 1.0 or cfg.token_threshold is not None or cfg.token_fuse
-    if token_change or cfg.token_layers:
-        if not space.cls_token:
-            raise ConfigError(f"token knobs need a CLS-token model; {space.family} has no CLS token")
-        if not 0.0 < cfg.token_keep <= 1.0:
-            raise ConfigError(f"token_keep={cfg.token_keep} is outside (0, 1]")
-        if cfg.token_method == "merge" and cfg.token_keep < 0.5:
-            raise ConfigError(f"token_keep={cfg.token_keep} is outside [0.5, 1] for token_method='merge' "
-                              "(bipartite matching merges at most half the tokens per layer)")
-        if cfg.token_threshold is not None:
-            if not 0.0 < cfg.token_threshold <= 1.0:
-                raise ConfigError(f"token_threshold={cfg.token_threshold} is outside (0, 1]")
-            if cfg.token_method != "prune" or cfg.token_fuse:
-                raise ConfigError("token_threshold works with token_method='prune' and token_fuse=False only")
-    if cfg.resolution is not None:
-        h, w = cfg.resolution
-        m = space.size_multiple
-        if h % m or w % m:
-            raise ConfigError(f"resolution={h}x{w} is not a multiple of {m} ({space.family} needs multiples of {m})")
-    if cfg.decoder_width != 1.0 or cfg.decoder_branches is not None:
-        if not space.decoder_width:
-            raise ConfigError(f"decoder knobs need a model with a decoder; {space.family} has none")
-        if not 0.0 < cfg.decoder_width <= 1.0:
-            raise ConfigError(f"decoder_width={cfg.decoder_width} is outside (0, 1]")
-        if cfg.decoder_branches is not None:
-            bad = [b for b in cfg.decoder_branches if not 0 <= b < space.decoder_branches]
-            if bad or not cfg.decoder_branches:
-                raise ConfigError(f"decoder_branches={list(cfg.decoder_branches)} must be a non-empty subset "
-                                  f"of 0..{space.decoder_branches - 1}")
-
+    _check_mux(cfg, space)
+    heads, widths = _check_blocks(cfg, space)
+    _check_tokens(cfg, space)
+    _check_decoder(cfg, space)
     token_op = None
     if space.cls_token and (cfg.token_keep < 1.0 or cfg.token_threshold is not None or cfg.token_fuse):
         token_op = "threshold" if cfg.token_threshold is not None else cfg.token_method
@@ -329,3 +285,72 @@ def resolve(cfg: ExecConfig, space: Space) -> Plan:
         else cfg.decoder_branches,
         mux=cfg.mux,
     )
+
+
+def _check_mux(cfg: ExecConfig, space: Space) -> None:
+    if cfg.mux == 1:
+        return
+    if cfg.mux > space.max_mux:
+        raise ConfigError(f"mux={cfg.mux} is larger than the {space.max_mux} images per pass this model was "
+                          "trained for" if space.max_mux > 1 else
+                          f"mux={cfg.mux} needs a multiplexed model; this {space.family} model takes one "
+                          "image per pass")
+    others = sorted(set(cfg.to_dict()) - {"mux"})
+    if others:
+        raise ConfigError(f"mux={cfg.mux} cannot be combined with {others[0]} (multiplexed models run "
+                          "their full path only)")
+
+
+def _check_blocks(cfg: ExecConfig, space: Space) -> tuple[tuple, tuple]:
+    """Block indices, heads and MLP widths in range; returns heads and widths per block."""
+    n = space.num_blocks
+    for name in ("skip_blocks", "skip_attn", "skip_mlp", "token_layers"):
+        bad = [i for i in getattr(cfg, name) if not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"{name} contains block {bad[0]}, outside the model's blocks 0..{n - 1}")
+    heads = _per_block("heads", cfg.heads, n)
+    widths = _per_block("mlp_width", cfg.mlp_width, n)
+    for i, (h, full) in enumerate(zip(heads, space.heads, strict=True)):
+        if h is not None and not 1 <= h <= full:
+            raise ConfigError(f"heads={h} for block {i} is outside 1..{full} (the block has {full} heads)")
+    for i, w in enumerate(widths):
+        if not 0.0 < w <= 1.0:
+            raise ConfigError(f"mlp_width={w} for block {i} is outside (0, 1]")
+    if cfg.resolution is not None:
+        h, w = cfg.resolution
+        m = space.size_multiple
+        if h % m or w % m:
+            raise ConfigError(f"resolution={h}x{w} is not a multiple of {m} ({space.family} needs multiples of {m})")
+    return heads, widths
+
+
+def _check_tokens(cfg: ExecConfig, space: Space) -> None:
+    token_change = cfg.token_keep < 1.0 or cfg.token_threshold is not None or cfg.token_fuse
+    if not (token_change or cfg.token_layers):
+        return
+    if not space.cls_token:
+        raise ConfigError(f"token knobs need a CLS-token model; {space.family} has no CLS token")
+    if not 0.0 < cfg.token_keep <= 1.0:
+        raise ConfigError(f"token_keep={cfg.token_keep} is outside (0, 1]")
+    if cfg.token_method == "merge" and cfg.token_keep < 0.5:
+        raise ConfigError(f"token_keep={cfg.token_keep} is outside [0.5, 1] for token_method='merge' "
+                          "(bipartite matching merges at most half the tokens per layer)")
+    if cfg.token_threshold is not None:
+        if not 0.0 < cfg.token_threshold <= 1.0:
+            raise ConfigError(f"token_threshold={cfg.token_threshold} is outside (0, 1]")
+        if cfg.token_method != "prune" or cfg.token_fuse:
+            raise ConfigError("token_threshold works with token_method='prune' and token_fuse=False only")
+
+
+def _check_decoder(cfg: ExecConfig, space: Space) -> None:
+    if cfg.decoder_width == 1.0 and cfg.decoder_branches is None:
+        return
+    if not space.decoder_width:
+        raise ConfigError(f"decoder knobs need a model with a decoder; {space.family} has none")
+    if not 0.0 < cfg.decoder_width <= 1.0:
+        raise ConfigError(f"decoder_width={cfg.decoder_width} is outside (0, 1]")
+    if cfg.decoder_branches is not None:
+        bad = [b for b in cfg.decoder_branches if not 0 <= b < space.decoder_branches]
+        if bad or not cfg.decoder_branches:
+            raise ConfigError(f"decoder_branches={list(cfg.decoder_branches)} must be a non-empty subset "
+                              f"of 0..{space.decoder_branches - 1}")
