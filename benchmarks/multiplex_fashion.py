@@ -27,7 +27,7 @@ from transformers import ViTConfig
 from dynavit.cost.flops import macs_per_image
 from dynavit.data.fashion import CLASSES, MEAN, STD, FashionMNIST
 from dynavit.data.metrics import ClassificationMeter
-from dynavit.models.loading import from_config
+from dynavit.model import from_config
 from dynavit.multiplex import build, load_multiplexer, save_multiplexer
 from dynavit.sweep.engine import device_name, versions
 from dynavit.train import augment

@@ -25,7 +25,7 @@ from docsection import write_section
 
 from dynavit.assets import assets_dir, deit_tiny_source
 from dynavit.data.datasets import file_sha1, list_images, read_image
-from dynavit.models import load
+from dynavit.model import load
 from dynavit.sweep import ResultStore, SweepTarget, pareto, run_sweep, stats
 from dynavit.sweep.engine import Evaluator, device_name
 from dynavit.sweep.space import load_space

@@ -60,7 +60,7 @@ D, SIZE, PATCH, LABELS = 32, 16, 4, 5
 def tiny_vit(seed: int = 0, dim: int = D, layers: int = 3):
     from transformers import ViTConfig
 
-    from dynavit.models.loading import from_config
+    from dynavit.model import from_config
 
     cfg = ViTConfig(image_size=SIZE, patch_size=PATCH, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=2,
                     intermediate_size=2 * dim, num_labels=LABELS)

@@ -101,8 +101,8 @@ def test_from_store_uses_the_front_and_refuses_another_model(tmp_path) -> None:
     with pytest.raises(DynavitError, match="no model"):
         c.run(None, latency_ms=5)
 
+    from dynavit.model import from_config
     from dynavit.models.configs import preset_config
-    from dynavit.models.loading import from_config
 
     dm = from_config(preset_config("vit-t16"), seed=0, source="m")
     profiled = Controller.from_store(tmp_path / "r.db", model=dm, probe=dm.example_input(), runs=4)
@@ -113,8 +113,8 @@ def test_from_store_uses_the_front_and_refuses_another_model(tmp_path) -> None:
 
 
 def test_run_and_budget_context_on_a_real_forward() -> None:
+    from dynavit.model import from_config
     from dynavit.models.configs import preset_config
-    from dynavit.models.loading import from_config
 
     dm = from_config(preset_config("vit-t16"), seed=0)
     c = Controller(MENU, model=dm, margin=0.0)
@@ -132,8 +132,8 @@ def test_run_and_budget_context_on_a_real_forward() -> None:
 
 
 def test_profile_remeasures_the_menu_and_keeps_the_measured_front() -> None:
+    from dynavit.model import from_config
     from dynavit.models.configs import preset_config
-    from dynavit.models.loading import from_config
 
     dm = from_config(preset_config("vit-t16"), seed=0)
     # stored latencies from "another machine", upside down: the full model claims to be the cheapest
@@ -183,8 +183,8 @@ def test_trace_file(tmp_path) -> None:
 
 
 def test_simulate_runs_every_policy_on_every_frame() -> None:
+    from dynavit.model import from_config
     from dynavit.models.configs import preset_config
-    from dynavit.models.loading import from_config
 
     dm = from_config(preset_config("vit-t16"), seed=0)
     g = torch.Generator().manual_seed(0)
@@ -201,8 +201,8 @@ def test_simulate_runs_every_policy_on_every_frame() -> None:
 
 def test_simulate_interleaves_policies_frame_by_frame() -> None:
     """Side by side: every frame, each policy (``others`` included) takes one turn, in a shuffled order."""
+    from dynavit.model import from_config
     from dynavit.models.configs import preset_config
-    from dynavit.models.loading import from_config
 
     dm = from_config(preset_config("vit-t16"), seed=0)
     frames = [(torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)), 0)]

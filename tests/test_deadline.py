@@ -106,8 +106,8 @@ def test_bad_deadlines() -> None:
 
 
 def _vit():
+    from dynavit.model import from_config
     from dynavit.models.configs import preset_config
-    from dynavit.models.loading import from_config
 
     dm = from_config(preset_config("vit-t16"), seed=0)
     return dm, dm.example_input()

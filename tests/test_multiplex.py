@@ -98,7 +98,7 @@ def test_mux_path_validation_and_selection() -> None:
 def _vit_with_labels(n: int):
     from transformers import ViTConfig
 
-    from dynavit.models.loading import from_config
+    from dynavit.model import from_config
 
     cfg = ViTConfig(image_size=SIZE, patch_size=PATCH, hidden_size=D, num_hidden_layers=3, num_attention_heads=2,
                     intermediate_size=2 * D, num_labels=n)
@@ -285,7 +285,7 @@ def test_train_command_multiplex(tmp_path) -> None:
     from typer.testing import CliRunner
 
     from dynavit.cli import app
-    from dynavit.models.loading import load
+    from dynavit.model import load
     from dynavit.train.supervised import export
 
     export(tiny_vit(), tmp_path / "vit", {"name": "tiny"})

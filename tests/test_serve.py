@@ -22,8 +22,8 @@ MENU = [Entry(ExecConfig(resolution=160), 0.70, latency_ms=2.0, gmacs=0.6, label
 
 @pytest.fixture(scope="module")
 def model():
+    from dynavit.model import from_config
     from dynavit.models.configs import preset_config
-    from dynavit.models.loading import from_config
 
     return from_config(preset_config("vit-t16"), seed=0)
 

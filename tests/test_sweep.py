@@ -11,8 +11,8 @@ from helpers import make_row, require
 
 from dynavit.config import ConfigError, ExecConfig
 from dynavit.errors import DynavitError
+from dynavit.model import from_config
 from dynavit.models.configs import preset_config
-from dynavit.models.loading import from_config
 from dynavit.sweep import stats
 from dynavit.sweep.pareto import best_within, pareto
 from dynavit.sweep.space import build_space, load_space

@@ -18,7 +18,7 @@ from transformers import SwinConfig
 import dynavit
 from dynavit.config import ConfigError, ExecConfig
 from dynavit.cost import total_macs
-from dynavit.dynamic import DynamicModel
+from dynavit.model import DynamicModel
 from dynavit.models.base import resize_input
 
 SMALL = dict(embed_dim=48, depths=[2, 2, 2], num_heads=[2, 4, 8], image_size=112, num_labels=10)

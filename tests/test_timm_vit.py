@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from helpers import rel_err
 from torch import nn
 
-from dynavit.config import ExecConfig
-from dynavit.dynamic import DynamicModel, supports
-from dynavit.models.loading import LoadedModel
+from dynavit.config import ConfigError, ExecConfig
+from dynavit.model import DynamicModel
+from dynavit.models.hub import Source
 
 
 class Attention(nn.Module):
@@ -112,15 +112,15 @@ def timm_from_hf(hf) -> VisionTransformer:
     return vt
 
 
-def wrap(vt: nn.Module) -> LoadedModel:
-    return LoadedModel(module=vt, family="timm", task="classification", id2label={i: str(i) for i in range(1000)},
-                       input_size=(224, 224), source="timm:stand-in")
+def wrap(vt: nn.Module) -> DynamicModel:
+    return DynamicModel(Source(module=vt, name="timm:stand-in", family="timm", task="classification",
+                               id2label={i: str(i) for i in range(1000)}, input_size=(224, 224)))
 
 
 @pytest.fixture(scope="module")
 def pair(deit_tiny):
     vt = timm_from_hf(deit_tiny.reference)
-    return deit_tiny, DynamicModel.from_loaded(wrap(vt)), vt
+    return deit_tiny, wrap(vt), vt
 
 
 def test_timm_layout_reproduces_both_sources(pair):
@@ -151,9 +151,8 @@ def test_knobs_agree_across_layouts(pair, cfg):
 def test_layer_scale_and_calibration_on_fused_qkv():
     torch.manual_seed(0)
     vt = VisionTransformer(dim=64, depth=2, heads=4, hidden=128, patch=8, grid=4, classes=10, layer_scale=True).eval()
-    dm = DynamicModel.from_loaded(LoadedModel(module=vt, family="timm", task="classification",
-                                              id2label={i: str(i) for i in range(10)}, input_size=(32, 32),
-                                              source="timm:stand-in"))
+    dm = DynamicModel(Source(module=vt, name="timm:stand-in", family="timm", task="classification",
+                             id2label={i: str(i) for i in range(10)}, input_size=(32, 32)))
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert rel_err(dm(x), vt(x)) <= 1e-5
@@ -165,4 +164,10 @@ def test_layer_scale_and_calibration_on_fused_qkv():
 def test_unsupported_timm_models_stay_plain():
     vt = VisionTransformer(dim=32, depth=1, heads=2, hidden=64, patch=8, grid=2, classes=3)
     vt.num_reg_tokens = 4
-    assert not supports(wrap(vt))
+    dm = wrap(vt)
+    assert not dm.dynamic
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(dm(x), vt(x))  # runs as it is, default path only
+    with pytest.raises(ConfigError, match="skip_blocks"):
+        dm.configure(ExecConfig(skip_blocks=(0,)))

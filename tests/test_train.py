@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dynavit.errors import DynavitError
+from dynavit.model import from_config
 from dynavit.models.configs import segformer_config
-from dynavit.models.loading import from_config
 from dynavit.train import checkpoint
 from dynavit.train.supervised import Recipe, train_supervised
 

@@ -8,9 +8,9 @@ import torch
 from helpers import LABELS, Shapes, tiny_vit
 
 from dynavit.config import ExecConfig
-from dynavit.dynamic import DynamicModel
 from dynavit.errors import DynavitError
 from dynavit.knobs.tokens import recording_cls_attention
+from dynavit.model import DynamicModel
 from dynavit.sweep.space import build_space
 from dynavit.train.distill import Distill, attention_kd, kd_loss
 from dynavit.train.loop import Recipe

@@ -8,9 +8,8 @@ operator-class profiler.
 
 from dynavit.config import ConfigError, ExecConfig, Space
 from dynavit.cost import Profile, profile
-from dynavit.dynamic import DynamicModel
 from dynavit.errors import BadSampleError, DynavitError
-from dynavit.models import LoadedModel, from_config, load
+from dynavit.model import DynamicModel, LoadedModel, from_config, load
 
 __version__ = "0.1.0"
 

@@ -36,6 +36,7 @@ from torch import nn
 from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
 from dynavit.knobs.width import recording
+from dynavit.models.base import Perms
 
 CRITERIA = ("magnitude", "taylor")
 
@@ -128,13 +129,6 @@ def _same_weights(module: nn.Module, saved: str) -> bool:
     return any(saved == _param_hash(module, torch.float32, n) for n in counts)
 
 
-def _blocks(family_model: nn.Module) -> Sequence[nn.Module]:
-    blocks = getattr(family_model, "blocks", None)
-    if blocks is None:
-        raise DynavitError(f"{type(family_model).__name__} exposes no blocks to calibrate")
-    return blocks
-
-
 class _Stats:
     """Importance accumulators fed by the width recorder (``knobs.width.observe``).
 
@@ -144,7 +138,7 @@ class _Stats:
     """
 
     def __init__(self, model: nn.Module, taylor: bool) -> None:
-        blocks = _blocks(model)
+        blocks = model.blocks
         self.blocks, self.taylor = blocks, taylor
         self.route: dict[int, tuple[str, int]] = {}
         for i, b in enumerate(blocks):
@@ -154,7 +148,7 @@ class _Stats:
             "mlp": [torch.zeros(b.mlp.fc2.in_features) for b in blocks],
             "heads": [torch.zeros(b.attn.num_heads) for b in blocks],
         }
-        self.decoder = getattr(model, "decoder", None)
+        self.decoder = model.decoder
         if self.decoder is not None:
             for i, lin in enumerate(self.decoder.linear_c):
                 self.route[id(lin)] = ("branch", i)
@@ -253,53 +247,6 @@ def _probe_configs(dm: Any) -> list[ExecConfig]:
     return probes
 
 
-Perms = dict[str, list[torch.Tensor]]  # group ("mlp", "heads", "branch", "fuse") -> one permutation per unit
-
-
-def apply_permutations(family_model: nn.Module, perms: Perms) -> None:
-    """Reorder weights in place (same storage) so each group's most important units come first."""
-    with torch.no_grad():
-        for blk, mp, hp in zip(_blocks(family_model), perms["mlp"], perms["heads"], strict=True):
-            m, a = blk.mlp, blk.attn
-            dev = m.fc1.weight.device
-            mp, hp = mp.to(dev), hp.to(dev)
-            _permute(m.fc1.weight, mp)
-            _permute(m.fc1.bias, mp)
-            dw = getattr(m, "dwconv", None)  # SegFormer's Mix-FFN depthwise conv: one channel per hidden unit
-            if dw is not None:
-                _permute(dw.weight, mp)
-                _permute(dw.bias, mp)
-            _permute(m.fc2.weight, mp, dim=1)
-            d = a.head_dim
-            rows = (hp[:, None] * d + torch.arange(d, device=dev)[None, :]).reshape(-1)
-            parts = a.qkv_parts() if hasattr(a, "qkv_parts") else [(a.q, 0), (a.k, 0), (a.v, 0)]
-            for lin, off in parts:  # a fused qkv holds q, k and v as row blocks at offsets
-                width = len(rows)
-                _permute(lin.weight[off:off + width], rows)
-                _permute(None if lin.bias is None else lin.bias[off:off + width], rows)
-            _permute(a.o.weight, rows, dim=1)
-            _permute(getattr(a, "rel_bias_table", None), hp, dim=1)  # Swin: (positions, heads)
-        dec = getattr(family_model, "decoder", None)
-        if dec is not None and "fuse" in perms:
-            fuse_w = dec.fuse.weight
-            for i, bp in enumerate(perms["branch"]):
-                bp = bp.to(fuse_w.device)
-                _permute(dec.linear_c[i].weight, bp)
-                _permute(dec.linear_c[i].bias, bp)
-                cols = dec.branch_columns(i)
-                fuse_w[:, cols] = fuse_w[:, cols][:, bp]
-            fp = perms["fuse"][0].to(fuse_w.device)
-            _permute(fuse_w, fp)
-            for t in (dec.bn.weight, dec.bn.bias, dec.bn.running_mean, dec.bn.running_var):
-                _permute(t, fp)
-            _permute(dec.classifier.weight, fp, dim=1)
-
-
-def _permute(t: torch.Tensor | None, idx: torch.Tensor, dim: int = 0) -> None:
-    if t is not None:
-        t.copy_(t.index_select(dim, idx.to(t.device)))
-
-
 def _compose(old: Perms, new: Perms) -> Perms:
     return {k: [o[p] for o, p in zip(old[k], new[k], strict=True)] for k in new}
 
@@ -352,11 +299,11 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
             ref = _outputs(dm, held, ExecConfig())
             probes = _probe_configs(dm)
             for c in candidates:
-                apply_permutations(dm.module, perms[c])
+                dm.module.permute(perms[c])
                 comparison[c] = sum(_kl(ref, _outputs(dm, held, p)) for p in probes) / len(probes)
-                apply_permutations(dm.module, _inverse(perms[c]))
+                dm.module.permute(_inverse(perms[c]))
         best = min(comparison, key=comparison.get) if comparison else candidates[0]
-        apply_permutations(dm.module, perms[best])
+        dm.module.permute(perms[best])
         ref = _outputs(dm, batches, ExecConfig())
         n = dm.space.num_blocks
         block_kl = {
@@ -378,7 +325,7 @@ def apply_saved(dm: Any, calib: Calibration) -> None:
         raise DynavitError("this model is already calibrated; load the calibration into a freshly loaded model")
     if calib.fingerprint and not _same_weights(dm.module, calib.fingerprint):
         raise DynavitError(f"calibration was made for other weights ({calib.source}); this model is {dm.source}")
-    blocks = _blocks(dm.module)
+    blocks = dm.module.blocks
     if len(calib.perms["mlp"]) != len(blocks):
         raise DynavitError(f"calibration has {len(calib.perms['mlp'])} blocks, this model {len(blocks)}")
-    apply_permutations(dm.module, calib.perms)
+    dm.module.permute(calib.perms)

@@ -32,8 +32,7 @@ CalibOpt = Annotated[Path | None, typer.Option("--calibration", help="Folder wri
 def _load_configured(model: str, config: str | None, calibration: Path | None, device: str = "cpu"):
     """Load ``model`` and put it on the requested execution path (after applying a calibration)."""
     from dynavit.config import ExecConfig
-    from dynavit.dynamic import DynamicModel
-    from dynavit.models import load
+    from dynavit.model import DynamicModel, load
 
     lm = load(model, device=device)
     if config is None and calibration is None:
@@ -125,8 +124,7 @@ def calibrate_cmd(
 ) -> None:
     """Rank channels, heads and blocks by importance and save the reordering (applied with --calibration)."""
     from dynavit.data.datasets import file_sha1, list_images, read_image
-    from dynavit.dynamic import DynamicModel
-    from dynavit.models import load
+    from dynavit.model import DynamicModel, load
 
     lm = load(model)
     if not isinstance(lm, DynamicModel):
@@ -526,7 +524,7 @@ def train_cmd(
     """
 
     from dynavit.data import open_dataset
-    from dynavit.models import from_config, load
+    from dynavit.model import from_config, load
     from dynavit.models.configs import preset_config
     from dynavit.train.supervised import Recipe, export, run_card, train_supervised
 

@@ -52,7 +52,7 @@ def _sweep(deit, data: Path, out: Path, limit: int | None, console: Console) -> 
     calib = out / "calibration"
     images = list_images(data, recursive=True)[::5][:100]
     if not (calib / "calibration.json").is_file():
-        from dynavit.models import load
+        from dynavit.model import load
 
         fresh = load(deit.source)  # calibration reorders weights: keep the evaluated model as it was
         cal = fresh.calibrate([read_image(p) for p in images])
@@ -120,7 +120,7 @@ def run_demo(out: Path, *, limit: int | None = None, console: Console | None = N
     from dynavit.cost import profile
     from dynavit.data import open_dataset
     from dynavit.evaluation import evaluate
-    from dynavit.models import load
+    from dynavit.model import load
 
     console = console or Console()
     out = Path(out)

@@ -36,8 +36,7 @@ from dynavit.sweep.store import ResultStore, Row, config_key
 def load_store_model(store: str | Path, model: str | None = None) -> Any:
     """The store's model (or ``model``), refused when its weights are not the ones the store measured."""
     from dynavit.calibrate import fingerprint
-    from dynavit.dynamic import DynamicModel
-    from dynavit.models import load
+    from dynavit.model import DynamicModel, load
 
     with ResultStore(store, readonly=True) as rs:
         meta = rs.meta

@@ -195,7 +195,7 @@ def profile(
 
     ``repeats=None`` picks as many timed repetitions as fit ``time_budget_s`` (3 to 50).
     """
-    from dynavit.models import LoadedModel, load
+    from dynavit.model import LoadedModel, load
 
     if isinstance(model, (str, Path)):
         model = load(model)

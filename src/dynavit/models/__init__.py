@@ -1,5 +1,7 @@
-"""Loading pretrained vision transformers from Hugging Face (or timm) into one wrapper."""
+"""Model families (one file each), the registry that picks one, and opening source models (``hub``)."""
 
-from dynavit.models.loading import LoadedModel, from_config, load
+from dynavit.models.base import FamilyModel
+from dynavit.models.hub import Source, open_source
+from dynavit.models.registry import FAMILIES, family_class
 
-__all__ = ["LoadedModel", "from_config", "load"]
+__all__ = ["FAMILIES", "FamilyModel", "Source", "family_class", "open_source"]

@@ -1,9 +1,19 @@
-"""What every family implementation provides to ``DynamicModel``.
+"""What every model family provides: the contract between a family file and the rest of dynavit.
 
 A family model is dynavit's own forward pass of one architecture, built over the source
 model's parameter tensors (the same ``nn.Parameter`` objects: nothing is copied). It reads
-the current ``Plan`` at every forward; ``set_plan`` only stores it, so switching paths
-costs a pointer assignment.
+the current ``Plan`` at every forward; ``set_plan`` only stores it, so switching paths costs
+a pointer assignment.
+
+A family file owns everything about its family (``models/registry.py`` lists the files):
+
+- ``unsupported(source)``: "" when the family can run this loaded source model, else why not;
+- ``default_input_size(source, preprocessor)``: the size the model was trained at;
+- ``space``: the knobs and their legal values (``size_multiple`` is the input-size rule);
+- ``blocks`` (and ``decoder``, when there is one): what calibration observes;
+- ``permute(perms)``: calibration's weight reordering;
+- ``begin`` / ``step`` / ``end`` / ``prefix_key``: the forward in block steps, so that a sweep
+  can reuse the activations two paths share and a deadline can drop blocks between steps.
 """
 
 from __future__ import annotations
@@ -16,26 +26,76 @@ from torch import nn
 
 from dynavit.config import ExecConfig, Plan, Space, resolve
 
+Perms = dict[str, list[torch.Tensor]]  # group ("mlp", "heads", "branch", "fuse") -> one permutation per unit
+
 
 class FamilyModel(nn.Module):
-    """Base class: subclasses set ``space`` and define ``forward(pixel_values) -> logits``."""
+    """Base class of the family implementations (see the module docstring for the contract)."""
 
     family: str = ""
     space: Space
-    supports_deadline: bool = False  # the forward consults ``self.deadline`` before each block
+    supports_deadline: bool = False  # the forward consults ``self.deadline`` between blocks
 
-    deadline: Any = None  # a ``dynavit.deadline.Deadline`` for the next forward, set by the controller
+    deadline: Any = None  # a ``dynavit.deadline.Deadline`` for the next forward, set by the runner
 
     def __init__(self, source: nn.Module) -> None:
         super().__init__()
         self.config = getattr(source, "config", None)
         self.plan: Plan | None = None
+        self.decoder: nn.Module | None = None  # a dense-prediction head with width knobs (SegFormer)
 
+    # ---- what the registry asks before building one ---------------------------------------------
+    @classmethod
+    def unsupported(cls, source: nn.Module) -> str:
+        """Why this family cannot run ``source`` ("" when it can)."""
+        return f"{cls.__name__} declares no source models it runs"
+
+    @classmethod
+    def default_input_size(cls, source: nn.Module, preprocessor: dict[str, Any]) -> tuple[int, int]:
+        """The input size the model was trained at: ``config.image_size`` unless a family knows better."""
+        s = source.config.image_size
+        return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    # ---- paths ----------------------------------------------------------------------------------
     def set_plan(self, plan: Plan) -> None:
         self.plan = plan
 
     def default_plan(self) -> Plan:
         return resolve(ExecConfig(), self.space)
+
+    def permute(self, perms: Perms) -> None:
+        """Reorder units in place so each group's most important units come first (calibration)."""
+        with torch.no_grad():
+            for blk, mp, hp in zip(self.blocks, perms["mlp"], perms["heads"], strict=True):
+                blk.permute(mp, hp)
+
+    # ---- the forward in block steps -------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        carry = self.begin(pixel_values)
+        deadline = self.deadline
+        for i in range(len(self.blocks)):
+            if deadline is None or not deadline.skip(i, self.plan):
+                carry = self.step(carry, i)
+        out = self.end(carry)
+        if deadline is not None:
+            deadline.finish()
+        return out
+
+    def begin(self, pixel_values: torch.Tensor) -> Any:
+        """Everything before block 0; returns the carry ``step`` takes."""
+        raise TypeError(f"{type(self).__name__} does not run in block steps")
+
+    def step(self, carry: Any, i: int) -> Any:
+        """Block ``i`` under the current plan. Never modifies ``carry`` in place: a sweep may keep it."""
+        raise TypeError(f"{type(self).__name__} does not run in block steps")
+
+    def end(self, carry: Any) -> torch.Tensor:
+        """Everything after the last block: the logits."""
+        raise TypeError(f"{type(self).__name__} does not run in block steps")
+
+    def prefix_key(self, plan: Plan, depth: int) -> tuple:
+        """Everything that decides the carry after ``depth`` blocks under ``plan`` (equal keys: equal carries)."""
+        return plan.resolution, plan.blocks[:depth]
 
 
 def resize_input(x: torch.Tensor, resolution: tuple[int, int] | None) -> torch.Tensor:

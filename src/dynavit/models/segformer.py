@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from dynavit.config import BlockPlan, Space
+from dynavit.config import BlockPlan, Plan, Space
+from dynavit.knobs.layers import activation
+from dynavit.knobs.permute import permute_, permute_heads, permute_units
 from dynavit.knobs.width import heads_of, merge_heads, mlp, observe
-from dynavit.models.base import FamilyModel, resize_input
-from dynavit.models.vit import _ACTS
+from dynavit.models.base import FamilyModel, Perms, resize_input
 
 
 def _spatial(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -90,7 +91,7 @@ class MixFFN(nn.Module):
     def __init__(self, src: nn.Module, act: str) -> None:
         super().__init__()
         self.fc1, self.fc2, self.dwconv = src.fc1, src.fc2, src.dwconv.dwconv
-        self.act = _ACTS[act]
+        self.act = activation(act)
 
     def forward(self, x: torch.Tensor, h: int, w: int, hidden: int) -> torch.Tensor:
         c = self.dwconv
@@ -116,6 +117,11 @@ class Block(nn.Module):
         if p.mlp:
             x = x + self.mlp(self.norm2(x), h, w, p.mlp_dim)
         return x
+
+    def permute(self, mlp_perm: torch.Tensor, head_perm: torch.Tensor) -> None:
+        m, a = self.mlp, self.attn
+        permute_units(mlp_perm, (m.fc1, m.dwconv), m.fc2)  # the depthwise conv has one channel per unit
+        permute_heads(head_perm, ((a.q, 0), (a.k, 0), (a.v, 0)), a.o, a.head_dim)
 
 
 class Decoder(nn.Module):
@@ -162,17 +168,48 @@ class Decoder(nn.Module):
         observe(self.classifier, y)  # ... and the fused channels on the classifier's input
         return functional_call(self.classifier, {"weight": self.classifier.weight[:, :dim]}, (y,))
 
+    def permute(self, branch_perms: list[torch.Tensor], fuse_perm: torch.Tensor) -> None:
+        """Each branch's channels (its ``linear_c`` rows, its ``fuse`` columns), then the fused channels."""
+        fuse_w = self.fuse.weight
+        for i, bp in enumerate(branch_perms):
+            bp = bp.to(fuse_w.device)
+            permute_(self.linear_c[i].weight, bp)
+            permute_(self.linear_c[i].bias, bp)
+            cols = self.branch_columns(i)
+            fuse_w[:, cols] = fuse_w[:, cols][:, bp]
+        bn = self.bn
+        for t in (fuse_w, bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            permute_(t, fuse_perm)
+        permute_(self.classifier.weight, fuse_perm, dim=1)
+
 
 class DynSegformer(FamilyModel):
-    """``blocks`` holds every encoder block across stages (global block index); ``decoder`` the head."""
+    """``blocks`` holds every encoder block across stages (global block index); ``decoder`` the head.
+
+    The carry between block steps is (tokens, h, w, stage outputs so far); stage s begins with
+    its patch embedding at its first block and ends with its LayerNorm after its last.
+    """
 
     family = "segformer"
 
+    @classmethod
+    def unsupported(cls, source: nn.Module) -> str:
+        if getattr(getattr(source, "config", None), "model_type", "") != "segformer":
+            return f"{type(source).__name__} is not a SegFormer"
+        return "" if hasattr(source, "decode_head") else "a SegFormer without a decode head (encoder only)"
+
+    @classmethod
+    def default_input_size(cls, source: nn.Module, preprocessor: dict) -> tuple[int, int]:
+        """SegFormer is fully convolutional: the size comes from its preprocessor (512 x 512 by default)."""
+        size = preprocessor.get("size", {"height": 512, "width": 512})
+        return int(size.get("height", 512)), int(size.get("width", 512))
+
     def __init__(self, source: nn.Module) -> None:
         super().__init__(source)
+        problem = self.unsupported(source)
+        if problem:
+            raise ValueError(f"DynSegformer cannot run this model: {problem}")
         cfg = source.config
-        if cfg.model_type != "segformer" or not hasattr(source, "decode_head"):
-            raise ValueError(f"DynSegformer needs a SegformerForSemanticSegmentation, got {type(source).__name__}")
         stages = source.segformer.stages
         self.patch_embeds = nn.ModuleList(PatchEmbed(s.patch_embeddings) for s in stages)
         self.blocks = nn.ModuleList(Block(layer, cfg.hidden_act) for s in stages for layer in s.blocks)
@@ -182,6 +219,7 @@ class DynSegformer(FamilyModel):
         for s in stages:
             bounds.append(bounds[-1] + len(s.blocks))
         self.stage_blocks = tuple(range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        self.stage_of = tuple(s for s, r in enumerate(self.stage_blocks) for _ in r)
         attn = [b.attn for b in self.blocks]
         self.space = Space(
             family="segformer", num_blocks=len(self.blocks), heads=tuple(a.num_heads for a in attn),
@@ -191,19 +229,36 @@ class DynSegformer(FamilyModel):
         )
         self.set_plan(self.default_plan())
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        plan = self.plan
-        x = resize_input(pixel_values.to(self.patch_embeds[0].proj.weight.dtype), plan.resolution)
-        last = max(plan.decoder_branches)
-        feats: list[tuple[torch.Tensor, int, int]] = []
-        for s in range(last + 1):  # stages after the last kept branch feed nothing
-            x, h, w = self.patch_embeds[s](x)
-            for i in self.stage_blocks[s]:
-                p = plan.blocks[i]
-                if p.attn or p.mlp:
-                    x = self.blocks[i](x, h, w, p)
-            x = self.norms[s](x)
-            feats.append((x, h, w))
-            x = _spatial(x, h, w)
+    def permute(self, perms: Perms) -> None:
+        super().permute(perms)
+        if "fuse" in perms:
+            with torch.no_grad():
+                self.decoder.permute(perms["branch"], perms["fuse"][0])
+
+    def begin(self, pixel_values: torch.Tensor) -> tuple:
+        x = resize_input(pixel_values.to(self.patch_embeds[0].proj.weight.dtype), self.plan.resolution)
+        return x, 0, 0, ()
+
+    def step(self, carry: tuple, i: int) -> tuple:
+        s = self.stage_of[i]
+        if s > max(self.plan.decoder_branches):
+            return carry  # stages after the last kept branch feed nothing: not run
+        x, h, w, feats = carry
+        if i == self.stage_blocks[s].start:
+            x, h, w = self.patch_embeds[s](x if s == 0 else _spatial(*feats[-1]))
+        p = self.plan.blocks[i]
+        if p.attn or p.mlp:
+            x = self.blocks[i](x, h, w, p)
+        if i == self.stage_blocks[s].stop - 1:
+            feats = (*feats, (self.norms[s](x), h, w))
+        return x, h, w, feats
+
+    def end(self, carry: tuple) -> torch.Tensor:
+        feats = list(carry[3])
         # channels-last logits -> NCHW-contiguous, as transformers returns them
-        return self.decoder(feats, plan.decoder_dim, plan.decoder_branches).contiguous()
+        return self.decoder(feats, self.plan.decoder_dim, self.plan.decoder_branches).contiguous()
+
+    def prefix_key(self, plan: Plan, depth: int) -> tuple:
+        """Blocks of stages no kept branch reads are not run: which stages ran decides the carry too."""
+        ran = tuple(s <= max(plan.decoder_branches) for s in sorted(set(self.stage_of[:depth])))
+        return plan.resolution, plan.blocks[:depth], ran

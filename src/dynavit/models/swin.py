@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynavit.config import BlockPlan, Space
+from dynavit.knobs.layers import MLP
+from dynavit.knobs.permute import permute_heads, permute_units
 from dynavit.knobs.width import linear_in, linear_out, observe, observing
 from dynavit.models.base import DerivedCache, FamilyModel, interpolate_grid, resize_input
-from dynavit.models.vit import MLP
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,16 +138,22 @@ class Block(nn.Module):
         self.mlp = MLP(src.mlp, act)
 
     def forward(self, x: torch.Tensor, p: BlockPlan, win: Windows | None) -> torch.Tensor:
-        # x is always this forward's own tensor: without autograd the residual adds go in place
-        # (no fresh activation-sized buffer); with it, LayerNorm's saved input must stay intact
-        inplace = not torch.is_grad_enabled()
+        # ``x`` is never written (a sweep may keep it); the MLP's residual add goes in place
+        # into the attention's fresh sum when no autograd records (no second activation buffer)
+        owned = False
         if p.attn:
-            out = self.attn(self.norm1(x), p.heads, win)
-            x = x.add_(out) if inplace else x + out
+            x = x + self.attn(self.norm1(x), p.heads, win)
+            owned = not torch.is_grad_enabled()
         if p.mlp:
             out = self.mlp(self.norm2(x), p.mlp_dim)
-            x = x.add_(out) if inplace else x + out
+            x = x.add_(out) if owned else x + out
         return x
+
+    def permute(self, mlp_perm: torch.Tensor, head_perm: torch.Tensor) -> None:
+        a = self.attn
+        permute_units(mlp_perm, (self.mlp.fc1,), self.mlp.fc2)
+        permute_heads(head_perm, ((a.q, 0), (a.k, 0), (a.v, 0)), a.o, a.head_dim,
+                      per_head=((a.rel_bias_table, 1),))  # the bias table is (positions, heads)
 
 
 class Merge(nn.Module):
@@ -166,13 +173,23 @@ class Merge(nn.Module):
 
 
 class DynSwin(FamilyModel):
+    """Blocks across stages by global index; the carry between block steps is (tokens, h, w)."""
+
     family = "swin"
+
+    @classmethod
+    def unsupported(cls, source: nn.Module) -> str:
+        model_type = getattr(getattr(source, "config", None), "model_type", "")
+        if model_type != "swin":
+            return f"{type(source).__name__} is not a Swin model"
+        return "" if hasattr(source, "classifier") else "a Swin without a classifier (backbone only)"
 
     def __init__(self, source: nn.Module) -> None:
         super().__init__(source)
+        problem = self.unsupported(source)
+        if problem:
+            raise ValueError(f"DynSwin cannot run this model: {problem}")
         cfg = source.config
-        if cfg.model_type != "swin":
-            raise ValueError(f"DynSwin needs a Swin model, got {cfg.model_type}")
         emb = source.swin.embeddings
         self.patch, self.embed_norm = emb.patch_embeddings.projection, emb.norm
         self.pos_embed = emb.position_embeddings  # None unless use_absolute_embeddings
@@ -197,6 +214,9 @@ class DynSwin(FamilyModel):
             cls_token=False, decoder_width=0, size_multiple=self.patch_size * 2 ** (len(self.depths) - 1),
             default_resolution=(int(size[0]), int(size[1])),
         )
+        self.stage_of = tuple(s for s, d in enumerate(self.depths) for _ in range(d))
+        self.shifted = tuple(j % 2 == 1 for d in self.depths for j in range(d))  # odd blocks of a stage roll
+        self.stage_ends = tuple(sum(self.depths[: s + 1]) - 1 for s in range(len(self.depths)))
         self._windows: dict[tuple, Windows] = {}
         self._pos_cache = DerivedCache()
         self.set_plan(self.default_plan())
@@ -217,9 +237,8 @@ class DynSwin(FamilyModel):
         pos = self.pos_embed
         return self._pos_cache.get(pos, (gh, gw), lambda: interpolate_grid(pos, self.grid, (gh, gw)))
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        plan = self.plan
-        x = resize_input(pixel_values.to(self.patch.weight.dtype), plan.resolution)
+    def begin(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = resize_input(pixel_values.to(self.patch.weight.dtype), self.plan.resolution)
         p = self.patch_size
         ph, pw = -x.shape[-2] % p, -x.shape[-1] % p
         if ph or pw:
@@ -229,15 +248,19 @@ class DynSwin(FamilyModel):
         x = self.embed_norm(x.flatten(2).transpose(1, 2))
         if self.pos_embed is not None:
             x = x + self.position_embedding(h, w)
-        i = 0
-        for s, depth in enumerate(self.depths):
-            for j in range(depth):
-                bp = plan.blocks[i]
-                if bp.attn or bp.mlp:
-                    win = self.windows(h, w, j % 2 == 1, x.device) if bp.attn else None
-                    x = self.blocks[i](x, bp, win)
-                i += 1
-            if s < len(self.merges):
-                x = self.merges[s](x, h, w)
-                h, w = (h + 1) // 2, (w + 1) // 2
-        return self.head(self.norm(x).mean(1))
+        return x, h, w
+
+    def step(self, carry: tuple[torch.Tensor, int, int], i: int) -> tuple[torch.Tensor, int, int]:
+        x, h, w = carry
+        bp = self.plan.blocks[i]
+        if bp.attn or bp.mlp:
+            win = self.windows(h, w, self.shifted[i], x.device) if bp.attn else None
+            x = self.blocks[i](x, bp, win)
+        s = self.stage_of[i]
+        if i == self.stage_ends[s] and s < len(self.merges):  # patch merging closes every stage but the last
+            x = self.merges[s](x, h, w)
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return x, h, w
+
+    def end(self, carry: tuple[torch.Tensor, int, int]) -> torch.Tensor:
+        return self.head(self.norm(carry[0]).mean(1))

@@ -17,10 +17,10 @@ from torch import nn
 
 from dynavit.config import BlockPlan, Plan, Space
 from dynavit.knobs import tokens
-from dynavit.knobs.width import heads_of, merge_heads, mlp
+from dynavit.knobs.layers import MLP
+from dynavit.knobs.permute import permute_heads, permute_units
+from dynavit.knobs.width import heads_of, merge_heads
 from dynavit.models.base import DerivedCache, FamilyModel, interpolate_grid, resize_input
-
-_ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
 
 class Attention(nn.Module):
@@ -55,16 +55,6 @@ class Attention(nn.Module):
         return merge_heads(out, self.o), extra
 
 
-class MLP(nn.Module):
-    def __init__(self, src: nn.Module, act: str | nn.Module) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = src.fc1, src.fc2
-        self.act = _ACTS[act] if isinstance(act, str) else act
-
-    def forward(self, x: torch.Tensor, hidden: int) -> torch.Tensor:
-        return mlp(x, self.fc1, self.fc2, hidden, self.act)
-
-
 class Block(nn.Module):
     def __init__(self, src: nn.Module, num_heads: int, act: str | None = None) -> None:
         super().__init__()
@@ -95,6 +85,10 @@ class Block(nn.Module):
             out = self.mlp(self.norm2(x), p.mlp_dim)
             x = x + (out if self.ls2 is None else out * self.ls2)
         return x, state
+
+    def permute(self, mlp_perm: torch.Tensor, head_perm: torch.Tensor) -> None:
+        permute_units(mlp_perm, (self.mlp.fc1,), self.mlp.fc2)
+        permute_heads(head_perm, self.attn.qkv_parts(), self.attn.o, self.attn.head_dim)
 
 
 def _layer_scale(m: nn.Module) -> torch.Tensor | None:
@@ -131,6 +125,13 @@ def timm_unsupported(model: nn.Module) -> str:
 class DynViT(FamilyModel):
     family = "vit"
     supports_deadline = True
+
+    @classmethod
+    def unsupported(cls, source: nn.Module) -> str:
+        if hasattr(source, "vit"):
+            model_type = getattr(source.config, "model_type", "")
+            return "" if model_type == "vit" else f"transformers model type {model_type!r} is not a plain ViT"
+        return timm_unsupported(source)
 
     def __init__(self, source: nn.Module) -> None:
         super().__init__(source)
@@ -176,17 +177,6 @@ class DynViT(FamilyModel):
 
         return self._pos_cache.get(pos, (gh, gw), make)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        carry = self.begin(pixel_values)
-        deadline = self.deadline
-        for i in range(len(self.blocks)):
-            if deadline is None or not deadline.skip(i, self.plan):
-                carry = self.step(carry, i)
-        out = self.end(carry)
-        if deadline is not None:
-            deadline.finish()
-        return out
-
     # The forward in stages, so that a sweep can keep the activations after block k and run
     # only the rest for the next config that executes the same first k blocks.
     def begin(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tokens.TokenState]:
@@ -203,8 +193,7 @@ class DynViT(FamilyModel):
     def end(self, carry: tuple[torch.Tensor, tokens.TokenState]) -> torch.Tensor:
         return self.head(self.norm(carry[0][:, 0]))
 
-    @staticmethod
-    def prefix_key(plan: Plan, depth: int) -> tuple:
+    def prefix_key(self, plan: Plan, depth: int) -> tuple:
         """Everything that decides the activations after ``depth`` blocks under ``plan``."""
         blocks = plan.blocks[:depth]
         token = (plan.token_keep, plan.token_fuse, plan.token_threshold) if any(b.token_op for b in blocks) else None

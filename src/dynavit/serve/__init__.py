@@ -17,7 +17,7 @@ def load_for_store(model: str | None, store: str | Path, device: str = "cpu", pr
     options (``rule``, ``target_miss``, ...).
     """
     from dynavit.errors import DynavitError
-    from dynavit.models import load
+    from dynavit.model import load
     from dynavit.runtime import Controller
     from dynavit.runtime.simulate import path_quality
     from dynavit.sweep.run import SweepTarget

@@ -49,8 +49,7 @@ class SweepTarget:
 
     def build(self, *, progress: bool = False) -> tuple[Any, CachedData, Evaluator, int]:
         """(model, cached data, evaluator, number of calibration images left out)."""
-        from dynavit.dynamic import DynamicModel
-        from dynavit.models import load
+        from dynavit.model import DynamicModel, load
 
         dm = load(self.model, device=self.device)
         if not isinstance(dm, DynamicModel):

@@ -1,0 +1,244 @@
+"""``DynamicModel``: one loaded model, any execution path, switched in O(1); a ``torch.nn.Module``.
+
+``dynavit.load(name)`` opens the source model (``models/hub.py``), and the family registry
+picks dynavit's own forward pass for it (``models/registry.py``); a model no family runs keeps
+its own forward and only the default path. The module tree is the source model's (``.model``),
+so ``.to()``, ``.half()``, ``.eval()``, ``.parameters()`` and ``.state_dict()`` behave as
+PyTorch users expect; the family implementation shares those very parameter tensors and is
+kept outside the tree, so nothing is counted twice.
+
+``configure(cfg)`` validates the config against the model's ``Space`` once, caches the
+resolved ``Plan`` by config, and hands it to the family model: no weight copies, no
+allocation of parameter memory, no recompilation. A rejected config leaves the model in its
+previous configuration. Multiplexed models (``dynavit.multiplex``) and variants attach beside
+the base model and are selected by ``ExecConfig(mux=N)`` and ``ExecConfig(variant=name)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynavit import calibrate as calibration_
+from dynavit import multiplex
+from dynavit.config import ConfigError, ExecConfig, Plan, Space, resolve
+from dynavit.data.transforms import ClassificationTransform, SegmentationTransform
+from dynavit.errors import DynavitError
+from dynavit.models import hub
+from dynavit.models.base import FamilyModel
+from dynavit.models.registry import family_class
+from dynavit.models.static import StaticModel
+from dynavit.packaging import read_extras, write_pretrained
+
+
+class DynamicModel(nn.Module):
+    """A model ready for inference on any of its execution paths, with what evaluation needs."""
+
+    def __init__(self, src: hub.Source) -> None:
+        super().__init__()
+        self.model = src.module  # the source library's model: the module tree and its parameters
+        self.family, self.task, self.source = src.family, src.task, src.name
+        self.id2label, self.input_size = dict(src.id2label), tuple(src.input_size)
+        self.mean, self.std, self.crop_pct = tuple(src.mean), tuple(src.std), src.crop_pct
+        self.preprocessor = dict(src.preprocessor)
+        self.variants = nn.ModuleDict()  # name -> DynamicModel of the same family
+        self.muxes = nn.ModuleDict()  # str(N) -> multiplexed model trained for N images per pass
+        self.calibration: calibration_.Calibration | None = None
+        cls = family_class(src.module)
+        impl = cls(src.module, self.input_size) if cls is StaticModel else cls(src.module)
+        # outside the module tree: it shares the source's parameters, which must not count twice
+        object.__setattr__(self, "_base", impl)
+        object.__setattr__(self, "_active", impl)
+        self._config = ExecConfig()
+        self._plans: dict[tuple[str | None, ExecConfig], tuple[FamilyModel, Plan]] = {}
+
+    # ---- what the model is ---------------------------------------------------------------------
+    @property
+    def module(self) -> FamilyModel:
+        """The family implementation running the current path."""
+        return self._active
+
+    @property
+    def reference(self) -> nn.Module:
+        """The source library's model (shares every parameter): the reference the family reproduces."""
+        return self.model
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.model, "config", None)
+
+    @property
+    def dynamic(self) -> bool:
+        """True when a family runs the model, so it has execution paths beyond the default."""
+        return not isinstance(self._base, StaticModel)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def multiplexers(self) -> dict[int, FamilyModel]:
+        """Attached multiplexed models by the N each was trained for."""
+        return {int(n): m for n, m in self.muxes.items()}
+
+    @property
+    def transform(self) -> ClassificationTransform | SegmentationTransform:
+        """The standard evaluation transform for this model (DeiT protocol, or resize for segmentation)."""
+        if self.task == "classification":
+            crop = self.input_size
+            return ClassificationTransform(crop=crop, resize=int(min(crop) / self.crop_pct), mean=self.mean,
+                                           std=self.std)
+        return SegmentationTransform(size=self.input_size, mean=self.mean, std=self.std)
+
+    @property
+    def space(self) -> Space:
+        """The current model's knobs; ``max_mux`` counts the attached multiplexed models."""
+        space = self.module.space
+        if space.any_resolution and tuple(self.input_size) != space.default_resolution:
+            space = dataclasses.replace(space, default_resolution=tuple(self.input_size))
+        if self.muxes and space.max_mux == 1:
+            space = dataclasses.replace(space, max_mux=max(self.multiplexers))
+        return space
+
+    @property
+    def exec_config(self) -> ExecConfig:
+        return self._config
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """Raise a one-line DynavitError if the model cannot take an input of this size."""
+        if height <= 0 or width <= 0:
+            raise DynavitError(f"input size {height}x{width} is invalid: both sides must be positive")
+        mult = self._base.space.size_multiple
+        if height % mult or width % mult:
+            raise DynavitError(f"input size {height}x{width} does not fit {self.source} ({self.family}): "
+                               f"height and width must be multiples of {mult}")
+
+    def example_input(self, batch: int = 1, size: tuple[int, int] | None = None) -> torch.Tensor:
+        h, w = size or self.input_size
+        self.check_input_size(h, w)
+        param = next(self.model.parameters())
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(batch, 3, h, w, generator=g).to(device=param.device, dtype=param.dtype)
+
+    # ---- paths ---------------------------------------------------------------------------------
+    def configure(self, cfg: ExecConfig | dict[str, Any] | None = None, **changes: Any) -> DynamicModel:
+        """Switch to ``cfg`` (an ExecConfig, a dict, or keyword changes to the default)."""
+        if cfg is None:
+            cfg = ExecConfig(**changes)
+        elif isinstance(cfg, dict):
+            cfg = ExecConfig.from_dict(cfg)
+        elif changes:
+            cfg = cfg.replace(**changes)
+        key = (cfg.variant, cfg)
+        hit = self._plans.get(key)
+        if hit is None:
+            impl = self._impl_for(cfg)
+            hit = (impl, resolve(cfg, impl.space))  # raises before anything changes
+            self._plans[key] = hit
+        impl, plan = hit
+        impl.plan = plan
+        object.__setattr__(self, "_active", impl)
+        self._config = cfg
+        return self
+
+    def _impl_for(self, cfg: ExecConfig) -> FamilyModel:
+        if cfg.mux > 1:
+            if cfg.variant is not None:
+                raise ConfigError(f"mux={cfg.mux} cannot be combined with variant={cfg.variant!r}")
+            fits = sorted(n for n in self.multiplexers if n >= cfg.mux)
+            if not fits:
+                have = ", ".join(map(str, sorted(self.multiplexers)))
+                raise ConfigError(f"mux={cfg.mux} is larger than any attached multiplexed model was trained for "
+                                  f"(N: {have})" if have else f"mux={cfg.mux} needs a multiplexed model: attach "
+                                  "one with add_multiplexer()")
+            return self.multiplexers[fits[0]]  # the smallest that fits: fewest blank slots
+        if cfg.variant is None:
+            return self._base
+        if cfg.variant not in self.variants:
+            names = ", ".join(sorted(self.variants)) or "none loaded"
+            raise ConfigError(f"variant={cfg.variant!r} is not loaded (variants: {names})")
+        return self.variants[cfg.variant].module
+
+    def add_variant(self, name: str, model: DynamicModel | str) -> None:
+        """Load another model of the same family and task as a switchable variant."""
+        other = load(model) if isinstance(model, str) else model
+        if other.family != self.family or other.task != self.task:
+            raise ConfigError(f"variant {name!r} is a {other.family} {other.task} model; "
+                              f"this model is {self.family} {self.task}")
+        if other.num_labels != self.num_labels:
+            raise ConfigError(f"variant {name!r} has {other.num_labels} labels, this model {self.num_labels}")
+        self.variants[name] = other
+
+    def add_multiplexer(self, model: FamilyModel | str | Path) -> FamilyModel:
+        """Attach a multiplexed model (or a folder saved by ``dynavit.multiplex.save``) for ``mux=N``."""
+        mux = multiplex.load_multiplexer(model, self) if isinstance(model, (str, Path)) else model
+        if not isinstance(mux, multiplex.MuxModel):
+            raise ConfigError(f"add_multiplexer needs a ConcatPlexer or ImageMultiplexer, got {type(mux).__name__}")
+        if mux.num_labels != self.num_labels:
+            raise ConfigError(f"the multiplexed model predicts {mux.num_labels} labels, this model {self.num_labels}")
+        self.muxes[str(mux.mux)] = mux
+        self._plans = {k: v for k, v in self._plans.items() if k[1].mux == 1}  # a new N may change the choice
+        return mux
+
+    # ---- calibration ---------------------------------------------------------------------------
+    def calibrate(self, images: Any, *, criterion: str = "auto", batch_size: int = 16) -> Any:
+        """Rank channels/heads/blocks on ``images`` and reorder the weights (see ``dynavit.calibrate``)."""
+        self._need_paths("calibrate")
+        self.calibration = calibration_.calibrate(self, images, criterion=criterion, batch_size=batch_size)
+        return self.calibration
+
+    def save_calibration(self, folder: str | Path) -> Path:
+        if self.calibration is None:
+            raise ConfigError("nothing to save: call calibrate() first")
+        return self.calibration.save(folder)
+
+    def load_calibration(self, folder: str | Path) -> Any:
+        """Reorder a freshly loaded model's weights by a calibration saved for the same weights."""
+        self._need_paths("load a calibration")
+        calib = calibration_.Calibration.load(folder)
+        calibration_.apply_saved(self, calib)
+        self.calibration = calib
+        return calib
+
+    def _need_paths(self, what: str) -> None:
+        if not self.dynamic:
+            raise DynavitError(f"cannot {what}: {self.source} ({self.family}) has no execution paths "
+                               "(no dynavit family runs it)")
+
+    # ---- PyTorch -------------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Logits of the current path: (B, labels), or (B, labels, h, w) for segmentation."""
+        return self._active(pixel_values)
+
+    def train(self, mode: bool = True) -> DynamicModel:
+        super().train(mode)
+        self._base.train(mode)  # the family's own wrapper modules sit outside the tree
+        return self
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """A Hugging Face folder (weights in their calibrated order) that ``dynavit.load`` reads back
+        calibrated, with any attached multiplexed models; transformers reads it as the source model."""
+        if self.variants:
+            raise DynavitError("save_pretrained saves one model: save each variant on its own")
+        return write_pretrained(self, Path(folder))
+
+
+LoadedModel = DynamicModel  # the name earlier releases gave models without execution paths
+
+
+def load(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu") -> DynamicModel:
+    """Load a model: a local HF folder (one ``save_pretrained`` wrote, too), a hub id, ``timm:<name>``
+    or ``config:<preset>`` (random weights, for cost studies). Errors say how to fix them."""
+    dm = DynamicModel(hub.open_source(name_or_path)).to(device)
+    read_extras(dm, Path(str(name_or_path)))
+    return dm
+
+
+def from_config(config: Any, *, seed: int = 0, source: str | None = None) -> DynamicModel:
+    """A randomly initialised model from a transformers config (for tests and cost studies)."""
+    return DynamicModel(hub.source_from_config(config, seed=seed, source=source))

@@ -1,0 +1,61 @@
+"""A calibrated model shipped like a Hugging Face model: ``save_pretrained`` and its reading back.
+
+The folder is the source model's own (``config.json``, ``model.safetensors``,
+``preprocessor_config.json``), so transformers loads it too; the weights are stored in their
+calibrated order. ``dynavit.json`` says what dynavit adds: the calibration (its permutations and
+rankings, in ``calibration/``) and any multiplexed models (``mux<N>/``). Reading it back applies
+nothing to the weights (they are already in order) and re-attaches the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dynavit.calibrate import Calibration
+from dynavit.errors import DynavitError
+from dynavit.multiplex import save_multiplexer
+
+MANIFEST = "dynavit.json"
+FORMAT = 1
+
+
+def write_pretrained(dm: Any, folder: Path) -> Path:
+    """Write ``dm`` (a DynamicModel) to ``folder``; see the module docstring."""
+    if not hasattr(dm.model, "save_pretrained"):
+        raise DynavitError(f"save_pretrained writes Hugging Face folders; {dm.source} ({dm.family}) is not a "
+                           "transformers model: save its state_dict() instead")
+    folder.mkdir(parents=True, exist_ok=True)
+    dm.model.save_pretrained(str(folder))
+    h, w = dm.input_size
+    pre = {**dm.preprocessor, "image_mean": list(dm.mean), "image_std": list(dm.std), "crop_pct": dm.crop_pct,
+           "size": {"height": h, "width": w}}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    manifest: dict[str, Any] = {"format": FORMAT, "saved_from": str(dm.source), "calibration": None,
+                                "multiplexers": {}}
+    if dm.calibration is not None:
+        dm.calibration.save(folder / "calibration")
+        manifest["calibration"] = "calibration"
+    for n, mux in sorted(dm.multiplexers.items()):
+        save_multiplexer(mux, folder / f"mux{n}")
+        manifest["multiplexers"][str(n)] = f"mux{n}"
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def read_extras(dm: Any, folder: Path) -> None:
+    """Re-attach what ``write_pretrained`` added, when ``folder`` is such a folder (else nothing)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DynavitError(f"cannot read {path}: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise DynavitError(f"{path} has format {manifest.get('format')!r}; this dynavit reads format {FORMAT}")
+    if manifest.get("calibration"):
+        dm.calibration = Calibration.load(folder / manifest["calibration"])  # the weights are already in order
+    for sub in manifest.get("multiplexers", {}).values():
+        dm.add_multiplexer(folder / sub)

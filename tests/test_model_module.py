@@ -1,0 +1,115 @@
+"""The model is a torch.nn.Module; a calibrated model ships as a folder ``dynavit.load`` reads back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import ours
+from transformers import SegformerConfig, ViTConfig, ViTForImageClassification
+
+import dynavit
+from dynavit.config import ExecConfig
+from dynavit.errors import DynavitError
+from dynavit.model import from_config
+from dynavit.models import FAMILIES, family_class
+from dynavit.models.static import StaticModel
+
+
+def tiny_vit_config() -> ViTConfig:
+    return ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                     image_size=32, patch_size=8, num_labels=7)
+
+
+def test_real_deit_is_a_module_that_moves_and_round_trips(deit_tiny_path):
+    m = dynavit.load(deit_tiny_path)
+    assert isinstance(m, torch.nn.Module)
+    x = m.example_input(2)
+    with torch.no_grad():
+        ref = m.reference(pixel_values=x).logits
+        assert torch.equal(m(x), ref)  # the default path IS transformers' DeiT, bit for bit
+    m.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    with torch.no_grad():
+        y64 = m(x.double())
+    assert y64.dtype == torch.float64
+    assert float((y64.float() - ref).abs().max()) < 1e-3
+    sd = m.state_dict()
+    fresh = dynavit.load(deit_tiny_path).to(torch.float64)
+    fresh.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(fresh(x.double()), y64)
+    assert m.eval() is m and not m.training and not m.module.training
+    m.train()
+    assert m.training and m.module.training and all(b.training for b in m.module.blocks)
+
+
+def test_parameters_are_counted_once():
+    dm = from_config(tiny_vit_config())
+    n_source = sum(p.numel() for p in dm.reference.parameters())
+    assert sum(p.numel() for p in dm.parameters()) == n_source
+    # the family forward runs on those very tensors
+    assert {p.data_ptr() for p in dm.module.parameters()} <= {p.data_ptr() for p in dm.parameters()}
+
+
+def _calibrated_tiny_vit():
+    dm = from_config(tiny_vit_config())
+    dm.calibrate(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)), criterion="magnitude",
+                 batch_size=8)
+    return dm
+
+
+@pytest.mark.parametrize("cfg", [ExecConfig(), ExecConfig(mlp_width=0.5, heads=2)])
+def test_save_pretrained_round_trip_is_exact(tmp_path, cfg):
+    dm = _calibrated_tiny_vit()
+    folder = dm.save_pretrained(tmp_path / "calibrated")
+    back = dynavit.load(folder)
+    assert back.calibration is not None
+    assert back.calibration.identity() == dm.calibration.identity()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ours(back, x, cfg), ours(dm, x, cfg))
+    # transformers reads the same folder as the source model (weights in calibrated order)
+    hf = ViTForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.equal(hf(pixel_values=x).logits, ours(dm, x))
+    with pytest.raises(DynavitError, match="already calibrated"):
+        back.load_calibration(folder / "calibration")
+
+
+def test_save_pretrained_real_deit_width_path(tmp_path, deit_tiny_path, assets):
+    dm = dynavit.load(deit_tiny_path)
+    images = sorted((assets / "imagenet-samples" / "images").iterdir())[:8]
+    from PIL import Image
+
+    dm.calibrate([Image.open(p).convert("RGB") for p in images], criterion="magnitude", batch_size=4)
+    back = dynavit.load(dm.save_pretrained(tmp_path / "deit-cal"))
+    x = dm.example_input(2)
+    for cfg in (ExecConfig(), ExecConfig(mlp_width=0.5, heads=2)):
+        assert torch.equal(ours(back, x, cfg), ours(dm, x, cfg))
+    pre = json.loads((tmp_path / "deit-cal" / "preprocessor_config.json").read_text())
+    assert pre["crop_pct"] == dm.crop_pct and tuple(pre["image_mean"]) == dm.mean
+
+
+def test_save_pretrained_keeps_the_segformer_input_size(tmp_path):
+    cfg = SegformerConfig(num_channels=3, num_encoder_blocks=4, depths=[1, 1, 1, 1], sr_ratios=[8, 4, 2, 1],
+                          hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 2, 3, 4], decoder_hidden_size=16,
+                          num_labels=5)
+    dm = from_config(cfg)
+    dm.input_size = (64, 96)
+    back = dynavit.load(dm.save_pretrained(tmp_path / "seg"))
+    assert back.input_size == (64, 96) and back.task == "segmentation"
+
+
+def test_unknown_manifest_format_is_refused(tmp_path):
+    folder = from_config(tiny_vit_config()).save_pretrained(tmp_path / "m")
+    (folder / "dynavit.json").write_text(json.dumps({"format": 99}))
+    with pytest.raises(DynavitError, match="format 99"):
+        dynavit.load(folder)
+
+
+def test_registry_picks_a_family_or_the_static_fallback():
+    dm = from_config(tiny_vit_config())
+    assert family_class(dm.reference) is FAMILIES[0] and dm.dynamic
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    assert family_class(plain) is StaticModel
