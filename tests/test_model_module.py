@@ -113,3 +113,46 @@ def test_registry_picks_a_family_or_the_static_fallback():
     assert family_class(dm.reference) is FAMILIES[0] and dm.dynamic
     plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     assert family_class(plain) is StaticModel
+
+
+def _family_models():
+    from transformers import SwinConfig
+
+    seg = SegformerConfig(num_channels=3, num_encoder_blocks=4, depths=[1, 2, 1, 1], sr_ratios=[8, 4, 2, 1],
+                          hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 2, 3, 4], decoder_hidden_size=16,
+                          num_labels=5)
+    swin = SwinConfig(embed_dim=16, depths=[2, 2], num_heads=[2, 4], image_size=32, window_size=4, num_labels=5)
+    return [(from_config(tiny_vit_config()), (32, 32), [ExecConfig(mlp_width=0.5), ExecConfig(skip_attn=(2,))]),
+            (from_config(swin), (32, 32), [ExecConfig(heads=1), ExecConfig(heads=1, skip_mlp=(3,))]),
+            (from_config(seg), (64, 64), [ExecConfig(decoder_branches=(0, 1)), ExecConfig(skip_mlp=(4,)),
+                                          ExecConfig(decoder_width=0.5)])]
+
+
+@pytest.mark.parametrize("case", range(3), ids=["vit", "swin", "segformer"])
+def test_block_steps_and_prefix_keys_are_sound(case):
+    """Continuing another path's carry wherever ``prefix_key`` says they agree gives the path's own output."""
+    dm, size, cfgs = _family_models()[case]
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
+    impl = dm.module
+    assert impl.steps
+    for first, second in zip(cfgs, cfgs[1:], strict=False):
+        want = ours(dm, x, second)
+        plan2 = impl.plan
+        dm.configure(first)
+        plan1, carry = impl.plan, None
+        with torch.no_grad():
+            carry = impl.begin(x)
+            depth = 0
+            while depth < len(impl.blocks) and impl.prefix_key(plan1, depth + 1) == impl.prefix_key(plan2, depth + 1):
+                carry = impl.step(carry, depth)
+                depth += 1
+            shared = [t for t in carry if isinstance(t, torch.Tensor)]
+            kept = [t.clone() for t in shared]
+            dm.configure(second)
+            for i in range(depth, len(impl.blocks)):
+                carry = impl.step(carry, i)
+            got = impl.end(carry)
+        assert torch.equal(got, want)
+        assert depth < len(impl.blocks)  # the paths differ somewhere
+        # steps never write into a carry they were given: a sweep can keep it for the next path
+        assert all(torch.equal(a, b) for a, b in zip(shared, kept, strict=True))

@@ -8,7 +8,9 @@ operator-class profiler.
 
 from dynavit.config import ConfigError, ExecConfig, Space
 from dynavit.cost import Profile, profile
+from dynavit.data import open_dataset
 from dynavit.errors import BadSampleError, DynavitError
+from dynavit.evaluation import evaluate as _evaluate
 from dynavit.model import DynamicModel, LoadedModel, from_config, load
 
 __version__ = "0.1.0"
@@ -16,9 +18,6 @@ __version__ = "0.1.0"
 
 def evaluate(model, data, **kwargs):
     """Evaluate ``model`` on a dataset folder or dataset object (see ``dynavit.evaluation``)."""
-    from dynavit.data import open_dataset
-    from dynavit.evaluation import evaluate as _evaluate
-
     if isinstance(model, str):
         model = load(model)
     dataset = open_dataset(data) if not hasattr(data, "load") else data

@@ -31,9 +31,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dynavit.config import ExecConfig
+from dynavit.data.datasets import list_images, read_image
 from dynavit.errors import DynavitError
 from dynavit.knobs.width import recording
 from dynavit.models.base import Perms
@@ -70,8 +72,6 @@ class Calibration:
         return sorted(range(len(kl)), key=lambda i: kl[i])
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"{group}.{i}": p for group, ps in self.perms.items() for i, p in enumerate(ps)}
@@ -84,8 +84,6 @@ class Calibration:
 
     @classmethod
     def load(cls, folder: str | Path) -> Calibration:
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         try:
             meta = json.loads((folder / "calibration.json").read_text())
@@ -260,8 +258,6 @@ def _to_batches(dm: Any, images: Any, batch_size: int) -> list[torch.Tensor]:
     if isinstance(images, torch.Tensor):
         return list(images.split(batch_size))
     if isinstance(images, (str, Path)):
-        from dynavit.data.datasets import list_images, read_image
-
         paths = list_images(Path(images), recursive=True)
         if not paths:
             raise DynavitError(f"no images found under {images} to calibrate on")

@@ -34,6 +34,7 @@ class FamilyModel(nn.Module):
 
     family: str = ""
     space: Space
+    steps: bool = False  # runs in block steps (``begin``/``step``/``end``): prefix reuse works on it
     supports_deadline: bool = False  # the forward consults ``self.deadline`` between blocks
 
     deadline: Any = None  # a ``dynavit.deadline.Deadline`` for the next forward, set by the runner

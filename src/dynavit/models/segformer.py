@@ -191,6 +191,7 @@ class DynSegformer(FamilyModel):
     """
 
     family = "segformer"
+    steps = True
 
     @classmethod
     def unsupported(cls, source: nn.Module) -> str:

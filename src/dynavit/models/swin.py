@@ -176,6 +176,7 @@ class DynSwin(FamilyModel):
     """Blocks across stages by global index; the carry between block steps is (tokens, h, w)."""
 
     family = "swin"
+    steps = True
 
     @classmethod
     def unsupported(cls, source: nn.Module) -> str:

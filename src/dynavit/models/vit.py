@@ -124,6 +124,7 @@ def timm_unsupported(model: nn.Module) -> str:
 
 class DynViT(FamilyModel):
     family = "vit"
+    steps = True
     supports_deadline = True
 
     @classmethod
