@@ -103,9 +103,7 @@ def test_recalibration_composes_relative_to_original(small_and_images):
     dm.calibrate(imgs[:12], criterion="magnitude", batch_size=6)
     dm.calibrate(imgs[12:], criterion="taylor", batch_size=6)
     fresh = dynavit.from_config(ViTConfig(**SMALL), seed=1)
-    from dynavit.calibrate import apply_permutations
-
-    apply_permutations(fresh.module, dm.calibration.perms)
+    fresh.module.permute(dm.calibration.perms)
     for a, b in zip(fresh.module.parameters(), dm.module.parameters(), strict=True):
         assert torch.equal(a, b)
 
