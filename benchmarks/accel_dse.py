@@ -137,7 +137,7 @@ def main() -> None:
     body = (
         f"Machine: {cpu_name()}, 2 cores. Date: {dt.date.today()}. Command: `.venv/bin/python "
         f"benchmarks/accel_dse.py --configs {args.configs}`. Energies are modelled (ZigZag 3.9 for conv/GEMM with "
-        "its shipped per-access energies, dynavit's vector-unit model for the rest; see `accel/arch.py` for every "
+        "its shipped per-access energies, dynavit's vector-unit model for the rest; see `accel/energy.py` for every "
         "number's source), per image at batch 1, int8.\n\n"
         f"**Speed (cold cache):** {len(archs)} designs x {args.configs} DeiT-tiny configs in {cold_s / 60:.1f} min: "
         f"{ex.measured_configs} channel-rounded configs measured on the sweep's 400 held-out images "

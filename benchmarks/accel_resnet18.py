@@ -27,7 +27,8 @@ import zigzag
 
 from dynavit.accel.arch import Arch
 from dynavit.accel.layers import MacOp
-from dynavit.accel.zigzag import cost_mac_op, describe, reproduce_zigzag_example
+from dynavit.accel.zigzag import cost_mac_op, describe
+from dynavit.accel.zigzag_onnx import reproduce_zigzag_example
 
 ZZ = Path(zigzag.__file__).parent
 EXPECTED = (1871436380.6559997, 3865041.0)  # ZigZag's test_tpu_like.py, resnet18.onnx

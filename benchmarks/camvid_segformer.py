@@ -129,7 +129,7 @@ def main() -> None:
     body = (
         f"Date: {dt.date.today()}. Command: `.venv/bin/python benchmarks/camvid_segformer.py` (as above). "
         "Modelled energies "
-        "(ZigZag for conv/GEMM, dynavit's vector-unit model for the rest; `accel/arch.py` gives every source), per "
+        "(ZigZag for conv/GEMM, dynavit's vector-unit model for the rest; `accel/energy.py` gives every source), per "
         f"352x480 frame at batch 1, int8. {len(archs)} designs x {args.accel_configs} stored paths (the MAC front and "
         "the paths it cannot rule out first), channel knobs rounded "
         f"to V and re-measured on the val images: {secs / 60:.1f} min, {ex.zigzag_searches} ZigZag searches.\n\n"

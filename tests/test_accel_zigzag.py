@@ -17,11 +17,10 @@ from dynavit.accel.zigzag import (  # noqa: E402
     LayerCost,
     ZigzagDesign,
     cost_mac_op,
-    mac_ops_from_onnx,
-    reproduce_zigzag_example,
     spatial_mapping,
     workload_layer,
 )
+from dynavit.accel.zigzag_onnx import mac_ops_from_onnx, reproduce_zigzag_example  # noqa: E402
 from dynavit.errors import DynavitError  # noqa: E402
 
 ZIGZAG = Path(__import__("zigzag").__file__).parent

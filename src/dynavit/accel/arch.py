@@ -42,25 +42,8 @@ Simba's per-PE buffers (``simba-v8`` is Simba's PE organisation), and ``simba-v1
 with 4x the buffers. 1 GHz, 256 bits/cycle of DRAM bandwidth (32 GB/s), 2048 bits/cycle of
 global-buffer bandwidth: assumptions, not published MAGNet numbers.
 
-Energy defaults, and where they come from (``dynavit.accel.arch.ENERGY_SOURCES`` says the
-same in code). They are **not** MAGNet's 5 nm numbers, which are not published; they are the
-numbers ZigZag 3.9 ships in its example designs (``zigzag/inputs/hardware/*.yaml``; the
-files do not state the technology node), so results are comparable to ZigZag's own examples:
-
-- MAC: 0.04 pJ per 8-bit MAC (``unit_energy`` of tpu_like, edge_tpu_like, ascend_like);
-- registers: 0.00125 pJ/bit (rf_1B: 0.01 pJ per 8-bit access; rf_2B: 0.02 pJ per 16 bits);
-- SRAM buffers, per bit and access, as a function of the buffer size (so that a bigger buffer
-  costs more per access, the trade-off a memory-size sweep is about): a power law through
-  two ZigZag SRAMs, each taken as the mean of its read and write cost per bit of its port
-  width: sram_32KB of edge_tpu_like (22.9 / 52.01 pJ per 512 bits -> 0.0731 pJ/bit) and
-  sram_2MB of tpu_like (416.16 / 378.4 pJ per 2048 bits -> 0.1940 pJ/bit), i.e.
-  ``e(size) = 0.0731 * (size / 32 KiB) ** 0.2345`` pJ/bit. Any buffer's energy can be set
-  explicitly instead (``*_pj_per_bit``);
-- DRAM: 11.33 pJ/bit, the mean of ZigZag's ``dram`` (700 pJ read / 750 pJ write per 64 bits).
-
-For scale, Horowitz (ISSCC 2014, 45 nm) gives 0.2 pJ for an 8-bit multiply plus 0.03 pJ
-for an 8-bit add, and 1.3-2.6 nJ per 64-bit DRAM access; relative, not absolute, energies are
-what a design comparison needs.
+Energy defaults: ZigZag 3.9's example designs, not MAGNet's unpublished 5 nm numbers; every
+number and its source is in ``dynavit.accel.energy`` (``ENERGY_SOURCES``).
 """
 
 from __future__ import annotations
@@ -68,34 +51,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dynavit.accel.energy import ENERGY_SOURCES, SRAM_ENERGY_EXPONENT, sram_pj_per_bit
+from dynavit.accel.zigzag_memory import kib_bits, zigzag_memory, zigzag_name
 from dynavit.errors import DynavitError
-
-# --- SRAM energy model (see the module docstring) -------------------------------------------
-_SRAM_SMALL_KIB, _SRAM_SMALL_PJ_PER_BIT = 32.0, (22.9 + 52.01) / 2 / 512  # edge_tpu_like sram_32KB
-_SRAM_LARGE_KIB, _SRAM_LARGE_PJ_PER_BIT = 2048.0, (416.16 + 378.4) / 2 / 2048  # tpu_like sram_2MB
-SRAM_ENERGY_EXPONENT = math.log(_SRAM_LARGE_PJ_PER_BIT / _SRAM_SMALL_PJ_PER_BIT) / math.log(
-    _SRAM_LARGE_KIB / _SRAM_SMALL_KIB)
-
-ENERGY_SOURCES = {
-    "mac_pj": "ZigZag 3.9 example designs (tpu_like/edge_tpu_like/ascend_like.yaml): unit_energy 0.04 pJ",
-    "reg_pj_per_bit": "ZigZag rf_1B (0.01 pJ / 8 bit) and rf_2B (0.02 pJ / 16 bit)",
-    "sram": (f"power law through ZigZag sram_32KB (edge_tpu_like, {_SRAM_SMALL_PJ_PER_BIT:.4f} pJ/bit) and "
-             f"sram_2MB (tpu_like, {_SRAM_LARGE_PJ_PER_BIT:.4f} pJ/bit), exponent {SRAM_ENERGY_EXPONENT:.4f}"),
-    "dram_pj_per_bit": "ZigZag dram: (700 pJ read + 750 pJ write) / 2 per 64-bit access",
-    "vector_op_pj": "Horowitz ISSCC 2014 (45 nm): 8-bit add 0.03 pJ",
-}
-
-
-def sram_pj_per_bit(size_kib: float) -> float:
-    """Energy per bit of one access of an SRAM of ``size_kib`` (the documented power law)."""
-    return _SRAM_SMALL_PJ_PER_BIT * (size_kib / _SRAM_SMALL_KIB) ** SRAM_ENERGY_EXPONENT
-
 
 PE_DIMS = ("auto", "K", "rows")
 OBJECTIVES = ("edp", "energy", "latency")
@@ -258,24 +222,24 @@ class Arch:
         gb_ops = ["I1", "I2", "O"] if "I2" in on_chip else ["I1", "O"]
         dram_ops = [op for op in ("I1", "I2", "O") if op not in on_chip]
         mems = {
-            "w_reg": _memory(bits, reg, bits, ["I2"], []),
-            "in_reg": _memory(bits, reg, bits, ["I1"], ["D2"]),
-            "acc_reg": _memory(acc, reg, acc, ["O"], ["D1"], port_per_direction=True),
-            "weight_buffer": _memory(_kib_bits(self.weight_buffer_kib), self.buffer_pj_per_bit("weight"),
-                                     v * lanes * bits, ["I2"], ["D1", "D2"], min_bw=bits),
-            "input_buffer": _memory(_kib_bits(self.input_buffer_kib), self.buffer_pj_per_bit("input"),
-                                    v * bits, ["I1"], ["D1", "D2"], min_bw=bits),
-            "accum_buffer": _memory(_kib_bits(self.accum_buffer_kib), self.buffer_pj_per_bit("accum"),
-                                    lanes * acc, ["O"], ["D1", "D2"], min_bw=bits),
-            "global_buffer": _memory(_kib_bits(self.global_buffer_kib), self.buffer_pj_per_bit("global"),
-                                     self.global_buffer_bandwidth_bits_per_cycle, gb_ops, ["D1", "D2", "D3"],
-                                     min_bw=bits),
+            "w_reg": zigzag_memory(bits, reg, bits, ["I2"], []),
+            "in_reg": zigzag_memory(bits, reg, bits, ["I1"], ["D2"]),
+            "acc_reg": zigzag_memory(acc, reg, acc, ["O"], ["D1"], port_per_direction=True),
+            "weight_buffer": zigzag_memory(kib_bits(self.weight_buffer_kib), self.buffer_pj_per_bit("weight"),
+                                           v * lanes * bits, ["I2"], ["D1", "D2"], min_bw=bits),
+            "input_buffer": zigzag_memory(kib_bits(self.input_buffer_kib), self.buffer_pj_per_bit("input"),
+                                          v * bits, ["I1"], ["D1", "D2"], min_bw=bits),
+            "accum_buffer": zigzag_memory(kib_bits(self.accum_buffer_kib), self.buffer_pj_per_bit("accum"),
+                                          lanes * acc, ["O"], ["D1", "D2"], min_bw=bits),
+            "global_buffer": zigzag_memory(kib_bits(self.global_buffer_kib), self.buffer_pj_per_bit("global"),
+                                           self.global_buffer_bandwidth_bits_per_cycle, gb_ops, ["D1", "D2", "D3"],
+                                           min_bw=bits),
         }
         if dram_ops:
-            mems["dram"] = _memory(10**12, self.dram_pj_per_bit, self.dram_bandwidth_bits_per_cycle, dram_ops,
-                                   ["D1", "D2", "D3"], min_bw=bits, single_port=True)
+            mems["dram"] = zigzag_memory(10**12, self.dram_pj_per_bit, self.dram_bandwidth_bits_per_cycle, dram_ops,
+                                         ["D1", "D2", "D3"], min_bw=bits, single_port=True)
         return {
-            "name": _zigzag_name(self.name),
+            "name": zigzag_name(self.name),
             "memories": mems,
             "operational_array": {
                 "unit_energy": float(self.mac_pj),
@@ -312,50 +276,7 @@ class Arch:
         return p
 
 
-def _zigzag_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name) or "design"
-
-
-def _kib_bits(kib: float) -> int:
-    return int(round(kib * 1024 * 8))
-
-
-def _memory(size_bits: int, pj_per_bit: float, bw_bits: int, operands: list[str], served: list[str], *,
-            min_bw: int | None = None, single_port: bool = False, port_per_direction: bool = False
-            ) -> dict[str, Any]:
-    """One ZigZag memory: ports, their allocation and the energy of one ``bw_bits``-wide access.
-
-    ZigZag charges ``r_cost``/``w_cost`` per access of the port's maximum width, and counts
-    accesses at the granularity of its minimum width, so the energy per access is
-    ``pj_per_bit x bandwidth_max``. Input operands are written from above (``fh``) and read
-    towards the MACs (``tl``); outputs also travel up (``fl`` in, ``th`` out).
-    ``port_per_direction`` gives each direction its own port, as ZigZag's output registers
-    have (rf_2B): an accumulator that swaps partial sums with the buffer above while the MACs
-    update it needs two reads and two writes per cycle.
-    """
-    inputs, output = [op for op in operands if op != "O"], "O" in operands
-    reads = [f"{op}, tl" for op in inputs] + (["O, tl", "O, th"] if output else [])
-    writes = [f"{op}, fh" for op in inputs] + (["O, fh", "O, fl"] if output else [])
-    lo = min(min_bw or bw_bits, bw_bits)
-
-    def port(name: str, kind: str, allocation: list[str]) -> dict[str, Any]:
-        return {"name": name, "type": kind, "bandwidth_min": lo, "bandwidth_max": bw_bits, "allocation": allocation}
-
-    if single_port:
-        ports = [port("rw_port_1", "read_write", reads + writes)]
-    elif port_per_direction:
-        ports = [port(f"r_port_{i}", "read", [a]) for i, a in enumerate(reads, 1)]
-        ports += [port(f"w_port_{i}", "write", [a]) for i, a in enumerate(writes, 1)]
-    else:
-        ports = [port("r_port_1", "read", reads), port("w_port_1", "write", writes)]
-    cost = float(pj_per_bit) * bw_bits
-    return {"size": int(size_bits), "r_cost": cost, "w_cost": cost, "area": 0.0, "latency": 1,
-            "operands": list(operands), "ports": ports, "served_dimensions": list(served)}
-
-
 def _required(f: Any) -> bool:
-    from dataclasses import MISSING
-
     return f.default is MISSING and f.default_factory is MISSING
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from dynavit.accel.arch import Arch
@@ -30,6 +31,7 @@ from dynavit.accel.lower import Lowered, lower
 from dynavit.config import ExecConfig, resolve
 from dynavit.errors import DynavitError
 from dynavit.sweep.pareto import pareto
+from dynavit.sweep.run import measure_configs
 from dynavit.sweep.store import ResultStore, Row, config_key
 
 
@@ -228,8 +230,6 @@ def explore(store: str | Path, archs: Sequence[Arch], *, model: str | None = Non
             search: str = "fast", workers: int = 2, drops: Sequence[float] | None = None,
             vector_granularity: bool = True, progress: bool = True) -> Exploration:
     """Energy-quality fronts of a store's configs on each design (see the module docstring)."""
-    from dynavit.sweep.run import measure_configs
-
     t0 = time.perf_counter()
     store = Path(store)
     dm = load_store_model(store, model)
@@ -241,31 +241,10 @@ def explore(store: str | Path, archs: Sequence[Arch], *, model: str | None = Non
     if not any(r.config.is_default for r in rows):
         raise DynavitError(f"{store} has no row for the default config; the DSE measures savings against it")
     rows = _pick(rows, limit, task)
-    # the configs each design runs: channel knobs rounded to its vector width
-    per_design: list[list[ExecConfig]] = []
-    rounded: list[int] = []
-    labels: dict[ExecConfig, str] = {}
-    by_plan = {_plan_key(r.config, dm): r.config for r in rows}  # one config (one row) per path
-    for a in archs:
-        cfgs, n = [], 0
-        for r in rows:
-            c = _rounded(r.config, a.vector_size) if vector_granularity else r.config
-            c = by_plan.setdefault(_plan_key(c, dm), c)  # same path as a stored or earlier config: reuse it
-            if c != r.config:
-                n += 1
-                labels.setdefault(c, f"{r.label} @g{a.vector_size}")
-            cfgs.append(c)
-        per_design.append(cfgs)
-        rounded.append(n)
-    with ResultStore(store, readonly=True) as rs:
-        have = rs.keys()
-    new = [c for c in labels if config_key(c) not in have]
+    per_design, rounded, labels = _design_configs(rows, archs, dm, vector_granularity)
     phases: dict[str, float] = {}
     t = time.perf_counter()
-    if new:
-        # quality only: these paths are for the accelerator, their CPU latency is not asked for
-        measure_configs(store, new, [labels[c] for c in new], strategy="accel-granularity", latency=False,
-                        progress=progress)
+    new = _measure_new(store, labels, progress)
     phases["measure_s"] = time.perf_counter() - t
     t = time.perf_counter()
     with ResultStore(store, readonly=True) as rs:
@@ -283,21 +262,66 @@ def explore(store: str | Path, archs: Sequence[Arch], *, model: str | None = Non
                               progress=progress)
         phases["zigzag_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        results = []
-        with ResultStore(store) as rs:
-            for a, cfgs, n in zip(archs, per_design, rounded, strict=True):
-                drs, costs = [], []
-                for c in cfgs:
-                    pc = path_cost(lowered[config_key(c)], a, cc, search=search, config_key=config_key(c))
-                    rs.add_accel(c, a.name, a.key(), pc.summary())
-                    drs.append(by_key[config_key(c)])
-                    costs.append(pc)
-                results.append(DesignResult(a, drs, costs, n))
+        results = _design_results(store, archs, per_design, rounded, lowered, by_key, cc, search)
     finally:
         cc.close()
     phases["sum_s"] = time.perf_counter() - t
     return Exploration(results, task, meta.get("metric", "quality"), drops, time.perf_counter() - t0, searches,
                        len(new), {"phases": phases, "unique_paths": len(lowered)})
+
+
+def _design_configs(rows: Sequence[Row], archs: Sequence[Arch], dm: Any, vector_granularity: bool
+                    ) -> tuple[list[list[ExecConfig]], list[int], dict[ExecConfig, str]]:
+    """The configs each design runs (channel knobs rounded to its vector width), one per path.
+
+    Returns the configs per design, how many of them the rounding changed, and a label for each
+    config that is not a stored row's own (a rounded path).
+    """
+    per_design: list[list[ExecConfig]] = []
+    rounded: list[int] = []
+    labels: dict[ExecConfig, str] = {}
+    by_plan = {_plan_key(r.config, dm): r.config for r in rows}  # one config (one row) per path
+    for a in archs:
+        cfgs, n = [], 0
+        for r in rows:
+            c = _rounded(r.config, a.vector_size) if vector_granularity else r.config
+            c = by_plan.setdefault(_plan_key(c, dm), c)  # same path as a stored or earlier config: reuse it
+            if c != r.config:
+                n += 1
+                labels.setdefault(c, f"{r.label} @g{a.vector_size}")
+            cfgs.append(c)
+        per_design.append(cfgs)
+        rounded.append(n)
+    return per_design, rounded, labels
+
+
+def _measure_new(store: Path, labels: dict[ExecConfig, str], progress: bool) -> list[ExecConfig]:
+    """Measure the rounded configs the store has no row for yet; returns them."""
+    with ResultStore(store, readonly=True) as rs:
+        have = rs.keys()
+    new = [c for c in labels if config_key(c) not in have]
+    if new:
+        # quality only: these paths are for the accelerator, their CPU latency is not asked for
+        measure_configs(store, new, [labels[c] for c in new], strategy="accel-granularity", latency=False,
+                        progress=progress)
+    return new
+
+
+def _design_results(store: Path, archs: Sequence[Arch], per_design: list[list[ExecConfig]], rounded: list[int],
+                    lowered: dict[str, Lowered], by_key: dict[str, Row], cc: CostCache, search: str
+                    ) -> list[DesignResult]:
+    """Sum each design's paths from the filled cache and record them in the store (``accel`` table)."""
+    results = []
+    with ResultStore(store) as rs:
+        for a, cfgs, n in zip(archs, per_design, rounded, strict=True):
+            drs, costs = [], []
+            for c in cfgs:
+                pc = path_cost(lowered[config_key(c)], a, cc, search=search, config_key=config_key(c))
+                rs.add_accel(c, a.name, a.key(), pc.summary())
+                drs.append(by_key[config_key(c)])
+                costs.append(pc)
+            results.append(DesignResult(a, drs, costs, n))
+    return results
 
 
 def write_exploration(ex: Exploration, out: str | Path) -> Path:
@@ -330,9 +354,7 @@ def markdown_table(ex: Exploration) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_fronts(ex: Exploration) -> Any:
-    from matplotlib.figure import Figure
-
+def plot_fronts(ex: Exploration) -> Figure:
     fig = Figure(figsize=(11, 4.2))
     ax_abs, ax_rel = fig.subplots(1, 2)
     for d in ex.designs:

@@ -1,17 +1,8 @@
 """The bridge to ZigZag: cost one ``MacOp`` on one design with ZigZag's mapping search.
 
-How a ``MacOp`` becomes a ZigZag layer (``workload_layer``): exactly as ZigZag's own ONNX
-parser writes Conv and Gemm/MatMul nodes (same equations, loop-dimension names and order,
-precisions), so a layer costed here and the same layer parsed from ONNX by ZigZag give the
-same numbers (``reproduce_zigzag_example`` checks this on ResNet-18):
-
-- ``conv``: ``O[b][g][k][oy][ox] += W[g][k][c][fy][fx] * I[b][g][c][iy][ix]``;
-- ``linear``: ``O[d][k] += I[d][c] * W[c][k]``, ``D`` = the rows (``B x OY x OX``), with an
-  ``[h]`` index on all three operands when ``G > 1`` (grouped linear);
-- ``attention``: ``O[h][d][k] += I[h][d][c] * W[h][c][k]``, ``H = G`` (batch x heads). The
-  second operand is an activation (K^T for QK^T, V for AV); it takes ZigZag's ``W`` operand,
-  i.e. the array's weight path (weight registers and buffers), and, like every operand of a
-  ZigZag layer, it starts in DRAM. ZigZag is told it is not a constant.
+How a ``MacOp`` becomes a ZigZag layer and which spatial mapping it gets on an ``Arch`` is
+``dynavit.accel.zigzag_layer``'s (re-exported here); this module runs ZigZag on it.
+``dynavit.accel.zigzag_onnx`` checks the bridge against ZigZag's own whole-network API.
 
 Every ZigZag layer starts with its operands in, and ends with its output written to, the top
 of each operand's memory hierarchy (DRAM): ZigZag costs layers one by one.
@@ -39,7 +30,6 @@ import functools
 import hashlib
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -48,12 +38,17 @@ from typing import Any
 
 from dynavit.accel.arch import OBJECTIVES, Arch
 from dynavit.accel.layers import MacOp
+from dynavit.accel.zigzag_layer import (
+    SpatialMapping,
+    describe,
+    spatial_mapping,
+    spatial_mapping_candidates,
+    workload_layer,
+)
 from dynavit.errors import DynavitError
 
 SEARCH_LPF_LIMIT = {"fast": 5, "full": 6}
 _LINKS = {"O": "O", "W": "I2", "I": "I1"}
-SpatialMapping = dict[str, list[tuple[str, int]]]  # array dim -> [(ZigZag loop dim, unrolling)]
-_LAYER_ID, _PRODUCER_ID = 1, 0  # operand_source: an id != the layer's marks an operand as not constant
 
 
 @dataclass(frozen=True)
@@ -116,118 +111,6 @@ class LayerCost:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# --- MacOp -> ZigZag layer ----------------------------------------------------------------
-def workload_layer(op: MacOp, *, input_hw: tuple[int, int] | None = None, intermediate_bits: int | None = None,
-                   name: str | None = None) -> dict[str, Any]:
-    """The ZigZag layer (user-format dict) of ``op``, as ZigZag's ONNX parser would write it.
-
-    ``input_hw`` is a convolution's real input height and width when zero padding makes it
-    smaller than ``SY*(OY-1)+FY`` (ZigZag then counts fewer input reads; ONNX gives it).
-    ``intermediate_bits`` is the precision of partial sums (default ``2 x op.bits``, ZigZag's
-    ONNX default).
-    """
-    psum = intermediate_bits or 2 * op.bits
-    d: dict[str, Any] = {
-        "id": _LAYER_ID,
-        "name": name or describe(op),
-        "operand_precision": {"W": op.bits, "I": op.bits, "O": psum, "O_final": op.bits},
-        "operand_source": {"W": _PRODUCER_ID if op.kind == "attention" else _LAYER_ID, "I": _PRODUCER_ID},
-        "dimension_relations": [],
-    }
-    if op.kind == "conv":
-        iy, ix = input_hw or op.input_hw
-        d.update(operator_type="Conv", equation="O[b][g][k][oy][ox]+=W[g][k][c][fy][fx]*I[b][g][c][iy][ix]",
-                 loop_dims=["B", "K", "G", "OX", "OY", "C", "FX", "FY"],
-                 loop_sizes=[op.B, op.K, op.G, op.OX, op.OY, op.C, op.FX, op.FY],
-                 dimension_relations=[f"ix={op.SX}*ox+1*fx", f"iy={op.SY}*oy+1*fy"],
-                 pr_loop_dims=["IX", "IY"], pr_loop_sizes=[ix, iy], padding=[[0, 0], [0, 0]])
-        return d
-    if op.FY != 1 or op.FX != 1:
-        raise DynavitError(f"{describe(op)}: a {op.kind} layer has no kernel window (FY = FX = 1)")
-    rows = op.B * op.OY * op.OX
-    if op.kind == "linear" and op.G == 1:
-        d.update(operator_type="Gemm", equation="O[d][k]+=I[d][c]*W[c][k]", loop_dims=["C", "D", "K"],
-                 loop_sizes=[op.C, rows, op.K])
-    else:
-        d.update(operator_type="MatMul" if op.kind == "attention" else "Gemm",
-                 equation="O[h][d][k]+=I[h][d][c]*W[h][c][k]", loop_dims=["C", "D", "K", "H"],
-                 loop_sizes=[op.C, rows, op.K, op.G])
-    return d
-
-
-def describe(op: MacOp) -> str:
-    """A short, unique name of a layer shape (for messages and ZigZag's layer name)."""
-    s = f"{op.kind} B{op.B} K{op.K} C{op.C}"
-    if op.kind == "conv":
-        s += f" O{op.OY}x{op.OX} F{op.FY}x{op.FX} S{op.SY}x{op.SX}"
-    elif op.OY * op.OX > 1:
-        s += f" O{op.OY}x{op.OX}"
-    return s + (f" G{op.G}" if op.G > 1 else "") + f" {op.bits}b"
-
-
-# --- the fixed spatial mapping on an Arch -------------------------------------------------
-def spatial_mapping(op: MacOp, arch: Arch) -> SpatialMapping:
-    """How ``op`` is spread over the array of ``arch``: {array dim: [(ZigZag loop dim, factor)]}.
-
-    - D1, the vector (V): the dot-product (reduction) dims. C first; a convolution with
-      ``C < V`` also folds its kernel width and then height into the vector (an im2col
-      dot product), so a 3-channel patch embedding does not run at 3/V.
-    - D2, the lanes (L): output channels K (the lanes share the broadcast input vector);
-      a depthwise layer (``K = 1``, ``G > 1``) puts its groups there instead.
-    - D3, the PEs (P): the remaining output channels (Simba-style weight partitioning; each PE
-      holds its own slice of weights) or the rows (tokens, output pixels) or groups (heads),
-      whichever keeps more PEs busy; ties go to K. ``arch.pe_dim`` forces K or rows.
-
-    Factors take the fewest passes with the fewest idle units (197 over 16 lanes: 16, 13
-    passes). This is the first of ``spatial_mapping_candidates``.
-    """
-    return spatial_mapping_candidates(op, arch)[0]
-
-
-def spatial_mapping_candidates(op: MacOp, arch: Arch) -> list[SpatialMapping]:
-    """``spatial_mapping``'s choice first, then the other PE splits by decreasing utilisation.
-
-    Why alternatives: ZigZag's memory allocator fills buffers greedily from the bottom and
-    does not backtrack, so a split can be unmappable although another fits (e.g. AV of
-    DeiT-tiny on simba-v8 with rows across PEs: each PE's input buffer takes all its rows,
-    and the global buffer, which serves all PEs, then cannot hold them all).
-    """
-    dims = _loop_sizes(op)
-    d1: list[tuple[str, int]] = []
-    room = arch.vector_size
-    for dim in ("C", "FX", "FY") if op.kind == "conv" else ("C",):
-        size = dims.get(dim, 1)
-        if size > 1 and room > 1:
-            f = _factor(size, room)
-            d1.append((dim, f))
-            room //= f
-    d1 = d1 or [("C", 1)]
-    lane_dim = "G" if op.kind == "conv" and op.K == 1 and op.G > 1 else "K"
-    d2 = [(lane_dim, _factor(dims[lane_dim], arch.lanes))]
-    left = {d: math.ceil(s / dict(d1 + d2).get(d, 1)) for d, s in dims.items() if s > 1}
-    groups = {"K": ["K"], "rows": ["D", "OX", "OY", "B", "H", "G"]}
-    preferred = groups["K"] + groups["rows"] if arch.pe_dim == "auto" else groups[arch.pe_dim]
-    others = [d for d in groups["K"] + groups["rows"] if d not in preferred]
-    scored: list[tuple[int, float, int, tuple[str, int]]] = []
-    for rank, dim in enumerate(preferred + others):
-        n = left.get(dim, 1)
-        if n > 1:
-            f = _factor(n, arch.pes)
-            scored.append((dim not in preferred, -n / (arch.pes * math.ceil(n / f)), rank, (dim, f)))
-    d3s = [[entry] for *_, entry in sorted(scored)] + [[(d2[0][0], 1)]]  # last resort: idle PEs
-    return [{"D1": d1, "D2": d2, "D3": d3} for d3 in d3s]
-
-
-def _factor(size: int, room: int) -> int:
-    """The smallest unrolling of ``size`` over at most ``room`` units that takes the fewest passes."""
-    return math.ceil(size / math.ceil(size / room))
-
-
-def _loop_sizes(op: MacOp) -> dict[str, int]:
-    layer = workload_layer(op)
-    return dict(zip(layer["loop_dims"], layer["loop_sizes"], strict=True))
-
-
 def _mapping_data(sm: SpatialMapping) -> list[dict[str, Any]]:
     from zigzag.parser.mapping_validator import MappingValidator
 
@@ -242,7 +125,7 @@ def _mapping_data(sm: SpatialMapping) -> list[dict[str, Any]]:
 
 # --- ZigZag objects, built once per process ------------------------------------------------
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_zigzag() -> Iterator[None]:
     """Silence ZigZag's loggers (it logs every mapping at INFO and failures at CRITICAL)."""
     log = logging.getLogger("zigzag")
     level, propagate = log.level, log.propagate
@@ -258,7 +141,7 @@ def _accelerator_from_data(data: dict[str, Any], where: str) -> Any:
     from zigzag.parser.accelerator_factory import AcceleratorFactory
     from zigzag.parser.accelerator_validator import AcceleratorValidator
 
-    with _quiet():
+    with quiet_zigzag():
         validator = AcceleratorValidator(data)
         normalized = validator.normalized_data
         if not validator.validate():
@@ -292,7 +175,7 @@ def _external(hardware: str, mapping: str, stamp: tuple[float, float]) -> tuple[
     from zigzag.utils import open_yaml
 
     accelerator = _accelerator_from_data(open_yaml(hardware), hardware)
-    with _quiet():
+    with quiet_zigzag():
         try:
             mapping_data = WorkloadParserStage.parse_mapping_data(mapping)
         except ValueError as err:
@@ -371,7 +254,7 @@ def _run_layer(layer_dict: dict[str, Any], mapping: list[dict[str, Any]], accele
                objective: str) -> Any:
     from zigzag.parser.workload_factory import LayerNodeFactory
 
-    with _quiet():
+    with quiet_zigzag():
         layer = LayerNodeFactory(layer_dict, mapping).create()
     return _run_zigzag_layer(layer, accelerator, lpf_limit, objective)
 
@@ -387,7 +270,7 @@ def _run_zigzag_layer(layer: Any, accelerator: Any, lpf_limit: int, objective: s
 
     best = {"edp": MinimalEDPStage, "energy": MinimalEnergyStage, "latency": MinimalLatencyStage}[objective]
     stages = [best, SpatialMappingGeneratorStage, best, TemporalMappingGeneratorStage, CostModelStage]
-    with _quiet():
+    with quiet_zigzag():
         (cme, _), *_ = MainStage(
             stages, layer=layer, accelerator=accelerator, loma_lpf_limit=lpf_limit, loma_show_progress_bar=False,
             nb_mappings_generated=3, enable_mix_spatial_mapping_generation=False,
@@ -426,105 +309,5 @@ def _layer_cost(op: MacOp, cme: Any, peak: int, search: str, sm_text: str, secon
         seconds=seconds)
 
 
-# --- ZigZag's own example, layer by layer through the bridge --------------------------------
-def mac_ops_from_onnx(path: str | Path) -> list[tuple[str, MacOp, tuple[int, int] | None]]:
-    """The layers ZigZag costs in an ONNX model (Conv, Gemm, MatMul) as (node name, MacOp, input_hw).
-
-    ZigZag costs only these node types; every other node (ReLU, pooling, Add, ...) is a
-    zero-cost dummy in its ONNX workload. Shapes come from ONNX shape inference.
-    """
-    import onnx
-    from onnx import shape_inference
-
-    model = shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
-    shapes: dict[str, list[int]] = {}
-    for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
-        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-    consts = {t.name: list(t.dims) for t in model.graph.initializer}  # dims only: data may be external
-    shapes.update(consts)
-
-    def attr(node: Any, name: str, default: Any) -> Any:
-        for a in node.attribute:
-            if a.name == name:
-                return onnx.helper.get_attribute_value(a)
-        return default
-
-    out: list[tuple[str, MacOp, tuple[int, int] | None]] = []
-    for i, node in enumerate(model.graph.node):
-        name = node.name or f"Op{i}"
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
-            continue
-        x, y = shapes.get(node.input[0]), shapes.get(node.output[0])
-        if not x or not y:
-            raise DynavitError(f"{path}: shape inference gave no shape for node {name}")
-        if node.op_type == "Conv":
-            g = int(attr(node, "group", 1))
-            (fy, fx), (sy, sx) = attr(node, "kernel_shape", None), attr(node, "strides", [1, 1])
-            if any(d != 1 for d in attr(node, "dilations", [1, 1])):
-                raise DynavitError(f"{path}: node {name} is dilated, which a MacOp cannot express")
-            op = MacOp("conv", B=max(y[0], 1), K=math.ceil(y[1] / g), C=math.ceil(x[1] / g), OY=y[2], OX=y[3],
-                       FY=fy, FX=fx, SY=sy, SX=sx, G=g)
-            out.append((name, op, (x[2], x[3])))
-            continue
-        if node.op_type == "Gemm" and attr(node, "transA", 0):
-            x = x[::-1]
-        rows = math.prod(x[:-1]) if node.input[1] in consts else x[-2]
-        batch = 1 if node.input[1] in consts else math.prod(x[:-2])
-        kind = "linear" if node.input[1] in consts else "attention"
-        out.append((name, MacOp(kind, B=max(rows, 1), K=y[-1], C=x[-1], G=max(batch, 1)), None))
-    return out
-
-
-def reproduce_zigzag_example(workload_onnx: str | Path, hardware_yaml: str | Path, mapping_yaml: str | Path, *,
-                             search: str = "full", compare: bool = True) -> dict[str, Any]:
-    """Cost an ONNX model layer by layer through the bridge and (``compare``) against ``zigzag.api``.
-
-    Apples to apples: ZigZag's whole-network call runs the same per-layer pipeline and sums
-    the layers (no inter-layer data locality unless asked for), so the bridge's per-layer
-    sum must equal it. Returns the per-layer and total numbers of both.
-    """
-    design = ZigzagDesign(str(hardware_yaml), str(mapping_yaml))
-    layers = []
-    for name, op, input_hw in mac_ops_from_onnx(workload_onnx):
-        c = cost_mac_op(op, design, search=search, input_hw=input_hw)
-        layers.append({"name": name, "shape": describe(op), "energy_pj": c.energy_pj, "cycles": c.cycles,
-                       "seconds": c.seconds})
-    result: dict[str, Any] = {
-        "workload": str(workload_onnx), "hardware": design.hardware, "mapping": design.mapping, "search": search,
-        "layers": layers, "bridge_energy_pj": math.fsum(la["energy_pj"] for la in layers),
-        "bridge_cycles": math.fsum(la["cycles"] for la in layers),
-        "bridge_seconds": sum(la["seconds"] for la in layers)}
-    if compare:
-        result.update(_zigzag_api_totals(str(workload_onnx), design, SEARCH_LPF_LIMIT[search]))
-        by_name = {n: e for n, e in result.pop("zigzag_layers")}
-        for la in layers:
-            la["zigzag_energy_pj"], la["zigzag_cycles"] = by_name.get(la["name"], (math.nan, math.nan))
-    return result
-
-
-def _zigzag_api_totals(workload: str, design: ZigzagDesign, lpf_limit: int) -> dict[str, Any]:
-    from zigzag.api import get_hardware_performance_zigzag
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level  # the API calls logging.basicConfig(INFO)
-    t0 = time.perf_counter()
-    try:
-        with _quiet(), tempfile.TemporaryDirectory(prefix="dynavit-zigzag-") as tmp:
-            energy, latency, cmes = get_hardware_performance_zigzag(
-                workload, design.hardware, design.mapping, lpf_limit=lpf_limit, dump_folder=tmp,
-                loma_show_progress_bar=False, opt={"edp": "EDP"}.get(design.mapping_objective,
-                                                                     design.mapping_objective))
-    finally:
-        for h in list(root.handlers):
-            if h not in handlers:
-                root.removeHandler(h)
-        root.setLevel(level)
-    per_layer = [(layer.name, (float(cme.energy_total), float(cme.latency_total2)))
-                 for cme, (layer, _) in cmes[0][1]]
-    return {"zigzag_energy_pj": float(energy), "zigzag_cycles": float(latency),
-            "zigzag_seconds": time.perf_counter() - t0, "zigzag_layers": per_layer}
-
-
-__all__ = ["SEARCH_LPF_LIMIT", "Design", "LayerCost", "ZigzagDesign", "cost_mac_op", "describe", "mac_ops_from_onnx",
-           "on_chip_operands", "reproduce_zigzag_example", "spatial_mapping", "spatial_mapping_candidates",
-           "workload_layer"]
+__all__ = ["SEARCH_LPF_LIMIT", "Design", "LayerCost", "SpatialMapping", "ZigzagDesign", "cost_mac_op", "describe",
+           "on_chip_operands", "quiet_zigzag", "spatial_mapping", "spatial_mapping_candidates", "workload_layer"]

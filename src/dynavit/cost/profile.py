@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import nn
 
 from dynavit.cost.flops import CLASSES, MAC_CLASSES, CostMode, ModuleStack, count
 from dynavit.errors import DynavitError
+from dynavit.model import LoadedModel, load
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -107,10 +109,8 @@ class Profile:
                 return m
         raise KeyError(name)
 
-    def table(self, *, title: str | None = None):
+    def table(self, *, title: str | None = None) -> Table:
         """A rich Table of the operator classes: MACs, FLOP share and time share."""
-        from rich.table import Table
-
         t = Table(title=title or f"{self.model}  {'x'.join(map(str, self.input_shape))}  {self.device} {self.dtype}")
         for col in ("class", "GMACs", "GFLOPs", "MAC share", "FLOP share", "time ms", "time share"):
             t.add_column(col, justify="left" if col == "class" else "right")
@@ -125,9 +125,7 @@ class Profile:
                      f"params {self.params / 1e6:.2f} M; peak activations {self.activation_peak_bytes / 2**20:.1f} MiB")
         return t
 
-    def module_table(self, *, max_depth: int = 2, top: int = 30):
-        from rich.table import Table
-
+    def module_table(self, *, max_depth: int = 2, top: int = 30) -> Table:
         t = Table(title="modules (inclusive)")
         for col in ("module", "type", "GMACs", "share", "time ms"):
             t.add_column(col, justify="left" if col in ("module", "type") else "right")
@@ -138,7 +136,7 @@ class Profile:
 
     def plot(self, path: str | Path) -> Path:
         """Bar chart PNG: FLOP share vs measured time share per operator class."""
-        import matplotlib
+        import matplotlib  # here, not at the top: ``import dynavit`` imports this module and needs no plotting
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -195,8 +193,6 @@ def profile(
 
     ``repeats=None`` picks as many timed repetitions as fit ``time_budget_s`` (3 to 50).
     """
-    from dynavit.model import LoadedModel, load
-
     if isinstance(model, (str, Path)):
         model = load(model)
     if dtype not in _DTYPES:
@@ -204,18 +200,7 @@ def profile(
     if batch < 1:
         raise DynavitError(f"batch must be >= 1, got {batch}")
     dev = _resolve_device(device)
-    if isinstance(model, LoadedModel):
-        module, source = model.module, model.source
-        size = tuple(input_size) if input_size else model.input_size
-        model.check_input_size(*size)
-        call: Callable[[torch.Tensor], Any] = model
-    elif isinstance(model, nn.Module):
-        module, source, call = model, type(model).__name__, model
-        if input_size is None:
-            raise DynavitError("input_size is required when profiling a bare nn.Module")
-        size = tuple(input_size)
-    else:
-        raise DynavitError(f"cannot profile {type(model).__name__}: pass a model name, LoadedModel or nn.Module")
+    module, source, size, call = _target(model, input_size)
 
     module.to(device=dev, dtype=_DTYPES[dtype]).eval()
     g = torch.Generator().manual_seed(0)
@@ -231,23 +216,45 @@ def profile(
         raise DynavitError(f"{source} cannot run an input of shape {tuple(x.shape)}: {first}") from None
 
     with torch.inference_mode(False), torch.no_grad():
-        for _ in range(warmup):
-            run()
+        latencies = _latencies(run, dev, warmup, repeats, time_budget_s)
+        n = len(latencies)
+        op_times = _timed_runs(module, run, n, dev)
+    return _assemble(source, dev, dtype, tuple(x.shape), module, counted, op_times, latencies, n)
+
+
+def _target(model: Any, input_size: tuple[int, int] | None
+            ) -> tuple[nn.Module, str, tuple[int, ...], Callable[[torch.Tensor], Any]]:
+    """(module to instrument, its name, input height and width, what to call on an input)."""
+    if isinstance(model, LoadedModel):
+        size = tuple(input_size) if input_size else model.input_size
+        model.check_input_size(*size)
+        return model.module, model.source, size, model
+    if isinstance(model, nn.Module):
+        if input_size is None:
+            raise DynavitError("input_size is required when profiling a bare nn.Module")
+        return model, type(model).__name__, tuple(input_size), model
+    raise DynavitError(f"cannot profile {type(model).__name__}: pass a model name, LoadedModel or nn.Module")
+
+
+def _latencies(run: Callable[[], Any], dev: torch.device, warmup: int, repeats: int | None,
+               time_budget_s: float) -> list[float]:
+    """Uninstrumented seconds of each timed run, after ``warmup`` runs; one untimed probe sizes ``repeats=None``."""
+    for _ in range(warmup):
+        run()
+    _sync(dev)
+    t0 = time.perf_counter()
+    run()
+    _sync(dev)
+    one = time.perf_counter() - t0
+    n = repeats or int(min(50, max(3, time_budget_s / 2 / max(one, 1e-4))))
+    latencies = []
+    for _ in range(n):
         _sync(dev)
         t0 = time.perf_counter()
         run()
         _sync(dev)
-        one = time.perf_counter() - t0
-        n = repeats or int(min(50, max(3, time_budget_s / 2 / max(one, 1e-4))))
-        latencies = []
-        for _ in range(n):
-            _sync(dev)
-            t0 = time.perf_counter()
-            run()
-            _sync(dev)
-            latencies.append(time.perf_counter() - t0)
-        op_times = _timed_runs(module, run, n, dev)
-    return _assemble(source, dev, dtype, tuple(x.shape), module, counted, op_times, latencies, n)
+        latencies.append(time.perf_counter() - t0)
+    return latencies
 
 
 def _timed_runs(module: nn.Module, run: Callable[[], Any], n: int, dev: torch.device) -> list[list[float]]:

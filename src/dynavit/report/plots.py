@@ -13,9 +13,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dynavit.cost.profile import Profile
 from dynavit.report.data import Curve
 from dynavit.sweep.pareto import Front, cost_of
 from dynavit.sweep.store import Row
@@ -123,8 +125,6 @@ def resilience(curves: list[Curve], *, ylabel: str = "quality drop (points)") ->
 
 
 def _colors(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
@@ -138,6 +138,4 @@ def profile_shares(profile: dict[str, Any], path: Path) -> Path:
 
     Raises ``ValueError`` when the stored JSON does not match this version's ``Profile``.
     """
-    from dynavit.cost.profile import Profile
-
     return Profile.from_json(profile).plot(path)

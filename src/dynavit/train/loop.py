@@ -96,15 +96,8 @@ def run(module: torch.nn.Module, dataset: Any, out: str | Path, recipe: Recipe, 
     out.mkdir(parents=True, exist_ok=True)
     opt = optimizer(module, recipe)
     identity = {"recipe": asdict(recipe), **identity}
-    start, history, before = 0, [], 0.0
     ck = out / "checkpoint"
-    if checkpoint.exists(ck):
-        state = checkpoint.load(ck, module, opt)
-        if state.get("identity") != json.loads(json.dumps(identity)):
-            raise DynavitError(f"{ck} belongs to another run ({state.get('identity')}); use another --out "
-                               "or delete it")
-        start, history = int(state["step"]), list(state.get("losses", []))
-        before = state.get("train_seconds") if start else 0.0  # absent: written before it was recorded
+    start, history, before = _resume(ck, module, opt, identity)
     end = recipe.steps if stop_after is None else min(recipe.steps, start + stop_after)
     device = next(module.parameters()).device
     result = TrainResult(out, recipe.steps, start)
@@ -114,27 +107,8 @@ def run(module: torch.nn.Module, dataset: Any, out: str | Path, recipe: Recipe, 
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for step in range(start, end):
-                idx = batch_indices(step, len(dataset), recipe)
-                try:
-                    pairs = list(pool.map(sample, [step] * len(idx), range(len(idx)), idx))
-                except BadSampleError as e:
-                    raise DynavitError(f"cannot train on {e.path}: {e.reason}") from None
-                x = torch.stack([p[0] for p in pairs]).to(device)
-                y = torch.stack([p[1] for p in pairs]).to(device)
-                torch.manual_seed(recipe.seed * 1_000_003 + step)  # dropout / drop-path / slot order of this step
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, recipe)
-                try:
-                    value_t = loss(x, y, step)
-                    opt.zero_grad(set_to_none=True)
-                    value_t.backward()
-                    opt.step()
-                except torch.OutOfMemoryError:
-                    raise DynavitError(f"out of memory at batch size {recipe.batch_size}, crop {recipe.crop}; "
-                                       "lower --batch-size or --crop") from None
-                value = float(value_t.detach())
-                if not math.isfinite(value):
-                    raise DynavitError(f"the loss became {value} at step {step}; lower the learning rate")
+                x, y = _batch(pool, sample, len(dataset), step, recipe, device)
+                value = _optimise(opt, loss, x, y, step, recipe)
                 result.losses.append(value)
                 history.append(value)
                 bar.update(1)
@@ -150,3 +124,52 @@ def run(module: torch.nn.Module, dataset: Any, out: str | Path, recipe: Recipe, 
     result.seconds = time.perf_counter() - t0
     result.total_seconds = None if before is None else before + result.seconds
     return result
+
+
+def _resume(ck: Path, module: torch.nn.Module, opt: torch.optim.Optimizer, identity: dict[str, Any]
+            ) -> tuple[int, list[float], float | None]:
+    """(first step, losses so far, training seconds so far) from the checkpoint ``ck``, if there is one.
+
+    The seconds are ``None`` for a checkpoint written before they were recorded.
+    """
+    if not checkpoint.exists(ck):
+        return 0, [], 0.0
+    state = checkpoint.load(ck, module, opt)
+    if state.get("identity") != json.loads(json.dumps(identity)):
+        raise DynavitError(f"{ck} belongs to another run ({state.get('identity')}); use another --out "
+                           "or delete it")
+    start, history = int(state["step"]), list(state.get("losses", []))
+    return start, history, state.get("train_seconds") if start else 0.0
+
+
+def _batch(pool: ThreadPoolExecutor, sample: Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]], n: int,
+           step: int, recipe: Recipe, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s inputs and targets on ``device``, its examples drawn in parallel on ``pool``."""
+    idx = batch_indices(step, n, recipe)
+    try:
+        pairs = list(pool.map(sample, [step] * len(idx), range(len(idx)), idx))
+    except BadSampleError as e:
+        raise DynavitError(f"cannot train on {e.path}: {e.reason}") from None
+    x = torch.stack([p[0] for p in pairs]).to(device)
+    y = torch.stack([p[1] for p in pairs]).to(device)
+    return x, y
+
+
+def _optimise(opt: torch.optim.Optimizer, loss: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+              x: torch.Tensor, y: torch.Tensor, step: int, recipe: Recipe) -> float:
+    """One optimiser step on the batch; returns the loss, refused when it is not finite."""
+    torch.manual_seed(recipe.seed * 1_000_003 + step)  # dropout / drop-path / slot order of this step
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, recipe)
+    try:
+        value_t = loss(x, y, step)
+        opt.zero_grad(set_to_none=True)
+        value_t.backward()
+        opt.step()
+    except torch.OutOfMemoryError:
+        raise DynavitError(f"out of memory at batch size {recipe.batch_size}, crop {recipe.crop}; "
+                           "lower --batch-size or --crop") from None
+    value = float(value_t.detach())
+    if not math.isfinite(value):
+        raise DynavitError(f"the loss became {value} at step {step}; lower the learning rate")
+    return value

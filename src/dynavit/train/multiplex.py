@@ -13,6 +13,8 @@ are the shared ones (``loop.py``).
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +23,10 @@ from typing import Any
 import torch
 
 from dynavit.config import ExecConfig
+from dynavit.data import open_dataset
 from dynavit.errors import DynavitError
+from dynavit.evaluation import evaluate
+from dynavit.multiplex import build, save_multiplexer
 from dynavit.multiplex.models import MuxModel
 from dynavit.train import augment, loop
 from dynavit.train.distill import Distill, distill_loss
@@ -77,11 +82,6 @@ def train_multiplex_and_save(teacher: Any, dataset: Any, out: str | Path, recipe
                              patchifier_depth: int = 1, labels: bool = True, temperature: float = 2.0,
                              eval_data: str | Path | None = None, console: Any = None) -> Path:
     """What ``dynavit train --mode multiplex`` does: build from the teacher's weights, train, score, save."""
-    import json
-    import sys
-
-    from dynavit.multiplex import build, save_multiplexer
-
     out = Path(out)
     student = build(teacher, arch, mux, patchifier_depth)
     res = train_multiplex(student, teacher, dataset, out, recipe, Distill(temperature, use_labels=labels),
@@ -89,9 +89,6 @@ def train_multiplex_and_save(teacher: Any, dataset: Any, out: str | Path, recipe
     card = {"name": f"{arch} N={mux} distilled from {teacher.source}", "spec": json.dumps(student.spec()),
             "teacher": str(teacher.source), **run_card(dataset, recipe, res, labels)}
     if eval_data is not None:
-        from dynavit.data import open_dataset
-        from dynavit.evaluation import evaluate
-
         teacher.add_multiplexer(student)
         teacher.configure(ExecConfig(mux=mux))
         m = evaluate(teacher, open_dataset(eval_data), progress=sys.stderr.isatty()).metrics["top1"]

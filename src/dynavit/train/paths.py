@@ -29,6 +29,8 @@ Segmentation models train the same way; their decoder BatchNorm keeps its runnin
 from __future__ import annotations
 
 import copy
+import json
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -40,13 +42,16 @@ import torch
 import torch.nn.functional as F
 
 from dynavit.config import ExecConfig, resolve
+from dynavit.cost.flops import macs_per_image
+from dynavit.data import open_dataset
 from dynavit.errors import DynavitError
+from dynavit.evaluation import evaluate
 from dynavit.knobs.tokens import recording_cls_attention
-from dynavit.sweep.space import SearchSpace
+from dynavit.sweep.space import SearchSpace, calibrated_block_order, load_space
 from dynavit.train import augment, loop
 from dynavit.train.distill import Distill, attention_kd, distill_loss, kd_loss
 from dynavit.train.loop import Recipe, TrainResult
-from dynavit.train.supervised import make_sampler
+from dynavit.train.supervised import export, make_sampler, run_card
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,26 @@ def _check(dm: Any, dataset: Any, paths: PathSet, use_labels: bool, token_distil
                            f"({dm.space.num_blocks - 1})")
 
 
+def _anchor(dm: Any, default: ExecConfig) -> Any:
+    """A frozen copy of ``dm`` on its default path: the model before training, which anchors that path."""
+    teacher = copy.deepcopy(dm).configure(default)
+    for p in teacher.module.parameters():
+        p.requires_grad_(False)
+    teacher.module.eval()
+    return teacher
+
+
+def _identity(dm: Any, dataset: Any, paths: PathSet, distill: Distill, token_distill: float,
+              default_weight: float) -> dict[str, Any]:
+    """What names a run (a checkpoint of another run is refused)."""
+    identity = {"data": str(getattr(dataset, "root", "?")), "n": len(dataset), "task": dataset.task,
+                "model": str(getattr(dm, "source", "?")), "paths": paths.spec, "n_random": paths.n_random,
+                "distill": asdict(distill), "token_distill": token_distill}
+    if default_weight != 1.0:  # absent at 1, so runs from before the option existed still resume
+        identity["default_weight"] = default_weight
+    return identity
+
+
 def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: PathSet, *,
                 distill: Distill = Distill(temperature=1.0, label_weight=1.0), token_distill: float = 0.0,
                 default_weight: float = 1.0, progress: bool = True, workers: int = 2, stop_after: int | None = None,
@@ -141,19 +166,10 @@ def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: P
     default = ExecConfig()
     dm.configure(default)
     module = dm.module
-    teacher = None
-    if not use_labels or distill.label_weight < 1:  # the model before training anchors the default path
-        teacher = copy.deepcopy(dm).configure(default)
-        for p in teacher.module.parameters():
-            p.requires_grad_(False)
-        teacher.module.eval()
+    teacher = _anchor(dm, default) if not use_labels or distill.label_weight < 1 else None
     ignore = getattr(dataset, "ignore_index", 255)
     seg = dm.task == "segmentation"
-    identity = {"data": str(getattr(dataset, "root", "?")), "n": len(dataset), "task": dataset.task,
-                "model": str(getattr(dm, "source", "?")), "paths": paths.spec, "n_random": paths.n_random,
-                "distill": asdict(distill), "token_distill": token_distill}
-    if default_weight != 1.0:  # absent at 1, so runs from before the option existed still resume
-        identity["default_weight"] = default_weight
+    identity = _identity(dm, dataset, paths, distill, token_distill, default_weight)
     sample = make_sampler(dm, dataset, recipe, augmentation)
     t = distill.temperature
 
@@ -192,9 +208,6 @@ def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: P
 
 def _score(dm: Any, data: Any, cfgs: dict[str, ExecConfig]) -> dict[str, tuple[float, float]]:
     """(quality, GMACs per image) of each named path on ``data``: top-1 or mIoU."""
-    from dynavit.cost.flops import macs_per_image
-    from dynavit.evaluation import evaluate
-
     probe = torch.zeros(1, 3, *dm.input_size)
     scores = {}
     for name, cfg in cfgs.items():
@@ -214,12 +227,6 @@ def train_paths_and_save(dm: Any, dataset: Any, out: str | Path, recipe: Recipe,
                          temperature: float = 1.0, label_weight: float = 1.0, default_weight: float = 1.0,
                          eval_data: str | Path | None = None, console: Any = None) -> Path:
     """What ``dynavit train --mode paths|sait`` does: score before, train, score after, export with a card."""
-    import json
-    import sys
-
-    from dynavit.sweep.space import calibrated_block_order, load_space
-    from dynavit.train.supervised import export, run_card
-
     if not hasattr(dm, "configure"):
         raise DynavitError(f"{getattr(dm, 'source', 'this model')} has no execution paths to train")
     if mode == "paths":
@@ -232,8 +239,6 @@ def train_paths_and_save(dm: Any, dataset: Any, out: str | Path, recipe: Recipe,
     held_out = None
     before: dict[str, tuple[float, float]] = {}
     if eval_data is not None:
-        from dynavit.data import open_dataset
-
         held_out = open_dataset(eval_data)
         before = _score(dm, held_out, named)
     res = train_paths(dm, dataset, out, recipe, paths, distill=Distill(temperature, label_weight, labels),

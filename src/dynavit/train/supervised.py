@@ -12,6 +12,7 @@ determinism per (seed, step) and its atomic checkpoints are shared with the othe
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,8 +138,6 @@ def train_supervised(model: Any, dataset: Any, out: str | Path, recipe: Recipe, 
 
 def run_card(dataset: Any, recipe: Recipe, result: TrainResult, labels: bool | None = None) -> dict[str, str]:
     """The model-card fields every trainer records: data, recipe, command, wall time, final loss."""
-    import sys
-
     used = "" if labels is None else f", labels {'used' if labels else 'not used'}"
     return {"data": f"{getattr(dataset, 'root', '?')} ({len(dataset)} images{used})",
             "recipe": json.dumps(recipe.__dict__), "command": " ".join(sys.argv),
