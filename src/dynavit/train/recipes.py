@@ -103,9 +103,10 @@ def train_supervised_and_save(dm: DynamicModel, dataset: Any, out: Path, recipe:
         ev = evaluate(dm, open_dataset(eval_data), progress=sys.stderr.isatty())
         key = "miou" if "miou" in ev.metrics else "top1"
         m = ev.metrics[key]
-        card[f"held-out {key}"] = f"{m['value']:.4f} (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f}) on {eval_data}"
+        score = f"{m['value']:.4f} (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})"
+        card[f"held-out {key}"] = f"{score} on {eval_data}"
         if console is not None:
-            console.print(f"held-out {key} {m['value']:.4f} (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
+            console.print(f"held-out {key} {score}")
     folder = export(dm, out / "model", card)
     if console is not None:
         console.print(f"wrote {folder} (load it with dynavit.load)")
