@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import dynavit
 from dynavit.cli import app
 
 runner = CliRunner()
@@ -102,3 +103,51 @@ def test_calibrate_then_eval_on_a_path(deit_tiny_path, tiny_imagenet, assets, tm
     one_line_error(runner.invoke(app, bad), "mlp_width=2.0", "(0, 1]")
     one_line_error(runner.invoke(app, ["calibrate", str(deit_tiny_path), "--images", str(tmp_path / "none"),
                                        "--out", str(tmp_path / "c2")]), "does not exist")
+
+
+def test_every_command_is_on_the_entry_point():
+    import tomllib
+    from pathlib import Path
+
+    import dynavit.cli
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts["dynavit"].partition(":")
+    assert module == "dynavit.cli" and callable(getattr(dynavit.cli, func))
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("profile", "eval", "calibrate", "sweep", "pareto", "export", "report", "simulate", "serve", "infer",
+                "train", "demo", "accel"):
+        assert f" {cmd} " in r.output, cmd
+    r = runner.invoke(app, ["accel", "--help"])
+    assert r.exit_code == 0 and " cost " in r.output and " dse " in r.output
+
+
+def test_bad_train_mode_and_numbers(tmp_path):
+    base = ["train", "config:vit-tiny", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    one_line_error(runner.invoke(app, [*base, "--mode", "bogus"]), "--mode bogus does not exist")
+    one_line_error(runner.invoke(app, [*base, "--densities", "0.8,x"]), "--densities", "'0.8,x'")
+
+
+def test_infer_without_image_or_server(tmp_path):
+    import socket
+
+    one_line_error(runner.invoke(app, ["infer", str(tmp_path / "none.jpg")]), "none.jpg", "does not exist")
+    image = tmp_path / "x.jpg"
+    Image.new("RGB", (8, 8)).save(image)
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one_line_error(runner.invoke(app, ["infer", str(image), "--url", f"http://127.0.0.1:{port}"]), "cannot reach")
+
+
+def test_configs_inline_or_from_a_file(tmp_path):
+    from dynavit.config import ExecConfig
+    from dynavit.configured import parse_config, parse_configs
+
+    many = "[" + ", ".join(['{"mlp_width": 0.5}'] * 40) + "]"  # longer than a file name may be
+    assert parse_configs(many) == [ExecConfig(mlp_width=0.5)] * 40
+    (tmp_path / "c.json").write_text('{"heads": 2}')
+    assert parse_config(str(tmp_path / "c.json")) == ExecConfig(heads=2)
+    with pytest.raises(dynavit.DynavitError, match="JSON list"):
+        parse_configs('{"heads": 2}')

@@ -1,0 +1,5 @@
+"""``python -m dynavit.cli``."""
+
+from dynavit.cli import main
+
+main()

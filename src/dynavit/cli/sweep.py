@@ -1,0 +1,118 @@
+"""``dynavit sweep``, ``pareto``, ``export`` and ``report``: measure many execution paths, read the menu."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dynavit.cli.kit import (
+    CalibOpt,
+    DeviceOpt,
+    LayoutOpt,
+    LimitOpt,
+    ModelArg,
+    SkipBadOpt,
+    StoreArg,
+    console,
+    fmt,
+    interactive,
+    print_wide,
+    user_errors,
+)
+from dynavit.sweep.front import front_of_store
+from dynavit.sweep.pareto import cost_label
+from dynavit.sweep.run import SweepTarget, run_sweep
+from dynavit.sweep.store import ResultStore
+
+app = typer.Typer()
+
+DataOpt = Annotated[Path, typer.Option(help="Labelled dataset folder (layout detected).")]
+StoreOpt = Annotated[Path, typer.Option(help="SQLite result store; rerun the same command to resume.")]
+SpaceOpt = Annotated[str, typer.Option(help="Search space: preset (default, small) or a JSON file.")]
+StrategyOpt = Annotated[str, typer.Option(help="grid, random, greedy or evolutionary.")]
+BudgetOpt = Annotated[int | None, typer.Option(help="How many configs to measure (needed except for grid).")]
+BackendOpt = Annotated[str, typer.Option(help="local, or ray (spreads configs over a Ray cluster).")]
+AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one).")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Ray actors (default: one per CPU).")]
+BatchOpt = Annotated[int, typer.Option(help="Evaluation (and throughput) batch size.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of random/evolutionary search and of the bootstrap.")]
+RepeatsOpt = Annotated[int, typer.Option(help="Batch-1 latency samples per config.")]
+ReuseOpt = Annotated[bool, typer.Option(help="Reuse activations of shared leading blocks.")]
+MuxOpt = Annotated[list[Path] | None, typer.Option(
+    help="A multiplexed model folder (dynavit train --mode multiplex) for configs with mux=N; "
+         "repeatable. Add a mux knob to the space, e.g. {\"mux\": [1, 2]}.")]
+CostOpt = Annotated[str, typer.Option(help="macs, latency_p50_ms, latency_p95_ms, batch_ms_per_image, energy_mj, "
+                                           "or accel_energy_uj:DESIGN / accel_latency_ms:DESIGN.")]
+TopOpt = Annotated[int, typer.Option(help="Show at most N rows.")]
+AllOpt = Annotated[bool, typer.Option("--all", help="List every config, not only the front.")]
+
+
+@app.command("sweep")
+@user_errors
+def sweep_cmd(model: ModelArg, data: DataOpt, store: StoreOpt = Path("results.db"), space: SpaceOpt = "default",
+              strategy: StrategyOpt = "random", budget: BudgetOpt = None, backend: BackendOpt = "local",
+              address: AddressOpt = None, workers: WorkersOpt = None, calibration: CalibOpt = None,
+              layout: LayoutOpt = None, limit: LimitOpt = None, batch_size: BatchOpt = 32, device: DeviceOpt = "cpu",
+              seed: SeedOpt = 0, latency_repeats: RepeatsOpt = 20, reuse_prefix: ReuseOpt = True,
+              skip_bad: SkipBadOpt = False, multiplexer: MuxOpt = None) -> None:
+    """Measure quality and cost of many execution paths; store each row; print the Pareto front."""
+    target = SweepTarget(model=model, data=str(data), layout=layout,
+                         calibration=str(calibration) if calibration else None, limit=limit, skip_bad=skip_bad,
+                         batch_size=batch_size, device=device, seed=seed, latency_repeats=latency_repeats,
+                         reuse_prefix=reuse_prefix, multiplexers=tuple(multiplexer or ()))
+    s = run_sweep(target, space=space if not Path(space).is_file() else Path(space), strategy=strategy,
+                  budget=budget, store=store, backend=backend, address=address, workers=workers, seed=seed,
+                  progress=interactive())
+    if s.excluded_calibration_images:
+        console.print(f"left out {s.excluded_calibration_images} calibration images; evaluated {s.n_images}")
+    console.print(f"measured {s.measured} configs, {s.reused} already in {store}, {s.invalid} invalid; "
+                  f"{s.total} rows; {s.seconds:.0f} s")
+    print_front(store, "macs", 20)
+
+
+def print_front(store: Path, cost: str, top: int, show_all: bool = False) -> None:
+    """The front (or every row) as a table: quality with CIs, paired deltas, MACs and measured times."""
+    sf = front_of_store(store, cost)
+    f, metric = sf.front, sf.meta.get("metric", "quality")
+    t = Table(title=f"{sf.meta.get('model')}: {'all configs' if show_all else 'Pareto front'} by "
+                    f"{cost_label(cost)} ({len(f.front)} of {sf.n_rows} configs; * = not significantly dominated)")
+    t.add_column("config", min_width=24, overflow="fold")
+    for col in (f"{metric} %", "95% CI", "Δ pts", "paired CI", "GMACs", "MACs −%", "p50 ms", "p95 ms", "img/s"):
+        t.add_column(col, no_wrap=True, justify="right")
+    idx = range(len(f.rows)) if show_all else f.front
+    for i in list(idx)[:top]:
+        r, red = f.rows[i], sf.reduction(f.rows[i])
+        t.add_row(("*" if i in f.plausible else "") + r.label, f"{100 * r.quality:.1f}",
+                  f"{100 * r.quality_lo:.1f}–{100 * r.quality_hi:.1f}", f"{100 * r.delta:+.1f}",
+                  f"{100 * r.delta_lo:+.1f}–{100 * r.delta_hi:+.1f}", f"{r.macs / 1e9:.3f}",
+                  fmt(None if red is None else 100 * red), fmt(r.latency_p50_ms, 2), fmt(r.latency_p95_ms, 2),
+                  fmt(r.images_per_s))
+    print_wide(t, 170)
+
+
+@app.command("pareto")
+@user_errors
+def pareto_cmd(store: StoreArg, cost: CostOpt = "macs", top: TopOpt = 50, show_all: AllOpt = False) -> None:
+    """The menu: configs not dominated in quality and cost, with CIs and paired deltas."""
+    print_front(store, cost, top, show_all)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(store: StoreArg, out: Annotated[Path, typer.Argument(help="A .csv or .parquet file.")]) -> None:
+    """Write the store's rows (without per-image data) as CSV or Parquet."""
+    with ResultStore(store, readonly=True) as rs:
+        console.print(f"wrote {rs.export(out)} ({len(rs)} rows)")
+
+
+@app.command("report")
+@user_errors
+def report_cmd(store: StoreArg,
+               out: Annotated[Path, typer.Option(help="Folder for index.html and the PNGs.")] = Path("report")) -> None:
+    """A self-contained HTML report: fronts, per-knob resilience, FLOP vs time share."""
+    from dynavit.report import write_report  # matplotlib: imported only by the command that draws
+
+    console.print(f"wrote {write_report(store, out)}")
