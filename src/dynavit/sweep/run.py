@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from dynavit.config import ExecConfig, resolve
 from dynavit.cost import profile
+from dynavit.data import open_dataset
+from dynavit.data.datasets import file_sha1
 from dynavit.errors import DynavitError
 from dynavit.sweep import stats
 from dynavit.sweep.engine import CachedData, Evaluator, cache_dataset
@@ -70,9 +72,6 @@ class SweepTarget:
 
         ``dm`` is the model as the sweep measured it (``build`` loads it; ``serve --rescue`` has its own).
         """
-        from dynavit.data import open_dataset
-        from dynavit.data.datasets import file_sha1
-
         dataset, excluded = open_dataset(self.data, layout=self.layout), 0
         calib = getattr(dm, "calibration", None)
         if self.calibration and calib is not None and self.exclude_calibration_images and calib.image_hashes:
