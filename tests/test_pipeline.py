@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynavit import from_config, load
+from dynavit import load
 from dynavit.config import ExecConfig
 from dynavit.data import open_dataset
 from dynavit.data.metrics import confusion_matrix, image_stats, topk_correct
 from dynavit.errors import BadSampleError, DynavitError
 from dynavit.evaluation import evaluate
-from dynavit.models.configs import segformer_config
 from dynavit.pipeline import Scorer, batches
 from dynavit.sweep.engine import Evaluator, cache_dataset
 
@@ -105,10 +103,5 @@ def test_evaluate_and_the_sweep_score_classification_alike(deit_tiny, assets) ->
     _agree(deit_tiny, open_dataset(assets / "imagenet-samples", limit=12), batch_size=5)
 
 
-def test_evaluate_and_the_sweep_score_segmentation_alike(assets, tmp_path) -> None:
-    folder = tmp_path / "segformer"
-    from_config(segformer_config("b0", num_labels=11), seed=0).reference.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "size": {"height": 96, "width": 128}, "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225], "do_resize": True, "do_normalize": True}))
-    _agree(load(folder), open_dataset(assets / "camvid" / "val", limit=4), batch_size=3)
+def test_evaluate_and_the_sweep_score_segmentation_alike(assets, segformer_camvid) -> None:
+    _agree(load(segformer_camvid), open_dataset(assets / "camvid" / "val", limit=4), batch_size=3)
