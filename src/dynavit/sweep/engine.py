@@ -33,7 +33,7 @@ from dynavit.config import ExecConfig, resolve
 from dynavit.cost.energy import EnergyMeter
 from dynavit.cost.flops import macs_per_image
 from dynavit.errors import DynavitError
-from dynavit.pipeline import Scorer, batches, check_compatible, dataset_name
+from dynavit.pipeline import Scorer, batches, check_compatible, dataset_name, placement
 from dynavit.sweep import stats
 from dynavit.sweep.store import Row
 
@@ -147,8 +147,7 @@ class Evaluator:
         self.throughput_repeats = throughput_repeats
         self.measure_latency, self.reuse_prefix = measure_latency, reuse_prefix
         self.n_boot, self.seed, self.mac_images = n_boot, seed, mac_images
-        param = next(dm.module.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = placement(dm, dm.module)
         self.device_name = device_name(self.device)
         self.versions = versions()
         self.energy = EnergyMeter.for_device(self.device)
