@@ -44,3 +44,19 @@ def deit_tiny(deit_tiny_path: Path):
 
     return dynavit.load(deit_tiny_path)
 
+
+
+@pytest.fixture
+def segformer_camvid(tmp_path: Path) -> Path:
+    """A randomly initialised SegFormer-B0 for CamVid's 11 classes at 128x160, saved as a model folder."""
+    import json
+
+    from dynavit import from_config
+    from dynavit.models.configs import segformer_config
+
+    folder = tmp_path / "segformer-b0-camvid"
+    from_config(segformer_config("b0", num_labels=11), seed=0).reference.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"height": 128, "width": 160}, "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225], "do_resize": True, "do_normalize": True}))
+    return folder

@@ -370,18 +370,10 @@ def test_sqlite_wal_mode(tmp_path) -> None:
     assert sqlite3.connect(tmp_path / "r.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_segmentation_sweep_with_decoder_knobs(assets, tmp_path) -> None:
-    import json
-
-    from dynavit.models.configs import segformer_config
+def test_segmentation_sweep_with_decoder_knobs(assets, segformer_camvid, tmp_path) -> None:
     from dynavit.sweep.run import SweepTarget, run_sweep
 
-    folder = tmp_path / "segformer-b0-camvid"
-    from_config(segformer_config("b0", num_labels=11), seed=0).reference.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "size": {"height": 128, "width": 160}, "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225], "do_resize": True, "do_normalize": True}))
-    target = SweepTarget(model=str(folder), data=str(assets / "camvid" / "val"), limit=6, batch_size=3,
+    target = SweepTarget(model=str(segformer_camvid), data=str(assets / "camvid" / "val"), limit=6, batch_size=3,
                          n_boot=100, latency_repeats=2)
     space = {"decoder_width": [1.0, 0.5], "decoder_branches": [None, [0, 1, 2]]}
     s = run_sweep(target, space=space, strategy="grid", store=tmp_path / "seg.db", progress=False)

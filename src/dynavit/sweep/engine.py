@@ -6,7 +6,7 @@ Speed comes from doing shared work once per sweep, not once per config:
 - Prefix reuse: configs that execute the same first k blocks (same resolution, same block
   plans, same token settings so far) produce the same activations after block k. When the
   next config is known, the evaluator keeps those activations and the next config runs only
-  blocks k.. onwards. Families opt in by providing ``begin/step/end/prefix_key`` (DynViT).
+  blocks k.. onwards. Every family that runs in block steps (``FamilyModel.steps``: ViT, Swin, SegFormer) takes part.
   The result is bit-identical to a full forward: the same ops run on the same tensors.
 
 A multiplexed path (``ExecConfig(mux=N)``) is measured per pass of N images: its MACs are one
@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import transformers
 from tqdm.auto import tqdm
 
+import dynavit
 from dynavit.config import ExecConfig, resolve
 from dynavit.cost.energy import EnergyMeter
 from dynavit.cost.flops import macs_per_image
-from dynavit.data.metrics import ClassificationMeter, SegmentationMeter
 from dynavit.errors import DynavitError
-from dynavit.evaluation import _check_compatible, _stream
+from dynavit.pipeline import Scorer, batches, check_compatible, dataset_name, placement
 from dynavit.sweep import stats
 from dynavit.sweep.store import Row
 
@@ -76,41 +76,26 @@ class CachedData:
 def cache_dataset(model: Any, dataset: Any, *, batch_size: int = 32, skip_bad: bool = False,
                   progress: bool = True, workers: int = 2, max_gb: float = 6.0) -> CachedData:
     """Decode + transform every image once (threads), batched while the shapes agree."""
-    _check_compatible(model, dataset)
+    check_compatible(model, dataset)
     if len(dataset) == 0:
-        raise DynavitError(f"{getattr(dataset, 'root', 'the dataset')} has no images to sweep over")
+        raise DynavitError(f"{dataset_name(dataset)} has no images to sweep over")
     h, w = model.input_size
     need = len(dataset) * 3 * h * w * 4 / 2**30
     if need > max_gb:
         raise DynavitError(f"caching {len(dataset)} images at {h}x{w} needs about {need:.1f} GiB "
                            f"(limit {max_gb} GiB); sweep over fewer images with --limit")
-    seg = dataset.task == "segmentation"
-    batches: list[torch.Tensor] = []
+    pixels: list[torch.Tensor] = []
     targets: list[Any] = []
     skipped: list[str] = []
-    cur: list[Any] = []
-
-    def flush() -> None:
-        batches.append(torch.stack([s.pixels for s in cur]))
-        targets.append([s.target for s in cur] if seg else torch.tensor([s.target for s in cur]))
-        cur.clear()
-
-    stream = _stream(dataset, model.transform, range(len(dataset)), workers, max(2 * workers, 8))
-    for s in tqdm(stream, total=len(dataset), desc="decode", unit="img", disable=not progress,
-                  dynamic_ncols=True):
-        if s.error is not None:
-            if not skip_bad:
-                raise s.error
-            skipped.append(str(s.error.path))
-            continue
-        if cur and (len(cur) >= batch_size or s.pixels.shape != cur[0].pixels.shape):
-            flush()
-        cur.append(s)
-    if cur:
-        flush()
-    if not batches:
-        raise DynavitError(f"no image of {getattr(dataset, 'root', 'the dataset')} could be read")
-    return CachedData(batches, targets, dataset.task, dataset.num_classes,
+    with tqdm(total=len(dataset), desc="decode", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batches(dataset, model.transform, batch_size=batch_size, skip_bad=skip_bad,
+                             skipped=skipped, bar=bar, workers=workers):
+            pixels.append(batch.pixels)
+            targets.append(batch.targets)
+            bar.update(len(batch))
+    if not pixels:
+        raise DynavitError(f"no image of {dataset_name(dataset)} could be read")
+    return CachedData(pixels, targets, dataset.task, dataset.num_classes,
                       getattr(dataset, "ignore_index", 255), skipped,
                       dataset.describe() if hasattr(dataset, "describe") else {})
 
@@ -134,10 +119,7 @@ def device_name(device: torch.device) -> str:
 
 
 def versions() -> dict[str, str]:
-    import transformers
-
-    import dynavit
-
+    """Versions of what a measurement depends on, stored with every row."""
     return {"dynavit": dynavit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
@@ -165,8 +147,7 @@ class Evaluator:
         self.throughput_repeats = throughput_repeats
         self.measure_latency, self.reuse_prefix = measure_latency, reuse_prefix
         self.n_boot, self.seed, self.mac_images = n_boot, seed, mac_images
-        param = next(dm.module.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = placement(dm, dm.module)
         self.device_name = device_name(self.device)
         self.versions = versions()
         self.energy = EnergyMeter.for_device(self.device)
@@ -177,7 +158,7 @@ class Evaluator:
     # ---- quality -------------------------------------------------------------------------------
     def _share_depth(self, impl: Any, cfg: ExecConfig, nxt: ExecConfig | None) -> int:
         """How many leading blocks ``cfg`` and ``nxt`` execute identically (0: none)."""
-        if nxt is None or not hasattr(impl, "prefix_key") or nxt.variant != cfg.variant:
+        if nxt is None or not impl.steps or nxt.variant != cfg.variant:
             return 0
         try:
             other = resolve(nxt, impl.space)
@@ -190,7 +171,7 @@ class Evaluator:
 
     def _forward_all(self, impl: Any, cfg: ExecConfig, nxt: ExecConfig | None,
                      ) -> tuple[list[torch.Tensor], list[float], bool]:
-        staged = self.reuse_prefix and hasattr(impl, "prefix_key")
+        staged = self.reuse_prefix and impl.steps
         start, carries = 0, None
         s = self._saved
         if staged and s is not None and s.impl is impl and impl.prefix_key(impl.plan, s.depth) == s.key:
@@ -224,19 +205,10 @@ class Evaluator:
 
     def _score(self, outs: list[torch.Tensor]) -> tuple[dict[str, Any], np.ndarray]:
         d = self.data
-        if d.task == "segmentation":
-            meter = SegmentationMeter(d.num_classes, d.ignore_index)
-            for logits, tgts in zip(outs, d.targets, strict=True):
-                for j, t in enumerate(tgts):
-                    scores = logits[j:j + 1, :d.num_classes]
-                    if tuple(scores.shape[-2:]) != t.shape:
-                        scores = F.interpolate(scores, size=t.shape, mode="bilinear", align_corners=False)
-                    meter.update(scores.argmax(1)[0].numpy(), t)
-            return meter.result(self.n_boot, self.seed), meter.stats
-        meter = ClassificationMeter(self.dm.num_labels)
-        for logits, tgts in zip(outs, d.targets, strict=True):
-            meter.update(logits, tgts)
-        return meter.result(self.n_boot, self.seed), meter.correct.astype(np.uint8)
+        scorer = Scorer(d.task, self.dm.num_labels, d.num_classes, d.ignore_index)
+        for logits, targets in zip(outs, d.targets, strict=True):
+            scorer.update(logits, targets)
+        return scorer.result(self.n_boot, self.seed), scorer.per_image()
 
     # ---- cost ----------------------------------------------------------------------------------
     def _images(self, k: int) -> list[torch.Tensor]:

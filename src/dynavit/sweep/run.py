@@ -16,12 +16,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from dynavit.config import ExecConfig, resolve
+from dynavit.cost import profile
+from dynavit.data import open_dataset
+from dynavit.data.datasets import file_sha1
 from dynavit.errors import DynavitError
 from dynavit.sweep import stats
 from dynavit.sweep.engine import CachedData, Evaluator, cache_dataset
 from dynavit.sweep.space import SearchSpace, calibrated_block_order, load_space
 from dynavit.sweep.store import ResultStore, Row
-from dynavit.sweep.strategies import Point, Score, make
+from dynavit.sweep.strategies import Point, Score, Strategy, make
 
 
 @dataclass
@@ -68,9 +71,6 @@ class SweepTarget:
 
         ``dm`` is the model as the sweep measured it (``build`` loads it; ``serve --rescue`` has its own).
         """
-        from dynavit.data import open_dataset
-        from dynavit.data.datasets import file_sha1
-
         dataset, excluded = open_dataset(self.data, layout=self.layout), 0
         calib = getattr(dm, "calibration", None)
         if self.calibration and calib is not None and self.exclude_calibration_images and calib.image_hashes:
@@ -217,75 +217,120 @@ def run_sweep(target: SweepTarget, *, space: str | Path | dict = "default", stra
     rs = ResultStore(store)
     try:
         rs.bind(identity(target, dm, data))
-        if target.measure_latency and ExecConfig() not in rs.profiles():
-            from dynavit.cost import profile
-
-            dm.configure(ExecConfig())
-            rs.add_profile(ExecConfig(), profile(dm, device=target.device, time_budget_s=4.0).to_json())
+        if target.measure_latency:
+            _profile_default(rs, dm, target.device)
         run_id = rs.start_run({"target": asdict(target), "space": search.to_json(), "strategy": strategy,
                                "budget": budget, "backend": backend, "seed": seed})
         runner: LocalBackend | RayBackend = (LocalBackend(evaluator) if backend == "local" else
                                              RayBackend(target, dm.space, address=address, workers=workers))
-        status = "failed"
         bar = tqdm(total=budget or search.size, desc=f"sweep ({strategy})", unit="cfg", disable=not progress,
                    dynamic_ncols=True)
-        try:
-            default_row = rs.get(ExecConfig())
-            while True:
-                points = strat.ask()
-                if not points:
-                    break
-                results: dict[Point, Score | None] = {}
-                todo: dict[ExecConfig, tuple[Point, str]] = {}
-                for p in points:
-                    cfg = search.config(p)
-                    try:
-                        resolve(cfg, dm.space)
-                    except DynavitError:
-                        results[p] = None
-                        summary.invalid += 1
-                        continue
-                    row = rs.get(cfg)
-                    if row is not None:
-                        results[p] = (row.quality, row.macs)
-                        summary.reused += 1
-                        bar.update(1)
-                    elif cfg in todo:
-                        results[p] = None  # two points, one config (levels that coincide)
-                    else:
-                        todo[cfg] = (p, search.describe(p))
-                if default_row is None and todo:  # deltas need the default measured first
-                    default_cfg = ExecConfig()
-                    label = todo.pop(default_cfg, (None, "default"))[1]
-                    row = next(iter(LocalBackend(evaluator).measure([default_cfg], [label], strategy)))
-                    default_row = _store_row(rs, row, None, data.task, target, run_id)
-                    results[strat.default] = (row.quality, row.macs)
-                    summary.measured += 1
-                    bar.update(1)
-                cfgs = list(todo)
-                for row in runner.measure(cfgs, [todo[c][1] for c in cfgs], strategy):
-                    _store_row(rs, row, default_row, data.task, target, run_id)
-                    results[todo[row.config][0]] = (row.quality, row.macs)
-                    summary.measured += 1
-                    bar.update(1)
-                    if on_row:
-                        on_row(row)
-                strat.tell(results)
-            status = "done"
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
-        finally:
-            bar.close()
-            runner.close()
-            with contextlib.suppress(DynavitError):  # a read-only or full store: the first error says so
-                rs.finish_run(run_id, status)
+        sweep = _Sweep(rs, search, target, evaluator, run_id, strategy, summary, bar, on_row)
+        _drive(sweep, strat, runner)
         summary.rows = rs.rows()
     finally:
         rs.close()
     summary.total = len(summary.rows)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _profile_default(rs: ResultStore, dm: Any, device: str) -> None:
+    """The default path's operator-class profile, once per store (reports break its latency down)."""
+    if ExecConfig() not in rs.profiles():
+        dm.configure(ExecConfig())
+        rs.add_profile(ExecConfig(), profile(dm, device=device, time_budget_s=4.0).to_json())
+
+
+def _drive(sweep: _Sweep, strat: Strategy, runner: LocalBackend | RayBackend) -> None:
+    """Rounds until the strategy stops; the run ends marked done, interrupted or failed, the backend closed."""
+    status = "failed"
+    try:
+        while sweep.round(strat, runner):
+            pass
+        status = "done"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        sweep.bar.close()
+        runner.close()
+        with contextlib.suppress(DynavitError):  # a read-only or full store: the first error says so
+            sweep.rs.finish_run(sweep.run_id, status)
+
+
+@dataclass
+class _Sweep:
+    """A running sweep: where rows go, what they mean, and what has been counted so far."""
+
+    rs: ResultStore
+    search: SearchSpace
+    target: SweepTarget
+    evaluator: Evaluator
+    run_id: int
+    strategy: str
+    summary: SweepSummary
+    bar: Any  # tqdm
+    on_row: Callable[[Row], None] | None = None
+    default_row: Row | None = None
+
+    def __post_init__(self) -> None:
+        self.default_row = self.rs.get(ExecConfig())
+
+    def round(self, strat: Strategy, runner: LocalBackend | RayBackend) -> bool:
+        """One ask/tell round: stored configs answered from the store, new ones measured; False when done."""
+        points = strat.ask()
+        if not points:
+            return False
+        results, todo = self._triage(points)
+        if self.default_row is None and todo:  # deltas need the default measured first
+            self._measure_default(todo, results, strat.default)
+        cfgs = list(todo)
+        for row in runner.measure(cfgs, [todo[c][1] for c in cfgs], self.strategy):
+            self._store(row)
+            results[todo[row.config][0]] = (row.quality, row.macs)
+            if self.on_row:
+                self.on_row(row)
+        strat.tell(results)
+        return True
+
+    def _triage(self, points: Sequence[Point]) -> tuple[dict[Point, Score | None], dict[ExecConfig, tuple[Point, str]]]:
+        """Scores of invalid and stored points, and the configs still to measure with their points and labels."""
+        results: dict[Point, Score | None] = {}
+        todo: dict[ExecConfig, tuple[Point, str]] = {}
+        for p in points:
+            cfg = self.search.config(p)
+            try:
+                resolve(cfg, self.evaluator.dm.space)
+            except DynavitError:
+                results[p] = None
+                self.summary.invalid += 1
+                continue
+            row = self.rs.get(cfg)
+            if row is not None:
+                results[p] = (row.quality, row.macs)
+                self.summary.reused += 1
+                self.bar.update(1)
+            elif cfg in todo:
+                results[p] = None  # two points, one config (levels that coincide)
+            else:
+                todo[cfg] = (p, self.search.describe(p))
+        return results, todo
+
+    def _measure_default(self, todo: dict[ExecConfig, tuple[Point, str]], results: dict[Point, Score | None],
+                         default: Point) -> None:
+        """The default config, here and first (whatever the backend): every other row's delta is against it."""
+        cfg = ExecConfig()
+        label = todo.pop(cfg, (None, "default"))[1]
+        row = next(iter(LocalBackend(self.evaluator).measure([cfg], [label], self.strategy)))
+        self.default_row = self._store(row)
+        results[default] = (row.quality, row.macs)
+
+    def _store(self, row: Row) -> Row:
+        _store_row(self.rs, row, self.default_row, self.evaluator.data.task, self.target, self.run_id)
+        self.summary.measured += 1
+        self.bar.update(1)
+        return row
 
 
 def _store_row(rs: ResultStore, row: Row, default: Row | None, task: str, target: SweepTarget,

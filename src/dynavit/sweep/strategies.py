@@ -16,6 +16,7 @@ would have, and finds the finished ones in the store.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from abc import ABC, abstractmethod
@@ -255,8 +256,6 @@ def _nsga_order(scores: Sequence[Score]) -> list[int]:
 
 
 def _product(shape: Sequence[int]) -> list[Point]:
-    import itertools
-
     return list(itertools.product(*(range(n) for n in shape)))
 
 
