@@ -27,9 +27,8 @@ from docsection import write_section
 
 from dynavit.config import ExecConfig
 from dynavit.deadline import Deadline
-from dynavit.runtime import Controller, Entry
+from dynavit.runtime import Controller, Entry, Menu
 from dynavit.runtime.simulate import path_quality
-from dynavit.sweep import ResultStore, SweepTarget
 from dynavit.sweep.engine import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,14 +41,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    with ResultStore(args.store, readonly=True) as rs:
-        target = SweepTarget(**rs.last_target())
-    dm, data, _, _ = target.build()
+    menu = Menu.from_store(args.store, wide=True)  # the model as the sweep measured it; candidates to profile
+    dm, data = menu.model, menu.images()
     frames = data.frames()
     x = frames[0][0]
     quality_of = path_quality(dm, data)
-    ctrl = Controller.from_store(args.store, model=dm, probe=x, runs=30)
-    default = Controller([Entry(ExecConfig(), quality_of(ExecConfig()), latency_ms=1.0, label="default")],
+    ctrl = Controller(menu).profile(x, runs=30)
+    default = Controller([Entry(ExecConfig(), quality_of(ExecConfig()), latency_p95_ms=1.0, label="default")],
                          model=dm).profile(x, runs=30, front=False)
     ctrl.entries = [e for e in ctrl.entries if not e.config.is_default] + default.entries
     t0 = time.perf_counter()

@@ -29,8 +29,7 @@ import torch
 from docsection import write_section
 from tqdm.auto import tqdm
 
-from dynavit.runtime import Controller
-from dynavit.sweep import ResultStore, SweepTarget
+from dynavit.runtime import Controller, Menu
 from dynavit.sweep.engine import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +61,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=2000)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     args = ap.parse_args()
-    with ResultStore(args.store, readonly=True) as rs:
-        target = SweepTarget(**rs.last_target())
-    dm, data, _, _ = target.build()
+    menu = Menu.from_store(args.store, wide=True)  # the model as the sweep measured it; candidates to profile
+    dm, data = menu.model, menu.images()
     frames = data.frames()
     cmd = "`" + " ".join([".venv/bin/python benchmarks/jitter_deit.py", *sys.argv[1:]]) + "`"
     lines = [f"Machine: {device_name(torch.device('cpu'))}; {dt.date.today()}; command: {cmd}.", "",
@@ -76,7 +74,7 @@ def main() -> None:
              "last k ratios); *none* is observed / p50.", ""]
     for threads in args.threads:
         torch.set_num_threads(threads)
-        probe = Controller.from_store(args.store, model=dm, probe=frames[0][0], runs=30)
+        probe = Controller(menu).profile(frames[0][0], runs=30)
         idx, ms = record(dm, probe, frames, args.frames, seed=threads)
         p50 = np.array([e.latency_p50_ms for e in probe.entries])
         ratio = ms / p50[idx]

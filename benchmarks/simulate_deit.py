@@ -1,7 +1,7 @@
 """Trace-driven run of the budget controller on DeiT-tiny (real inferences on this CPU).
 
 Uses the store written by ``benchmarks/sweep_deit.py``; before each run the controller re-measures its
-candidate menu here (``Controller.from_store(..., probe=x)``). For each thread count, 400 frames:
+candidate menu here (``Controller(Menu.from_store(..., wide=True)).profile(x)``). For each thread count, 400 frames:
 1. a random-walk trace whose budgets vary over 4x: misses and top-1 of the controller against
    always-default, always-smallest, the best static config for the median budget, the oracle, and the
    controller on the store's menu without profiling;
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
 import sys
 from pathlib import Path
@@ -27,9 +28,8 @@ import numpy as np
 import torch
 from docsection import write_section
 
-from dynavit.runtime import Controller
+from dynavit.runtime import Controller, Menu
 from dynavit.runtime.simulate import default_bounds, hindsight_bounds, make_trace, path_quality, plot_trace, simulate
-from dynavit.sweep import ResultStore, SweepTarget
 from dynavit.sweep.engine import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,26 +79,24 @@ def main() -> None:
     ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
                     help="policies take turns on each frame (paired); --no-interleave: one pass each")
     args = ap.parse_args()
-    with ResultStore(args.store, readonly=True) as rs:
-        target = SweepTarget(**rs.last_target())
-    dm, data, _, _ = target.build()
+    menu = Menu.from_store(args.store, wide=True)  # the model as the sweep measured it; candidates to profile
+    dm, data = menu.model, menu.images()
     frames = data.frames()
     probe = frames[0][0]
     quality_of = path_quality(dm, data)  # of the paths a deadline cuts short, cached over runs
 
     def profiled() -> Controller:  # as deployed: the menu re-measured at start-up, the drops' cost measured
-        ctrl = Controller.from_store(args.store, model=dm, probe=probe, runs=args.profile_runs)
+        ctrl = Controller(menu).profile(probe, runs=args.profile_runs)
         return ctrl.measure_rescue(quality_of)
 
     def same_start(ctrl: Controller, **changes) -> Controller:  # same menu, same measured tail: a paired comparison
         twin = copy.deepcopy(ctrl, {id(dm): dm})
-        for k, v in changes.items():
-            setattr(twin, k, v)
+        twin.options = dataclasses.replace(twin.options, **changes)
         return twin
 
 
     cmd = "`.venv/bin/python benchmarks/simulate_deit.py " + " ".join(sys.argv[1:]) + "`"
-    stored = Controller.from_store(args.store, model=dm)
+    stored = Controller.from_store(args.store, model=dm)  # the store's own latency front, not re-measured
     paired = ("The policies run side by side: on each frame every policy takes one turn, in a fresh random order "
               "(`simulate(..., interleave=True)`), so that all of them meet the same machine; this VM's speed drifts "
               "over minutes, and passes made one after another compared poorly." if args.interleave else
@@ -107,7 +105,8 @@ def main() -> None:
              f"Frames: the sweep's {len(frames)} held-out ImageNet sample photos, one per frame, batch 1. Menu: "
              f"at the start of each run the controller re-measures its candidates ({args.profile_runs} shuffled "
              "rounds): the Pareto fronts of the DeiT-tiny sweep store by MACs and by stored latency together, and "
-             "keeps the front by the p95 it measured (`Controller.from_store(..., probe=x)`). The *stored menu* "
+             "keeps the front by the p95 it measured (`Controller(Menu.from_store(..., wide=True)).profile(x)`). "
+             "The *stored menu* "
              f"row is the controller on the store's own latency front ({len(stored.entries)} configs, as measured "
              "during the sweep) with no profiling. Budgets: a random walk in log space over 4x, from 1.2x the "
              f"cheapest measured path's p95. {paired} The oracle runs every path on each frame and keeps the most "

@@ -22,9 +22,9 @@ from dynavit.runtime.simulate import (
 from dynavit.sweep.store import ResultStore
 
 FULL, MID, SMALL = ExecConfig(), ExecConfig(mlp_width=0.5), ExecConfig(resolution=160)
-MENU = [Entry(SMALL, 0.70, latency_ms=2.0, gmacs=0.5, batch=8, batch_ms=10.0, label="small"),
-        Entry(MID, 0.75, latency_ms=4.0, gmacs=0.8, batch=8, batch_ms=20.0, label="mid"),
-        Entry(FULL, 0.80, latency_ms=8.0, gmacs=1.25, batch=8, batch_ms=40.0, label="full")]
+MENU = [Entry(SMALL, 0.70, latency_p95_ms=2.0, gmacs=0.5, batch=8, batch_p95_ms=10.0, label="small"),
+        Entry(MID, 0.75, latency_p95_ms=4.0, gmacs=0.8, batch=8, batch_p95_ms=20.0, label="mid"),
+        Entry(FULL, 0.80, latency_p95_ms=8.0, gmacs=1.25, batch=8, batch_p95_ms=40.0, label="full")]
 
 
 def test_select_the_most_accurate_that_fits() -> None:
@@ -84,30 +84,36 @@ def test_margin_guards_only_until_the_tail_is_measured() -> None:
     assert Controller(MENU, margin=0.5, min_obs=2, correct=False).select(latency_ms=8.5).config == MID
 
 
-def test_from_store_uses_the_front_and_refuses_another_model(tmp_path) -> None:
+def test_from_store_uses_the_front_and_refuses_other_weights(tmp_path) -> None:
+    from dynavit.model import from_config
+    from dynavit.models.configs import preset_config
+    from dynavit.sweep.measured import model_fingerprint
+
+    dm = from_config(preset_config("vit-t16"), seed=0, source="m")
     hits = np.ones((10, 2), np.uint8)
     worse = hits.copy()
     worse[:3, 0] = 0
     with ResultStore(tmp_path / "r.db") as rs:
-        rs.bind({"model": "m", "model_fingerprint": "f", "calibration": "none", "dataset_fingerprint": "d",
-                 "task": "classification", "metric": "top1", "protocol": {}})
+        rs.bind({"model": "m", "model_fingerprint": model_fingerprint(dm), "calibration": "none",
+                 "dataset_fingerprint": "d", "task": "classification", "metric": "top1", "protocol": {}})
         rs.add(make_row(FULL, hits, 1.25e9, latency_p50_ms=7.0, latency_p95_ms=8.0))
         rs.add(make_row(MID, worse, 0.8e9, latency_p50_ms=3.0, latency_p95_ms=4.0))
         rs.add(make_row(SMALL, worse, 0.5e9, latency_p50_ms=5.0, latency_p95_ms=9.0))  # dominated in latency
     c = Controller.from_store(tmp_path / "r.db")
     assert [e.config for e in c.entries] == [MID, FULL]
-    with pytest.raises(DynavitError, match="was measured on m"):
-        Controller.from_store(tmp_path / "r.db", model=type("M", (), {"source": "other"})())
+    assert [(e.latency_p50_ms, e.latency_p95_ms, e.quality_lo) for e in c.entries] == [
+        (3.0, 4.0, pytest.approx(0.65)), (7.0, 8.0, pytest.approx(0.95))]  # the store's numbers, by the store's names
+    same_name = from_config(preset_config("vit-t16"), seed=1, source="m")  # the name is not what is checked
+    with pytest.raises(DynavitError, match=r"was measured on m \(weights .*not on m \(weights"):
+        Controller.from_store(tmp_path / "r.db", model=same_name)
     with pytest.raises(DynavitError, match="no model"):
         c.run(None, latency_ms=5)
+    with pytest.raises(DynavitError, match="records no sweep run"):  # nothing to load the model from
+        Controller.from_store(tmp_path / "r.db", model=None, probe=dm.example_input())
 
-    from dynavit.model import from_config
-    from dynavit.models.configs import preset_config
-
-    dm = from_config(preset_config("vit-t16"), seed=0, source="m")
     profiled = Controller.from_store(tmp_path / "r.db", model=dm, probe=dm.example_input(), runs=4)
-    assert FULL in {e.config for e in profiled.entries}
-    assert all(e.latency_ms not in (4.0, 8.0, 9.0) for e in profiled.entries)  # measured here, not stored
+    assert profiled.model is dm and FULL in {e.config for e in profiled.entries}
+    assert all(e.latency_p95_ms not in (4.0, 8.0, 9.0) for e in profiled.entries)  # measured here, not stored
     with pytest.raises(DynavitError, match="re-measures latency"):
         Controller.from_store(tmp_path / "r.db", model=dm, cost="macs", probe=dm.example_input())
 
@@ -137,18 +143,18 @@ def test_profile_remeasures_the_menu_and_keeps_the_measured_front() -> None:
 
     dm = from_config(preset_config("vit-t16"), seed=0)
     # stored latencies from "another machine", upside down: the full model claims to be the cheapest
-    wrong = [Entry(SMALL, 0.70, latency_ms=90.0, latency_p50_ms=80.0, label="small"),
-             Entry(MID, 0.75, latency_ms=50.0, latency_p50_ms=45.0, label="mid"),
-             Entry(FULL, 0.80, latency_ms=1.0, latency_p50_ms=0.9, label="full")]
+    wrong = [Entry(SMALL, 0.70, latency_p95_ms=90.0, latency_p50_ms=80.0, label="small"),
+             Entry(MID, 0.75, latency_p95_ms=50.0, latency_p50_ms=45.0, label="mid"),
+             Entry(FULL, 0.80, latency_p95_ms=1.0, latency_p50_ms=0.9, label="full")]
     assert [e.config for e in Controller(wrong).entries] == [SMALL, MID, FULL]
     every = Controller(wrong, model=dm).profile(dm.example_input(), runs=5, front=False)
     assert [e.config for e in every.entries] == [SMALL, MID, FULL]
-    assert all(e.latency_ms not in (90.0, 50.0, 1.0) and 0 < e.latency_p50_ms <= e.latency_ms
+    assert all(e.latency_p95_ms not in (90.0, 50.0, 1.0) and 0 < e.latency_p50_ms <= e.latency_p95_ms
                for e in every.entries)  # measured here, not the stored numbers
     c = Controller(wrong, model=dm, min_obs=8).profile(dm.example_input(), runs=9)
     by = {e.config: e for e in c.entries}
     assert FULL in by  # the most accurate path is on every front
-    order = sorted(c.entries, key=lambda e: e.latency_ms)
+    order = sorted(c.entries, key=lambda e: e.latency_p95_ms)
     assert [e.quality for e in order] == sorted(e.quality for e in order)  # a front: dearer is better
     assert len(c._c.jitter) >= 8 and c.tail >= 1.0  # the tail is known before the first frame
     assert c.predict(by[FULL]) == pytest.approx(by[FULL].latency_p50_ms * c.tail)  # level 1: p50 x measured tail
@@ -237,7 +243,8 @@ def test_competing_load_is_stopped() -> None:
 
 def test_prediction_covers_the_jitter_tail() -> None:
     """Prediction = p50 x level (recent runs) x tail (99th percentile of one-step errors)."""
-    menu = [Entry(MID, 0.75, latency_ms=4.4, latency_p50_ms=4.0), Entry(FULL, 0.8, latency_ms=8.8, latency_p50_ms=8.0)]
+    menu = [Entry(MID, 0.75, latency_p95_ms=4.4, latency_p50_ms=4.0),
+            Entry(FULL, 0.8, latency_p95_ms=8.8, latency_p50_ms=8.0)]
     c = Controller(menu, margin=0.0, target_miss=0.01, min_obs=8)
     assert c.predict(menu[1]) == pytest.approx(8.8)  # too few observations: the sweep's p95
     rng = np.random.default_rng(0)
@@ -251,7 +258,7 @@ def test_prediction_covers_the_jitter_tail() -> None:
     assert c.miss_risk(menu[0], 10.0) == 0.0
     assert c.miss_risk(menu[1], 12.5) == 0.0
     c.observe(FULL, 12.0)  # a spike moves the level by its level_alpha-th power ...
-    assert c.slowdown == pytest.approx(1.5 ** c.level_alpha, rel=0.03)
+    assert c.slowdown == pytest.approx(1.5 ** c.options.level_alpha, rel=0.03)
     for _ in range(5):  # ... and is forgotten within a few runs
         c.observe(FULL, 8.0)
     assert c.slowdown == pytest.approx(1.0, rel=0.03)
@@ -262,7 +269,7 @@ def test_prediction_covers_the_jitter_tail() -> None:
 
 def test_level_follows_a_persistent_slowdown_that_a_median_would_lag() -> None:
     """Slowdowns persist from run to run: after the first slow runs the prediction is already up."""
-    c = Controller([Entry(FULL, 0.8, latency_ms=8.8, latency_p50_ms=8.0)], min_obs=1)
+    c = Controller([Entry(FULL, 0.8, latency_p95_ms=8.8, latency_p50_ms=8.0)], min_obs=1)
     c.observe(FULL, 8.0)
     for _ in range(2):
         c.observe(FULL, 12.0)
@@ -276,14 +283,15 @@ def _spiky(c: Controller, config: ExecConfig, p50: float, n: int = 200) -> None:
 
 
 def test_priced_selection_spends_the_miss_allowance_where_it_pays() -> None:
-    menu = [Entry(MID, 0.75, latency_ms=6.6, latency_p50_ms=6.0), Entry(FULL, 0.85, latency_ms=8.8, latency_p50_ms=8.0)]
+    menu = [Entry(MID, 0.75, latency_p95_ms=6.6, latency_p50_ms=6.0),
+            Entry(FULL, 0.85, latency_p95_ms=8.8, latency_p50_ms=8.0)]
     c = Controller(menu, target_miss=0.01, price0=1.0)  # one expected miss costs 1.0 top-1 (100 pt)
     _spiky(c, FULL, 8.0)
     assert c.predict(menu[1]) == pytest.approx(12.0, rel=0.05)  # the 99th percentile overruns a 10 ms budget...
     ch = c.select(latency_ms=10)
     assert ch.config == FULL and ch.budget_met and ch.miss_risk == pytest.approx(0.05, abs=0.01)  # +10 pt: worth 5 %
-    cheap_gain = [Entry(MID, 0.75, latency_ms=6.6, latency_p50_ms=6.0),
-                  Entry(FULL, 0.77, latency_ms=8.8, latency_p50_ms=8.0)]
+    cheap_gain = [Entry(MID, 0.75, latency_p95_ms=6.6, latency_p50_ms=6.0),
+                  Entry(FULL, 0.77, latency_p95_ms=8.8, latency_p50_ms=8.0)]
     c2 = Controller(cheap_gain, target_miss=0.01, price0=1.0)
     _spiky(c2, FULL, 8.0)
     assert c2.select(latency_ms=10).config == MID  # +2 pt is not worth a 5 % chance of missing
@@ -301,7 +309,7 @@ def test_priced_controller_holds_the_miss_target_on_a_jittery_machine() -> None:
     """Random-walk budgets over 4x, log-normal jitter with 3 % spikes: misses near the target, not far below."""
     p50 = np.geomspace(10, 30, 8)
     quality = 0.5 + 0.3 * np.sqrt((p50 - 10) / 20)
-    menu = [Entry(ExecConfig(resolution=224 - 16 * i), float(q), latency_ms=float(m * 1.2), latency_p50_ms=float(m))
+    menu = [Entry(ExecConfig(resolution=224 - 16 * i), float(q), latency_p95_ms=float(m * 1.2), latency_p50_ms=float(m))
             for i, (q, m) in enumerate(zip(quality[::-1], p50[::-1], strict=True))]
     budgets = make_trace("random-walk", 3000, 12.5, 50.0, seed=1)
 
@@ -324,7 +332,8 @@ def test_priced_controller_holds_the_miss_target_on_a_jittery_machine() -> None:
 
 
 def test_price_is_bounded_and_ignores_misses_that_nothing_could_avoid() -> None:
-    menu = [Entry(MID, 0.75, latency_ms=6.6, latency_p50_ms=6.0), Entry(FULL, 0.85, latency_ms=8.8, latency_p50_ms=8.0)]
+    menu = [Entry(MID, 0.75, latency_p95_ms=6.6, latency_p50_ms=6.0),
+            Entry(FULL, 0.85, latency_p95_ms=8.8, latency_p50_ms=8.0)]
     c = Controller(menu, miss_debt=10.0, miss_credit=2.0)
     _spiky(c, FULL, 8.0)
     p0 = c.price
@@ -339,24 +348,24 @@ def test_price_is_bounded_and_ignores_misses_that_nothing_could_avoid() -> None:
     for _ in range(3):  # a sustained slowdown is foreseen after its first run: only that first miss counts
         c.observe(FULL, 16.0, budget_ms=10.0)
     assert c.miss_risk(menu[1], 10.0) > 0.5
-    assert c.price == pytest.approx(p1 * np.exp(c.price_step * (1 - c.target_miss)))
+    assert c.price == pytest.approx(p1 * np.exp(c.options.price_step * (1 - c.options.target_miss)))
     for _ in range(200):  # a long stretch of them (spikes too rare to move the level): the price stops at its bound
         c.observe(FULL, 12.0, budget_ms=10.0)
         c.observe(FULL, 8.0)
         c.observe(FULL, 8.0)
     assert c.miss_risk(menu[1], 10.0) < 0.5
-    assert c.price == pytest.approx(c.price0 * np.exp(c.price_step * 10.0))
+    assert c.price == pytest.approx(c.options.price0 * np.exp(c.options.price_step * 10.0))
     for _ in range(5000):  # and an easy stretch cannot bank more than miss_credit
         c.observe(MID, 6.0, budget_ms=20.0)
-    assert c.price == pytest.approx(c.price0 * np.exp(-c.price_step * 2.0))
+    assert c.price == pytest.approx(c.options.price0 * np.exp(-c.options.price_step * 2.0))
 
 
 def test_hindsight_bounds_sit_between_a_blind_controller_and_the_oracle() -> None:
     """Knowing each frame's speed is worth something; seeing each run's own jitter (the oracle) more."""
     rng = np.random.default_rng(0)
-    menu = [Entry(SMALL, 0.6, latency_ms=11.0, latency_p50_ms=10.0),
-            Entry(MID, 0.7, latency_ms=16.5, latency_p50_ms=15.0),
-            Entry(FULL, 0.8, latency_ms=22.0, latency_p50_ms=20.0)]
+    menu = [Entry(SMALL, 0.6, latency_p95_ms=11.0, latency_p50_ms=10.0),
+            Entry(MID, 0.7, latency_p95_ms=16.5, latency_p50_ms=15.0),
+            Entry(FULL, 0.8, latency_p95_ms=22.0, latency_p50_ms=20.0)]
     n = 3000
     speed = np.exp(np.cumsum(rng.normal(0, 0.02, n)).clip(-0.3, 0.3))  # a slowly drifting machine
     ms = np.array([10.0, 15.0, 20.0])[None, :] * speed[:, None] * np.exp(rng.normal(0, 0.04, (n, 3)))

@@ -39,13 +39,13 @@ def _plan(n: int, token_at: int | None = None) -> SimpleNamespace:
 @pytest.fixture
 def ticking(monkeypatch) -> None:
     """A fake clock on which each stage of a ViT forward that runs (input, a block, the head) takes 1 ms."""
-    import dynavit.runtime.controller as controller_mod
+    import dynavit.runtime.run as run_mod
     from dynavit.models.vit import DynViT
 
     now = [0.0]
     fake = SimpleNamespace(perf_counter=lambda: now[0])
     monkeypatch.setattr(deadline_mod, "time", fake)
-    monkeypatch.setattr(controller_mod, "time", fake)
+    monkeypatch.setattr(run_mod, "time", fake)
     for name in ("begin", "step", "end"):
         def stage(self, *args, _run=getattr(DynViT, name)):
             now[0] += 1e-3
@@ -136,7 +136,7 @@ def test_vit_forward_under_a_deadline_is_exactly_the_executed_path(ticking) -> N
 def test_controller_runs_under_a_deadline_and_learns_from_the_pace(ticking) -> None:
     dm, x = _vit()
     n = len(dm.module.blocks)
-    menu = [Entry(SMALL, 0.70, latency_ms=2.0, label="small"), Entry(FULL, 0.80, latency_ms=8.0, label="full")]
+    menu = [Entry(SMALL, 0.70, latency_p95_ms=2.0, label="small"), Entry(FULL, 0.80, latency_p95_ms=8.0, label="full")]
     c = Controller(menu, model=dm, drop_order=list(reversed(range(1, n))), rescue_max_drop=n, min_obs=4
                    ).profile(x, runs=4, front=False)
     assert all(e.shares is not None and len(e.shares) == n + 2 and sum(e.shares) == pytest.approx(1)
@@ -165,7 +165,7 @@ def test_controller_runs_under_a_deadline_and_learns_from_the_pace(ticking) -> N
 def test_simulate_measures_the_quality_of_rescued_frames(ticking) -> None:
     dm, x = _vit()
     n = len(dm.module.blocks)
-    menu = [Entry(SMALL, 0.70, latency_ms=2.0, label="small"), Entry(FULL, 0.80, latency_ms=8.0, label="full")]
+    menu = [Entry(SMALL, 0.70, latency_p95_ms=2.0, label="small"), Entry(FULL, 0.80, latency_p95_ms=8.0, label="full")]
     c = Controller(menu, model=dm, drop_order=list(reversed(range(1, n))), rescue_max_drop=n
                    ).profile(x, runs=3, front=False).measure_rescue(lambda cfg: 0.1)
     frames = [(x, 0)]
@@ -187,8 +187,8 @@ def test_simulate_measures_the_quality_of_rescued_frames(ticking) -> None:
 
 
 def test_a_rescue_ladder_makes_a_tight_path_worth_choosing() -> None:
-    full = Entry(FULL, 0.80, latency_ms=8.0, latency_p50_ms=8.0, label="full", shares=(0.1,) * 10)
-    mid = Entry(MID, 0.75, latency_ms=4.0, latency_p50_ms=4.0, label="mid", shares=(0.1,) * 10)
+    full = Entry(FULL, 0.80, latency_p95_ms=8.0, latency_p50_ms=8.0, label="full", shares=(0.1,) * 10)
+    mid = Entry(MID, 0.75, latency_p95_ms=4.0, latency_p50_ms=4.0, label="mid", shares=(0.1,) * 10)
     jitter = [1.0] * 80 + [1.12] * 20  # one run in five is 12 % slow
 
     def controller(ladder: tuple) -> Controller:
@@ -206,7 +206,8 @@ def test_a_rescue_ladder_makes_a_tight_path_worth_choosing() -> None:
     assert laddered._outlook(laddered.entries[0], 8.6, 1)[1] == pytest.approx(0.8 * 0.80 + 0.2 * 0.78)
     assert laddered.select(latency_ms=8.6).config == FULL
     assert laddered.miss_risk(laddered.entries[0], 7.0) == pytest.approx(0.2)  # 1.12 x 0.8 x 1.05 > 7 / 8
-    laddered.rescue = False  # without the deadline the ladder does not apply
+    laddered.options = dataclasses.replace(laddered.options, rescue=False)  # without the deadline the ladder
+    # does not apply
     assert laddered.select(latency_ms=8.6).config == MID
 
 
@@ -214,7 +215,8 @@ def test_measure_rescue_walks_each_paths_droppable_blocks() -> None:
     dm, x = _vit()
     n = len(dm.module.blocks)
     tokens = ExecConfig(token_keep=0.7, token_layers=(n - 1,))
-    menu = [Entry(tokens, 0.70, latency_ms=2.0, label="tokens"), Entry(FULL, 0.80, latency_ms=8.0, label="full")]
+    menu = [Entry(tokens, 0.70, latency_p95_ms=2.0, label="tokens"),
+            Entry(FULL, 0.80, latency_p95_ms=8.0, label="full")]
     order = list(reversed(range(n)))
     c = Controller(menu, model=dm, drop_order=order).profile(x, runs=3, front=False)
     seen: list[ExecConfig] = []
@@ -245,11 +247,13 @@ def test_server_runs_budgeted_requests_under_their_deadline(ticking, monkeypatch
     from PIL import Image
 
     import dynavit.serve.app as app_mod
+    import dynavit.serve.batcher as batcher_mod
 
-    monkeypatch.setattr(app_mod, "time", deadline_mod.time)  # the server's clock is the ticking one
+    for mod in (app_mod, batcher_mod):  # the server's clock is the ticking one
+        monkeypatch.setattr(mod, "time", deadline_mod.time)
     dm, x = _vit()
     n = len(dm.module.blocks)
-    menu = [Entry(SMALL, 0.70, latency_ms=2.0, label="small"), Entry(FULL, 0.80, latency_ms=8.0, label="full")]
+    menu = [Entry(SMALL, 0.70, latency_p95_ms=2.0, label="small"), Entry(FULL, 0.80, latency_p95_ms=8.0, label="full")]
     c = Controller(menu, model=dm, drop_order=list(reversed(range(1, n))), rescue_max_drop=n, min_obs=4
                    ).profile(x, runs=4, front=False).measure_rescue(lambda cfg: 0.5)
     tight = 0.6 * min(e.latency_p50_ms for e in c.entries)

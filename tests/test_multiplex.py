@@ -234,8 +234,8 @@ def test_server_sends_a_burst_through_multiplexed_passes() -> None:
     with torch.no_grad():  # larger weights: outputs far apart, so a wrong answer cannot pass for a right one
         cp.vit.head.weight.mul_(30)
     dm.add_multiplexer(cp)
-    menu = [Entry(ExecConfig(mux=2), 0.7, latency_ms=1.0, gmacs=0.01, label="mux=2"),
-            Entry(ExecConfig(), 0.8, latency_ms=2.0, gmacs=0.02, label="default")]
+    menu = [Entry(ExecConfig(mux=2), 0.7, latency_p95_ms=1.0, gmacs=0.01, label="mux=2"),
+            Entry(ExecConfig(), 0.8, latency_p95_ms=2.0, gmacs=0.02, label="default")]
     app = create_app(dm, Controller(menu, model=dm), max_batch=8, max_wait_ms=300, topk=LABELS)
     k = 6
     bodies = [_jpeg(i) for i in range(k)]

@@ -15,9 +15,9 @@ from PIL import Image
 from dynavit.config import ExecConfig
 from dynavit.runtime import Controller, Entry
 
-MENU = [Entry(ExecConfig(resolution=160), 0.70, latency_ms=2.0, gmacs=0.6, label="resolution=160"),
-        Entry(ExecConfig(mlp_width=0.5), 0.75, latency_ms=4.0, gmacs=0.8, label="mlp_width=0.5"),
-        Entry(ExecConfig(), 0.80, latency_ms=8.0, gmacs=1.25, label="default")]
+MENU = [Entry(ExecConfig(resolution=160), 0.70, latency_p95_ms=2.0, gmacs=0.6, label="resolution=160"),
+        Entry(ExecConfig(mlp_width=0.5), 0.75, latency_p95_ms=4.0, gmacs=0.8, label="mlp_width=0.5"),
+        Entry(ExecConfig(), 0.80, latency_p95_ms=8.0, gmacs=1.25, label="default")]
 
 
 @pytest.fixture(scope="module")
@@ -258,13 +258,13 @@ def test_real_server_client_and_graceful_shutdown(assets, tmp_path) -> None:
 
 def test_backlog_takes_budget_away() -> None:
     """A request behind a queue gets the path that fits what is left of its budget."""
-    from dynavit.serve.app import Batcher, _Job
+    from dynavit.serve.batcher import Batcher, Job
 
     async def go() -> float:
         b = Batcher(dm=None)
         loop = asyncio.get_running_loop()
         for ms in (3.0, 4.0):
-            b.queues.setdefault(ExecConfig(), []).append(_Job(None, (1, 1), loop.create_future(), 0.0, ms))
+            b.queues.setdefault(ExecConfig(), []).append(Job(None, (1, 1), loop.create_future(), 0.0, ms))
         return b.expected_wait_ms()
 
     assert asyncio.run(go()) == pytest.approx(7.0)

@@ -307,8 +307,8 @@ def test_rescue_ladders_reuse_shared_blocks_exactly(built) -> None:
     dm, data, _, _ = built
     n = len(dm.module.blocks)
     shares = (1 / (n + 2),) * (n + 2)
-    menu = [Entry(ExecConfig(), 0.8, latency_ms=8.0, label="full", shares=shares),
-            Entry(ExecConfig(mlp_width=0.5), 0.7, latency_ms=6.0, label="half", shares=shares)]
+    menu = [Entry(ExecConfig(), 0.8, latency_p95_ms=8.0, label="full", shares=shares),
+            Entry(ExecConfig(mlp_width=0.5), 0.7, latency_p95_ms=6.0, label="half", shares=shares)]
     order = list(reversed(range(n)))  # the last blocks first: the rungs share most of the path
     hinted, plain = path_quality(dm, data), path_quality(dm, data)
     fast = Controller(menu, model=dm, drop_order=order).measure_rescue(hinted)

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from dynavit.errors import DynavitError
 
 
@@ -182,8 +184,6 @@ def timed_stages(impl: Any, x: Any, sync: Callable[[], None] | None = None) -> l
 
 def stage_shares(stage_ms: Sequence[Sequence[float]]) -> list[float]:
     """Median time of each stage over several timed runs, as shares of the path's total."""
-    import numpy as np
-
     med = np.median(np.asarray(stage_ms, float), axis=0)
     total = float(med.sum())
     if not total > 0:

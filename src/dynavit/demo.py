@@ -23,6 +23,15 @@ from pathlib import Path
 from rich.console import Console
 
 from dynavit.assets import assets_dir, deit_tiny_source
+from dynavit.cost import profile
+from dynavit.data import open_dataset
+from dynavit.data.datasets import file_sha1, list_images, read_image
+from dynavit.evaluation import evaluate
+from dynavit.model import load
+from dynavit.report import write_report
+from dynavit.runtime import Controller, Menu
+from dynavit.runtime.simulate import hindsight_bounds, make_trace, path_quality, simulate
+from dynavit.sweep import SweepTarget, pareto, run_sweep
 
 
 def _save_profile(p, out: Path, stem: str, console: Console) -> dict:
@@ -44,16 +53,10 @@ def _save_profile(p, out: Path, stem: str, console: Console) -> dict:
 
 def _sweep(deit, data: Path, out: Path, limit: int | None, console: Console) -> dict:
     """Calibrate on every 5th image, sweep the rest, report (a few minutes on 2 cores)."""
-    from dynavit.data.datasets import file_sha1, list_images, read_image
-    from dynavit.report import write_report
-    from dynavit.sweep import SweepTarget, pareto, run_sweep
-
     console.rule("4/5 calibrate, sweep execution paths, report")
     calib = out / "calibration"
     images = list_images(data, recursive=True)[::5][:100]
     if not (calib / "calibration.json").is_file():
-        from dynavit.model import load
-
         fresh = load(deit.source)  # calibration reorders weights: keep the evaluated model as it was
         cal = fresh.calibrate([read_image(p) for p in images])
         cal.image_hashes = [file_sha1(p) for p in images]
@@ -77,22 +80,17 @@ def _sweep(deit, data: Path, out: Path, limit: int | None, console: Console) -> 
 
 
 def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
-    from dynavit.runtime import Controller
-    from dynavit.runtime.simulate import hindsight_bounds, make_trace, path_quality, simulate
-    from dynavit.sweep import ResultStore, SweepTarget
-
     console.rule("5/5 budget controller on a trace of latency budgets")
-    with ResultStore(store, readonly=True) as rs:
-        target = SweepTarget(**rs.last_target())
-    dm, data, _, _ = target.build()
+    menu = Menu.from_store(store, wide=True)  # the model as the sweep measured it
+    dm, data = menu.model, menu.images()
     shots = data.frames()
-    ctrl = Controller.from_store(store, model=dm, probe=shots[0][0], runs=20)  # the menu re-measured here, now
+    ctrl = Controller(menu).profile(shots[0][0], runs=20)  # the menu re-measured here, now
     quality_of = path_quality(dm, data)
     if ctrl.can_rescue:  # what dropping blocks under a deadline costs each path
         ctrl.measure_rescue(quality_of, progress=True)
     # a sine over 4x from just above the cheapest path's median: a quarter of the frames leave no room
     # for the full model, so the policies differ (``default_bounds``, from the cheapest p95, is roomier)
-    lo = 1.05 * min(e.latency_p50_ms or e.latency_ms for e in ctrl.entries)
+    lo = 1.05 * min(e.latency_p50_ms or e.latency_p95_ms for e in ctrl.entries)
     hi = 4 * lo
     budgets = make_trace("sine", frames, lo, hi)
     res = simulate(dm, ctrl, shots, budgets, quality_of=quality_of, interleave=True)  # side by side: a fair race
@@ -117,11 +115,6 @@ def _written_since(out: Path, t0: float) -> list[str]:
 
 def run_demo(out: Path, *, limit: int | None = None, console: Console | None = None,
              data: Path | None = None) -> dict:
-    from dynavit.cost import profile
-    from dynavit.data import open_dataset
-    from dynavit.evaluation import evaluate
-    from dynavit.model import load
-
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

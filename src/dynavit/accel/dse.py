@@ -30,33 +30,15 @@ from dynavit.accel.cost import CostCache, PathCost, fill_cache, path_cost
 from dynavit.accel.lower import Lowered, lower
 from dynavit.config import ExecConfig, resolve
 from dynavit.errors import DynavitError
+from dynavit.sweep.measured import load_measured
 from dynavit.sweep.pareto import pareto
 from dynavit.sweep.run import measure_configs
 from dynavit.sweep.store import ResultStore, Row, config_key
 
 
 def load_store_model(store: str | Path, model: str | None = None) -> Any:
-    """The store's model (or ``model``), refused when its weights are not the ones the store measured."""
-    from dynavit.calibrate import fingerprint
-    from dynavit.model import DynamicModel, load
-
-    with ResultStore(store, readonly=True) as rs:
-        meta = rs.meta
-        if not len(rs):
-            raise DynavitError(f"{store} has no results yet; run `dynavit sweep` first")
-        target = rs.last_target()
-    dm = load(model or target["model"])
-    if not isinstance(dm, DynamicModel):
-        raise DynavitError(f"{model} ({dm.family}) has no execution paths to cost")
-    if target.get("calibration"):
-        dm.load_calibration(target["calibration"])
-    calib = dm.calibration
-    fp = calib.fingerprint if calib is not None and calib.fingerprint else fingerprint(dm.module)
-    if fp != meta.get("model_fingerprint"):
-        theirs = meta.get("model_fingerprint", "?")[:12]
-        raise DynavitError(f"{store} was measured on {meta.get('model')} (weights {theirs}), not on {dm.source} "
-                           f"(weights {fp[:12]}); cost this model's own sweep store")
-    return dm
+    """The store's model (or ``model``) as its sweep measured it; refused when its weights are not the store's."""
+    return load_measured(store, model, device="cpu")[0]
 
 
 def _plan_key(cfg: ExecConfig, dm: Any) -> Any:

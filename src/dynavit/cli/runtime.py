@@ -13,7 +13,7 @@ from rich.table import Table
 
 from dynavit.cli.kit import DeviceOpt, JsonOpt, console, interactive, print_wide, user_errors
 from dynavit.errors import DynavitError
-from dynavit.runtime import Controller
+from dynavit.runtime import Controller, Menu
 from dynavit.runtime.simulate import (
     default_bounds,
     hindsight_bounds,
@@ -24,8 +24,6 @@ from dynavit.runtime.simulate import (
     simulate,
 )
 from dynavit.serve import client, load_for_store
-from dynavit.sweep.run import SweepTarget
-from dynavit.sweep.store import ResultStore
 
 app = typer.Typer()
 
@@ -62,22 +60,21 @@ def simulate_cmd(store: MenuOpt, trace: TraceOpt = "random-walk", frames: Frames
                  target_miss: TargetMissOpt = 0.01, rescue: SimRescueOpt = True, interleave: InterleaveOpt = False,
                  seed: SimSeedOpt = 0, json_out: JsonOpt = None, plot: SimPlotOpt = None) -> None:
     """Run real inferences frame by frame against per-frame budgets: controller vs baselines."""
-    with ResultStore(store, readonly=True) as rs:
-        target = SweepTarget(**rs.last_target())
     if load_at is not None and not 0 <= load_at < 1:
         raise DynavitError(f"--load-at must be in [0, 1), got {load_at}")
     if threads is not None:
         if threads < 1:
             raise DynavitError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    dm, data, _, _ = target.build(progress=interactive())
+    menu = Menu.from_store(store, wide=profile_runs > 0)  # the model as the sweep measured it
+    dm, data = menu.model, menu.images(progress=interactive())
     if data.task != "classification":
         raise DynavitError("simulate scores classification sweeps (top-1 per frame); this store is "
                            f"{data.task}")
     frames_data = data.frames()
-    ctrl = Controller.from_store(store, model=dm, margin=margin, probe=frames_data[0][0] if profile_runs else None,
-                                 runs=profile_runs, progress=interactive(), rule=rule, target_miss=target_miss,
-                                 rescue=rescue)
+    ctrl = Controller(menu, margin=margin, rule=rule, target_miss=target_miss, rescue=rescue)
+    if profile_runs:
+        ctrl.profile(frames_data[0][0], runs=profile_runs, progress=interactive())
     quality_of = path_quality(dm, data)
     if ctrl.can_rescue:  # what dropping blocks costs each path, measured on the sweep's images
         ctrl.measure_rescue(quality_of, progress=interactive())

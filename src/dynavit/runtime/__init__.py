@@ -1,5 +1,7 @@
-"""Run time: the budget controller and trace-driven evaluation."""
+"""Run time: the menu a sweep measured, the budget controller, the runner, and trace-driven evaluation."""
 
-from dynavit.runtime.controller import Choice, Controller, Entry, Outcome
+from dynavit.runtime.choice import Choice, Options, Outcome
+from dynavit.runtime.controller import Controller
+from dynavit.runtime.menu import Entry, Menu
 
-__all__ = ["Choice", "Controller", "Entry", "Outcome"]
+__all__ = ["Choice", "Controller", "Entry", "Menu", "Options", "Outcome"]

@@ -31,7 +31,6 @@ import contextlib
 import math
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,11 @@ from tqdm.auto import tqdm
 
 from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
-from dynavit.runtime.controller import Controller, Entry, share_above
+from dynavit.runtime.choice import share_above
+from dynavit.runtime.controller import Controller
+from dynavit.runtime.menu import Entry
+from dynavit.runtime.run import forward
+from dynavit.sweep.engine import Evaluator
 
 TRACES = ("step", "sine", "random-walk", "bursty")
 POLICIES = ("controller", "uncorrected", "default", "smallest", "static", "oracle")
@@ -51,7 +54,7 @@ POLICIES = ("controller", "uncorrected", "default", "smallest", "static", "oracl
 
 def default_bounds(controller: Controller) -> tuple[float, float]:
     """A 4x budget range starting just above the cheapest path's measured p95."""
-    lo = 1.2 * min(e.latency_ms for e in controller.entries if e.latency_ms)
+    lo = 1.2 * min(e.latency_p95_ms for e in controller.entries if e.latency_p95_ms)
     return lo, 4 * lo
 
 
@@ -186,6 +189,68 @@ class CompetingLoad:
         self.proc.wait()
 
 
+class _Policies:
+    """The policies of one simulation: what each runs on a frame, and what it saw."""
+
+    def __init__(self, dm: Any, controller: Controller, budgets: np.ndarray, policies: Sequence[str],
+                 others: Mapping[str, Controller]) -> None:
+        self.dm, self.controller, self.others, self.entries = dm, controller, others, controller.entries
+        # the uncorrected twin: same menu and rule, predictions frozen, no deadline
+        self.plain = Controller(self.entries, model=dm, options=controller.options, correct=False, rescue=False)
+        self.fixed = {"static": self.plain.select(latency_ms=float(np.median(budgets))).entry,
+                      "smallest": min(self.entries, key=lambda e: e.latency_p95_ms or math.inf),
+                      "default": next((e for e in self.entries if e.config.is_default),
+                                      max(self.entries, key=lambda e: e.quality))}
+        self.names = [*policies, *others]
+        self.stats = {p: PolicyStats(p) for p in self.names}
+        self.slowdown: list[float] = []
+
+    def timed(self, cfg: ExecConfig, x: torch.Tensor) -> tuple[float, int]:
+        ran = forward(self.dm, cfg, x)
+        return ran.ms, int(ran.output.argmax(-1)[0])
+
+    def choose(self, name: str, budget: float, x: torch.Tensor) -> tuple[Entry, float, int, ExecConfig]:
+        """(entry chosen, ms, predicted label, path that ran) of policy ``name`` on one frame."""
+        if name == "oracle":
+            runs = [(e, *self.timed(e.config, x)) for e in self.entries]
+            self.stats["oracle"].menu_ms.append([r[1] for r in runs])
+            fit = [r for r in runs if r[1] <= budget]
+            e, ms, pred = max(fit, key=lambda r: r[0].quality) if fit else min(runs, key=lambda r: r[1])
+            return e, ms, pred, e.config
+        if name in self.others or name in ("controller", "uncorrected"):
+            ctrl = self.others.get(name, self.controller if name == "controller" else self.plain)
+            out = ctrl.run(x, latency_ms=budget)
+            return out.choice.entry, out.measured_ms, int(out.output.argmax(-1)[0]), out.executed
+        e = self.fixed[name]
+        return (e, *self.timed(e.config, x), e.config)
+
+    def warm(self, x: torch.Tensor, warmup: int) -> None:  # first-call allocations are not the steady state
+        for e in self.entries:
+            for _ in range(warmup):
+                self.timed(e.config, x)
+
+    def step(self, name: str, frame: tuple[torch.Tensor, int], budget: float) -> None:
+        x, label = frame
+        e, ms, pred, path = self.choose(name, budget, x)
+        st = self.stats[name]
+        st.latency_ms.append(ms)
+        st.met.append(ms <= budget)
+        st.correct.append(pred == label)
+        st.configs.append(e.label)
+        st.executed.append(path)
+        st.dropped.append(tuple(sorted(set(path.skip_blocks) - set(e.config.skip_blocks))))
+        st.quality.append(e.quality)  # a rescued frame's is measured after the passes
+        if name == "controller":
+            self.slowdown.append(self.controller.slowdown)
+
+    def rescued_quality(self, quality_of: Callable[[ExecConfig], float] | None) -> None:
+        """Off the clock: measuring a path's quality takes seconds."""
+        for st in self.stats.values():
+            for i, d in enumerate(st.dropped):
+                if d:
+                    st.quality[i] = quality_of(st.executed[i]) if quality_of is not None else math.nan
+
+
 def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tensor, int]], budgets: np.ndarray, *,
              load_at: float | None = None, load_threads: int = 1, load_duty: float = 0.5,
              policies: Sequence[str] = POLICIES, others: Mapping[str, Controller] | None = None,
@@ -209,85 +274,25 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
         raise DynavitError(f"controllers in others cannot reuse policy names: {sorted(clash)}")
     if not frames:
         raise DynavitError("no frames to run")
-    entries = controller.entries
-    plain = Controller(entries, model=dm, margin=controller.margin, correct=False, rescue=False)  # same rule, frozen
-    median = float(np.median(budgets))
-    static = plain.select(latency_ms=median).entry
-    smallest = min(entries, key=lambda e: e.latency_ms or math.inf)
-    default = next((e for e in entries if e.config.is_default), max(entries, key=lambda e: e.quality))
-    names = [*policies, *others]
-    stats = {p: PolicyStats(p) for p in names}
+    p = _Policies(dm, controller, budgets, policies, others)
     load_frame = int(load_at * len(budgets)) if load_at is not None else None
-    slowdown: list[float] = []
-
-    def timed(cfg: Any, x: torch.Tensor) -> tuple[float, int]:
-        dm.configure(cfg)
-        t0 = time.perf_counter()
-        logits = dm(x)
-        return (time.perf_counter() - t0) * 1e3, int(logits.argmax(-1)[0])
-
-    def choose(name: str, budget: float, x: torch.Tensor) -> tuple[Entry, float, int, ExecConfig]:
-        if name == "oracle":
-            runs = [(e, *timed(e.config, x)) for e in entries]
-            stats["oracle"].menu_ms.append([r[1] for r in runs])
-            fit = [r for r in runs if r[1] <= budget]
-            e, ms, pred = max(fit, key=lambda r: r[0].quality) if fit else min(runs, key=lambda r: r[1])
-            return e, ms, pred, e.config
-        if name in others or name in ("controller", "uncorrected"):
-            ctrl = others.get(name, controller if name == "controller" else plain)
-            out = ctrl.run(x, latency_ms=budget)
-            return out.choice.entry, out.measured_ms, int(out.output.argmax(-1)[0]), out.executed
-        e = {"default": default, "smallest": smallest, "static": static}[name]
-        return (e, *timed(e.config, x), e.config)
-
-    def warm() -> None:  # first-call allocations are not the steady state
-        for e in entries:
-            for _ in range(warmup):
-                timed(e.config, frames[0][0])
-
-    def step(name: str, i: int, budget: float) -> None:
-        x, label = frames[i % len(frames)]
-        e, ms, pred, path = choose(name, budget, x)
-        st = stats[name]
-        st.latency_ms.append(ms)
-        st.met.append(ms <= budget)
-        st.correct.append(pred == label)
-        st.configs.append(e.label)
-        st.executed.append(path)
-        st.dropped.append(tuple(sorted(set(path.skip_blocks) - set(e.config.skip_blocks))))
-        st.quality.append(e.quality)  # a rescued frame's is measured after the passes
-        if name == "controller":
-            slowdown.append(controller.slowdown)
-        bar.update(1)
-
-    def load_starts(i: int, stack: contextlib.ExitStack) -> None:
-        if load_frame is not None and i == load_frame:
-            stack.enter_context(CompetingLoad(load_threads, load_duty))
-
-    bar = tqdm(total=len(budgets) * len(names), desc="trace", unit="frame", disable=not progress,
-               dynamic_ncols=True)
     rng = np.random.default_rng(seed)
-    with torch.inference_mode():
-        if interleave:  # side by side: each frame, every policy in a fresh random order
-            warm()
+    # side by side: each frame, every policy in a fresh random order; else one pass per policy, as
+    # deployed: nothing else runs between its frames
+    passes = [p.names] if interleave else [[name] for name in p.names]
+    with tqdm(total=len(budgets) * len(p.names), desc="trace", unit="frame", disable=not progress,
+              dynamic_ncols=True) as bar, torch.inference_mode():
+        for names in passes:
+            p.warm(frames[0][0], warmup)
             with contextlib.ExitStack() as stack:
                 for i, budget in enumerate(budgets):
-                    load_starts(i, stack)
-                    for k in rng.permutation(len(names)):
-                        step(names[k], i, float(budget))
-        else:
-            for name in names:  # one pass per policy: as deployed, nothing else runs between its frames
-                warm()
-                with contextlib.ExitStack() as stack:
-                    for i, budget in enumerate(budgets):
-                        load_starts(i, stack)
-                        step(name, i, float(budget))
-    bar.close()
-    for st in stats.values():  # off the clock: measuring a path's quality takes seconds
-        for i, d in enumerate(st.dropped):
-            if d:
-                st.quality[i] = quality_of(st.executed[i]) if quality_of is not None else math.nan
-    return SimResult(np.asarray(budgets), stats, load_frame, slowdown)
+                    if i == load_frame:
+                        stack.enter_context(CompetingLoad(load_threads, load_duty))
+                    for k in rng.permutation(len(names)) if interleave else range(len(names)):
+                        p.step(names[k], frames[i % len(frames)], float(budget))
+                        bar.update(1)
+    p.rescued_quality(quality_of)
+    return SimResult(np.asarray(budgets), p.stats, load_frame, p.slowdown)
 
 
 def path_quality(dm: Any, data: Any) -> Callable[..., float]:
@@ -297,8 +302,6 @@ def path_quality(dm: Any, data: Any) -> Callable[..., float]:
     call, as a sweep does (``Evaluator``'s prefix reuse, bit-identical): a rescue ladder's rungs
     differ only from the first block they drop. ``quality.evaluator`` counts what was reused.
     """
-    from dynavit.sweep.engine import Evaluator
-
     evaluator, cache = Evaluator(dm, data, measure_latency=False), {}
 
     def quality(cfg: ExecConfig, next_config: ExecConfig | None = None) -> float:

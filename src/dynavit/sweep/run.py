@@ -22,6 +22,7 @@ from dynavit.data.datasets import file_sha1
 from dynavit.errors import DynavitError
 from dynavit.sweep import stats
 from dynavit.sweep.engine import CachedData, Evaluator, cache_dataset
+from dynavit.sweep.measured import load_model, model_fingerprint
 from dynavit.sweep.space import SearchSpace, calibrated_block_order, load_space
 from dynavit.sweep.store import ResultStore, Row
 from dynavit.sweep.strategies import Point, Score, Strategy, make
@@ -46,21 +47,20 @@ class SweepTarget:
     reuse_prefix: bool = True
     measure_latency: bool = True
     multiplexers: tuple[str, ...] = ()  # folders of multiplexed models, run by configs with mux=N
+    variants: dict[str, str] = field(default_factory=dict)  # name -> model, run by configs with variant=name
 
     def __post_init__(self) -> None:
         self.multiplexers = tuple(str(m) for m in self.multiplexers)  # a list when read back from the store
+        self.variants = {str(k): str(v) for k, v in (self.variants or {}).items()}
+
+    def load_model(self) -> Any:
+        """The model this target measures: its source with calibration, multiplexed models and variants."""
+        return load_model(self.model, calibration=self.calibration, multiplexers=self.multiplexers,
+                          variants=self.variants, device=self.device)
 
     def build(self, *, progress: bool = False) -> tuple[Any, CachedData, Evaluator, int]:
         """(model, cached data, evaluator, number of calibration images left out)."""
-        from dynavit.model import DynamicModel, load
-
-        dm = load(self.model, device=self.device)
-        if not isinstance(dm, DynamicModel):
-            raise DynavitError(f"{self.model} ({dm.family}) has no execution paths to sweep")
-        if self.calibration:
-            dm.load_calibration(self.calibration)
-        for folder in self.multiplexers:
-            dm.add_multiplexer(folder)
+        dm = self.load_model()
         data, excluded = self.images(dm, progress=progress)
         ev = Evaluator(dm, data, latency_repeats=self.latency_repeats, reuse_prefix=self.reuse_prefix,
                        measure_latency=self.measure_latency, n_boot=self.n_boot, seed=self.seed)
@@ -69,7 +69,7 @@ class SweepTarget:
     def images(self, dm: Any, *, progress: bool = False) -> tuple[CachedData, int]:
         """The sweep's images, decoded for ``dm`` (the calibration's own left out), and how many were left out.
 
-        ``dm`` is the model as the sweep measured it (``build`` loads it; ``serve --rescue`` has its own).
+        ``dm`` is the model as the sweep measured it (``load_model``; ``Menu.images`` passes the menu's).
         """
         dataset, excluded = open_dataset(self.data, layout=self.layout), 0
         calib = getattr(dm, "calibration", None)
@@ -84,15 +84,10 @@ class SweepTarget:
 
 
 def identity(target: SweepTarget, dm: Any, data: CachedData) -> dict[str, Any]:
-    from dynavit.calibrate import fingerprint
-
     calib = dm.calibration
-    model_fp = calib.fingerprint if calib is not None and calib.fingerprint else fingerprint(dm.module)
-    # mux=N rows are measured on the attached multiplexed models: they are part of what was measured
-    model_fp += "".join(f" mux{n}:{fingerprint(m)}" for n, m in sorted(dm.multiplexers.items()))
     return {
         "model": str(dm.source),
-        "model_fingerprint": model_fp,
+        "model_fingerprint": model_fingerprint(dm),
         "calibration": calib.identity() if calib is not None else "none",
         "dataset_fingerprint": f"{data.fingerprint()} ({data.n} images)",
         "task": data.task,

@@ -1,0 +1,99 @@
+"""Time a menu where it will run: a sweep's latencies come from another time, often another machine.
+
+``profile`` runs every entry round-robin on one input, in a shuffled order each round, so a drift
+in the machine's speed touches all of them alike. The measured p50 and p95 replace the stored
+ones (a stored batch time is scaled by the same factor); for models that run in stages, each
+stage is timed too, and its share of the path's time is what a deadline reads. The runs'
+one-step errors (time / the entry's median) seed the controller's jitter window, so the tail is
+known before the first frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import trange
+
+from dynavit.deadline import stage_shares, timed_stages
+from dynavit.errors import DynavitError
+from dynavit.model import DynamicModel
+from dynavit.runtime.menu import Entry
+from dynavit.sweep.pareto import front_indices
+
+
+@dataclass
+class Profiled:
+    entries: list[Entry]  # re-measured (and, with ``front``, only those on the measured front)
+    jitter: list[float]  # time / the entry's measured median, of every run of a kept entry, in run order
+
+
+def profile_menu(entries: Sequence[Entry], dm: DynamicModel, x: torch.Tensor, *, runs: int = 30, warmup: int = 2,
+            front: bool = True, progress: bool = False) -> Profiled:
+    """Time every entry on ``x`` (batch 1) ``runs`` rounds; keep the front by what was measured (``front``).
+
+    Multiplexed paths (``mux`` > 1) need several images per pass and keep their stored latencies.
+    """
+    if x.ndim != 4 or len(x) != 1:
+        raise DynavitError(f"profile needs one input image of shape (1, C, H, W), got {tuple(x.shape)}")
+    if runs < 3:
+        raise DynavitError(f"profile needs at least 3 runs per config, got {runs}")
+    previous = dm.exec_config
+    try:
+        times, stages, log = _time_entries(entries, dm, x, runs, warmup, progress)
+    finally:
+        dm.configure(previous)
+    p50 = [float(np.median(t)) if t else math.nan for t in times]
+    measured = []
+    for e, t, m, st in zip(entries, times, p50, stages, strict=True):
+        if not t:
+            measured.append(e)
+            continue
+        p95 = float(np.quantile(t, 0.95))
+        scale = p95 / e.latency_p95_ms if e.latency_p95_ms else 1.0
+        measured.append(dataclasses.replace(
+            e, latency_p95_ms=p95, latency_p50_ms=m, shares=tuple(stage_shares(st)) if st else e.shares,
+            batch_p95_ms=None if e.batch_p95_ms is None else e.batch_p95_ms * scale))
+    keep = list(range(len(measured)))
+    if front:
+        keep = front_indices([e.latency_p95_ms or math.inf for e in measured], [e.quality for e in measured])
+    kept = set(keep)
+    return Profiled([measured[i] for i in keep], [ms / p50[i] for i, ms in log if i in kept])
+
+
+def _time_entries(entries: Sequence[Entry], dm: DynamicModel, x: torch.Tensor, runs: int, warmup: int,
+                  progress: bool) -> tuple[list[list[float]], list[list[list[float]]], list[tuple[int, float]]]:
+    """(ms per entry, stage ms per entry, (entry, ms) of every run in order): the timed rounds."""
+    sync = torch.cuda.synchronize if x.is_cuda else None
+    staged = getattr(dm.module, "supports_deadline", False)  # time each stage: what a deadline reads
+    rng = np.random.default_rng(0)
+    times: list[list[float]] = [[] for _ in entries]
+    stages: list[list[list[float]]] = [[] for _ in entries]
+    log: list[tuple[int, float]] = []
+    timed = [i for i, e in enumerate(entries) if e.config.mux == 1]
+    with torch.inference_mode():
+        for i in timed:
+            dm.configure(entries[i].config)
+            for _ in range(warmup):
+                dm(x)
+        for _ in trange(runs, desc="profile menu", disable=not progress, dynamic_ncols=True):
+            for i in rng.permutation(timed):
+                dm.configure(entries[i].config)
+                if sync is not None:
+                    sync()
+                if staged:
+                    stages[i].append(timed_stages(dm.module, x, sync))
+                    times[i].append(sum(stages[i][-1]))
+                else:
+                    t0 = time.perf_counter()
+                    dm(x)
+                    if sync is not None:
+                        sync()
+                    times[i].append((time.perf_counter() - t0) * 1e3)
+                log.append((int(i), times[i][-1]))
+    return times, stages, log

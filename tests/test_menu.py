@@ -1,0 +1,90 @@
+"""The menu: a store's paths with the model loaded exactly as its sweep measured it, known by its weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import LABELS, SIZE, Shapes, tiny_vit
+
+from dynavit.accel.dse import load_store_model
+from dynavit.config import ExecConfig
+from dynavit.errors import DynavitError
+from dynavit.model import load
+from dynavit.multiplex import build, save_multiplexer
+from dynavit.runtime import Controller, Menu
+from dynavit.sweep import ResultStore, SweepTarget, run_sweep
+from dynavit.sweep.measured import model_fingerprint
+from dynavit.train.supervised import export
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> dict[str, Path]:
+    """A tiny ViT swept with a multiplexed model attached (mux=2 paths), and another ViT's weights."""
+    root = tmp_path_factory.mktemp("menu")
+    export(tiny_vit(seed=0), root / "vit", {"name": "tiny"})
+    export(tiny_vit(seed=1), root / "other", {"name": "tiny, other weights"})
+    save_multiplexer(build(load(root / "vit"), "concatplexer", 2).eval(), root / "mux")
+    data = Shapes(10)
+    for i in range(len(data)):
+        img, y = data.load(i)
+        (root / "data" / f"c{y}").mkdir(parents=True, exist_ok=True)
+        img.save(root / "data" / f"c{y}" / f"{i}.png")
+    target = SweepTarget(model=str(root / "vit"), data=str(root / "data"), multiplexers=(str(root / "mux"),),
+                         batch_size=4, n_boot=50, latency_repeats=2)
+    run_sweep(target, space={"mux": [1, 2], "mlp_width": [1.0, 0.5]}, strategy="grid", store=root / "r.db",
+              progress=False)
+    return {"store": root / "r.db", "vit": root / "vit", "other": root / "other", "mux": root / "mux"}
+
+
+def test_a_store_swept_with_mux_paths_loads_with_its_multiplexed_model(swept) -> None:
+    with ResultStore(swept["store"], readonly=True) as rs:
+        recorded = rs.meta["model_fingerprint"]
+        cheapest = min(rs.rows(per_image=False), key=lambda r: r.macs).config
+    assert " mux2:" in recorded  # the sweep's identity covers the multiplexed model
+    assert cheapest == ExecConfig(mux=2)  # so it is on the front by MACs
+    menu = Menu.from_store(swept["store"], cost="macs")
+    assert 2 in menu.model.multiplexers and model_fingerprint(menu.model) == recorded
+    assert ExecConfig(mux=2) in {e.config for e in menu}
+    e = next(e for e in menu if e.config == ExecConfig(mux=2))
+    assert e.latency_p50_ms > 0 and e.latency_p95_ms >= e.latency_p50_ms and e.quality_lo <= e.quality <= e.quality_hi
+    with torch.no_grad():
+        assert menu.model.configure(mux=2)(torch.zeros(4, 3, SIZE, SIZE)).shape == (4, LABELS)
+    assert menu.images().n == 10  # the sweep's own images, decoded for the menu's model
+    # `dynavit accel` loads the store's model the same way: not refused for its mux paths
+    assert 2 in load_store_model(swept["store"]).multiplexers
+    ctrl = Controller(menu)
+    assert ctrl.model is menu.model and ctrl.select(gmacs=e.gmacs).config == ExecConfig(mux=2)
+
+
+def test_a_store_refuses_a_model_whose_weights_differ(swept) -> None:
+    for model in (str(swept["other"]), load(swept["other"])):  # another model, by folder or loaded
+        with pytest.raises(DynavitError, match=r"was measured on .* \(weights .*\), not on .*rows do not hold"):
+            Menu.from_store(swept["store"], model)
+    with pytest.raises(DynavitError, match="was measured on"):
+        load_store_model(swept["store"], str(swept["other"]))
+    # the same base weights without the multiplexed model the mux=2 rows were measured on
+    with pytest.raises(DynavitError, match="was measured on"):
+        Menu.from_store(swept["store"], load(swept["vit"]))
+    bare = load(swept["vit"])
+    bare.add_multiplexer(swept["mux"])
+    assert Menu.from_store(swept["store"], bare).model is bare  # a loaded model as measured is taken as it is
+
+
+def test_a_target_loads_its_variants_and_they_are_part_of_the_fingerprint(swept) -> None:
+    target = SweepTarget(model=str(swept["vit"]), data="unused", variants={"other": str(swept["other"])})
+    dm = target.load_model()
+    assert set(dm.variants) == {"other"}
+    fp = model_fingerprint(dm)
+    assert " variant:other:" in fp and fp.startswith(model_fingerprint(load(swept["vit"])))
+
+
+def test_a_store_without_results_is_refused(tmp_path) -> None:
+    with ResultStore(tmp_path / "empty.db") as rs:
+        rs.bind({"model": "m", "model_fingerprint": "f", "calibration": "none", "dataset_fingerprint": "d",
+                 "task": "classification", "metric": "top1", "protocol": {}})
+    with pytest.raises(DynavitError, match="no results yet"):
+        Menu.from_store(tmp_path / "empty.db")
+    with pytest.raises(DynavitError, match="no results yet"):
+        Menu.read(tmp_path / "empty.db")
