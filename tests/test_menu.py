@@ -32,7 +32,7 @@ def swept(tmp_path_factory) -> dict[str, Path]:
         (root / "data" / f"c{y}").mkdir(parents=True, exist_ok=True)
         img.save(root / "data" / f"c{y}" / f"{i}.png")
     target = SweepTarget(model=str(root / "vit"), data=str(root / "data"), multiplexers=(str(root / "mux"),),
-                         batch_size=4, n_boot=50, latency_repeats=2, reuse_prefix=False)
+                         batch_size=4, n_boot=50, latency_repeats=2)
     run_sweep(target, space={"mux": [1, 2], "mlp_width": [1.0, 0.5]}, strategy="grid", store=root / "r.db",
               progress=False)
     return {"store": root / "r.db", "vit": root / "vit", "other": root / "other", "mux": root / "mux"}
