@@ -1,9 +1,10 @@
 """dynavit: run-time adaptive inference of vision transformers.
 
 One pretrained model, many execution paths, and for every inference the most accurate
-path that fits its budget. This package starts with the foundation every later layer
-stands on: loading real models, reading real datasets, scoring them, and an exact
-operator-class profiler.
+path that fits its budget. The public surface: ``load`` a model (a ``torch.nn.Module``),
+``configure`` an ``ExecConfig``, ``profile`` and ``evaluate`` it, sweep its paths into a
+store (``dynavit.sweep``), read the store's ``Menu`` and let a ``Controller`` pick a path
+per inference.
 """
 
 from dynavit.config import ConfigError, ExecConfig, Space
@@ -12,8 +13,8 @@ from dynavit.data import open_dataset
 from dynavit.errors import BadSampleError, DynavitError
 from dynavit.evaluation import evaluate as _evaluate
 from dynavit.model import DynamicModel, LoadedModel, from_config, load
-
-__version__ = "0.1.0"
+from dynavit.runtime import Controller, Menu
+from dynavit.version import __version__
 
 
 def evaluate(model, data, **kwargs):
@@ -27,11 +28,13 @@ def evaluate(model, data, **kwargs):
 __all__ = [
     "BadSampleError",
     "ConfigError",
+    "Controller",
     "DynamicModel",
     "ExecConfig",
     "Space",
     "DynavitError",
     "LoadedModel",
+    "Menu",
     "Profile",
     "__version__",
     "evaluate",

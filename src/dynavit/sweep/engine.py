@@ -28,7 +28,6 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-import dynavit
 from dynavit.config import ExecConfig, resolve
 from dynavit.cost.energy import EnergyMeter
 from dynavit.cost.flops import macs_per_image
@@ -36,6 +35,7 @@ from dynavit.errors import DynavitError
 from dynavit.pipeline import Scorer, batches, check_compatible, dataset_name, placement
 from dynavit.sweep import stats
 from dynavit.sweep.store import Row
+from dynavit.version import __version__
 
 
 @dataclass
@@ -120,7 +120,7 @@ def device_name(device: torch.device) -> str:
 
 def versions() -> dict[str, str]:
     """Versions of what a measurement depends on, stored with every row."""
-    return {"dynavit": dynavit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"dynavit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
 
