@@ -14,6 +14,7 @@ from dynavit.errors import BadSampleError, DynavitError
 from dynavit.evaluation import evaluate as _evaluate
 from dynavit.model import DynamicModel, LoadedModel, from_config, load
 from dynavit.runtime import Controller, Menu
+from dynavit.sweep import ResultStore, SweepTarget, pareto, run_sweep
 from dynavit.version import __version__
 
 
@@ -36,9 +37,13 @@ __all__ = [
     "LoadedModel",
     "Menu",
     "Profile",
+    "ResultStore",
+    "SweepTarget",
     "__version__",
     "evaluate",
     "from_config",
     "load",
+    "pareto",
     "profile",
+    "run_sweep",
 ]
