@@ -283,8 +283,7 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
     n_held = max(1, int(round(heldout_fraction * n_images))) if n_images > 1 else 0
     fit = list(flat[: n_images - n_held].split(batch_size)) if n_held else batches
     held = list(flat[n_images - n_held:].split(batch_size)) if n_held else batches
-    fp = getattr(dm, "calibration", None)
-    fp = fp.fingerprint if fp is not None else fingerprint(dm.module)
+    fp = dm.calibration.fingerprint if dm.calibration is not None else fingerprint(dm.base_module)
     dm.configure(ExecConfig())
     try:
         candidates = CRITERIA if criterion == "auto" else (criterion,)
@@ -308,7 +307,7 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
         }
     finally:
         dm.configure(previous)
-    old = getattr(dm, "calibration", None)
+    old = dm.calibration
     chosen = perms[best] if old is None else _compose(old.perms, perms[best])  # relative to the original weights
     return Calibration(criterion=best, perms={k: [p.cpu() for p in v] for k, v in chosen.items()},
                        block_kl=block_kl, comparison=comparison, n_images=n_images, source=dm.source,
@@ -317,11 +316,11 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
 
 def apply_saved(dm: Any, calib: Calibration) -> None:
     """Apply a saved calibration to a freshly loaded (uncalibrated) model of the same weights."""
-    if getattr(dm, "calibration", None) is not None:
+    if dm.calibration is not None:
         raise DynavitError("this model is already calibrated; load the calibration into a freshly loaded model")
-    if calib.fingerprint and not _same_weights(dm.module, calib.fingerprint):
+    if calib.fingerprint and not _same_weights(dm.base_module, calib.fingerprint):
         raise DynavitError(f"calibration was made for other weights ({calib.source}); this model is {dm.source}")
-    blocks = dm.module.blocks
+    blocks = dm.base_module.blocks
     if len(calib.perms["mlp"]) != len(blocks):
         raise DynavitError(f"calibration has {len(calib.perms['mlp'])} blocks, this model {len(blocks)}")
-    dm.module.permute(calib.perms)
+    dm.base_module.permute(calib.perms)

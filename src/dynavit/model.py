@@ -64,6 +64,11 @@ class DynamicModel(nn.Module):
         return self._active
 
     @property
+    def base_module(self) -> FamilyModel:
+        """The family implementation of this model itself (not of a variant or multiplexed model)."""
+        return self._base
+
+    @property
     def reference(self) -> nn.Module:
         """The source library's model (shares every parameter): the reference the family reproduces."""
         return self.model

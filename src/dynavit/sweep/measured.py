@@ -25,17 +25,17 @@ def model_fingerprint(dm: DynamicModel) -> str:
     A calibrated model is known by its calibration's fingerprint (the weights before reordering).
     """
     calib = dm.calibration
-    fp = calib.fingerprint if calib is not None and calib.fingerprint else fingerprint(dm.module)
+    fp = calib.fingerprint if calib is not None and calib.fingerprint else fingerprint(dm.base_module)
     # mux=N and variant rows are measured on the attached models: they are part of what was measured
-    fp += "".join(f" mux{n}:{fingerprint(m)}" for n, m in sorted(getattr(dm, "multiplexers", {}).items()))
-    return fp + "".join(f" variant:{k}:{fingerprint(v.module)}" for k, v in sorted(getattr(dm, "variants", {}).items()))
+    fp += "".join(f" mux{n}:{fingerprint(m)}" for n, m in sorted(dm.multiplexers.items()))
+    return fp + "".join(f" variant:{k}:{model_fingerprint(v)}" for k, v in sorted(dm.variants.items()))
 
 
 def load_model(source: str, *, calibration: str | None = None, multiplexers: Iterable[str] = (),
                variants: Mapping[str, str] | None = None, device: str = "cpu") -> DynamicModel:
     """``source`` with its calibration, multiplexed models and variants attached: a sweep's model."""
     dm = load(source, device=device)
-    if not isinstance(dm, DynamicModel):
+    if not dm.dynamic:
         raise DynavitError(f"{source} ({dm.family}) has no execution paths to sweep")
     if calibration:
         dm.load_calibration(calibration)

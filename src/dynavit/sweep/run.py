@@ -72,7 +72,7 @@ class SweepTarget:
         ``dm`` is the model as the sweep measured it (``load_model``; ``Menu.images`` passes the menu's).
         """
         dataset, excluded = open_dataset(self.data, layout=self.layout), 0
-        calib = getattr(dm, "calibration", None)
+        calib = dm.calibration
         if self.calibration and calib is not None and self.exclude_calibration_images and calib.image_hashes:
             used = set(calib.image_hashes)
             keep = [i for i in range(len(dataset)) if file_sha1(dataset.path(i)) not in used]
