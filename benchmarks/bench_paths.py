@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from docsection import DOC, write_section
@@ -24,6 +27,7 @@ from dynavit.assets import deit_tiny_source
 from dynavit.config import ExecConfig
 from dynavit.cost import total_macs
 
+RESULTS = Path(__file__).resolve().parent / "results"
 MODELS: dict[str, tuple[str, tuple[int, int], dict[str, ExecConfig]]] = {
     "deit-tiny": (deit_tiny_source(), (224, 224), {
         "depth: skip 6 blocks": ExecConfig(skip_blocks=(1, 3, 5, 7, 9, 11)),
@@ -63,7 +67,7 @@ def time_round_robin(variants: dict[str, Callable[[], object]], reps: int, warmu
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_model(name: str, batches: list[int], device: str, budget_s: float) -> list[str]:
+def bench_model(name: str, batches: list[int], device: str, budget_s: float) -> list[dict]:
     src, size, cfgs = MODELS[name]
     dm = dynavit.load(src, device=device)
     ref = dm.reference
@@ -87,10 +91,16 @@ def bench_model(name: str, batches: list[int], device: str, budget_s: float) -> 
         med = time_round_robin(variants, reps=reps)
         base = med["dynavit default"]
         for label, t in med.items():
-            rows.append(f"| {name} | {b} | {label} | {macs[label] / macs['dynavit default']:.2f} | "
-                        f"{1e3 * t:.1f} | {t / base:.2f} |")
-        print("\n".join(rows[-len(med):]))
+            rows.append({"model": name, "batch": b, "path": label,
+                         "macs_vs_default": macs[label] / macs["dynavit default"], "median_ms": 1e3 * t,
+                         "time_vs_default": t / base, "reps": reps})
+            print(_markdown(rows[-1]))
     return rows
+
+
+def _markdown(r: dict) -> str:
+    return (f"| {r['model']} | {r['batch']} | {r['path']} | {r['macs_vs_default']:.2f} | {r['median_ms']:.1f} | "
+            f"{r['time_vs_default']:.2f} |")
 
 
 def configure_us() -> float:
@@ -133,10 +143,14 @@ def main() -> None:
         "",
         "| model | batch | path | MACs vs default | ms | time vs default |",
         "|---|---|---|---|---|---|",
-        *rows,
+        *map(_markdown, rows),
     ])
     write_section(f"paths-{args.device}", f"Execution paths: speed ({args.device})", section)
-    print(f"configure {us:.1f} us; wrote {DOC}")
+    raw = RESULTS / f"bench_paths-{args.device}.json"
+    raw.parent.mkdir(exist_ok=True)
+    raw.write_text(json.dumps({"machine": dev, "torch": torch.__version__, "date": str(dt.date.today()),
+                               "argv": sys.argv[1:], "configure_us": us, "rows": rows}, indent=1))
+    print(f"configure {us:.1f} us; wrote {DOC} and {raw}")
 
 
 if __name__ == "__main__":

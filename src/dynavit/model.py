@@ -147,8 +147,9 @@ class DynamicModel(nn.Module):
             self._plans[key] = hit
         impl, plan = hit
         impl.plan = plan
+        # plain attributes: nn.Module.__setattr__'s bookkeeping would double the cost of a switch
         object.__setattr__(self, "_active", impl)
-        self._config = cfg
+        object.__setattr__(self, "_config", cfg)
         return self
 
     def _impl_for(self, cfg: ExecConfig) -> FamilyModel:

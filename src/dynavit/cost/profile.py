@@ -28,7 +28,7 @@ from torch import nn
 
 from dynavit.cost.flops import CLASSES, MAC_CLASSES, CostMode, ModuleStack, count
 from dynavit.errors import DynavitError
-from dynavit.model import LoadedModel, load
+from dynavit.model import DynamicModel, load
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -189,7 +189,7 @@ def profile(
     repeats: int | None = None,
     time_budget_s: float = 8.0,
 ) -> Profile:
-    """Profile ``model`` (a LoadedModel, an nn.Module, or a name for ``dynavit.load``).
+    """Profile ``model`` (a DynamicModel, an nn.Module, or a name for ``dynavit.load``).
 
     ``repeats=None`` picks as many timed repetitions as fit ``time_budget_s`` (3 to 50).
     """
@@ -225,7 +225,7 @@ def profile(
 def _target(model: Any, input_size: tuple[int, int] | None
             ) -> tuple[nn.Module, str, tuple[int, ...], Callable[[torch.Tensor], Any]]:
     """(module to instrument, its name, input height and width, what to call on an input)."""
-    if isinstance(model, LoadedModel):
+    if isinstance(model, DynamicModel):
         size = tuple(input_size) if input_size else model.input_size
         model.check_input_size(*size)
         return model.module, model.source, size, model
@@ -233,7 +233,7 @@ def _target(model: Any, input_size: tuple[int, int] | None
         if input_size is None:
             raise DynavitError("input_size is required when profiling a bare nn.Module")
         return model, type(model).__name__, tuple(input_size), model
-    raise DynavitError(f"cannot profile {type(model).__name__}: pass a model name, LoadedModel or nn.Module")
+    raise DynavitError(f"cannot profile {type(model).__name__}: pass a model name, DynamicModel or nn.Module")
 
 
 def _latencies(run: Callable[[], Any], dev: torch.device, warmup: int, repeats: int | None,

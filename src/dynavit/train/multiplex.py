@@ -44,7 +44,7 @@ def train_multiplex(student: MuxModel, teacher: Any, dataset: Any, out: str | Pa
                     distill: Distill = Distill(), *, progress: bool = True, workers: int = 2,
                     stop_after: int | None = None,
                     augmentation: Callable[..., torch.Tensor] = augment.classification_sample) -> TrainResult:
-    """Train ``student`` in place from ``teacher`` (a single-image LoadedModel/DynamicModel) on ``dataset``.
+    """Train ``student`` in place from ``teacher`` (a single-image DynamicModel) on ``dataset``.
 
     ``recipe.batch_size`` counts images and must be a multiple of the student's N; ``recipe.crop``
     is the input size. Resumes from ``out/checkpoint`` like the supervised trainer.
