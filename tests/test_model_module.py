@@ -156,3 +156,17 @@ def test_block_steps_and_prefix_keys_are_sound(case):
         assert depth < len(impl.blocks)  # the paths differ somewhere
         # steps never write into a carry they were given: a sweep can keep it for the next path
         assert all(torch.equal(a, b) for a, b in zip(shared, kept, strict=True))
+
+
+def test_a_model_trained_after_calibrating_is_saved_under_its_new_weights(tmp_path):
+    from dynavit.calibrate import fingerprint
+    from dynavit.sweep.measured import model_fingerprint
+
+    dm = _calibrated_tiny_vit()
+    before = dm.calibration.fingerprint
+    with torch.no_grad():  # a training step's worth of change
+        dm.reference.classifier.weight.add_(0.01)
+    back = dynavit.load(dm.save_pretrained(tmp_path / "trained", half=True))
+    assert back.calibration.fingerprint == fingerprint(back.base_module) != before
+    assert model_fingerprint(back) != before  # a store swept before training is refused
+    assert back.reference.classifier.weight.dtype == torch.float32  # fp16 on disk, fp32 loaded

@@ -96,22 +96,24 @@ class Calibration:
         return cls(perms=perms, **meta)
 
 
-def fingerprint(module: nn.Module) -> str:
+def fingerprint(module: nn.Module, *, stored_as: torch.dtype | None = None) -> str:
     """Hash of the model's parameters, insensitive to the channel/head order calibration changes.
 
     Sums run in float64 on one thread: a float32 sum's rounding depends on how many threads
     split it, and a calibration made at 2 threads must load in a process running 1.
+    ``stored_as``: the hash of the weights once rounded to that dtype (as a checkpoint stores them).
     """
-    return "v2:" + _param_hash(module, torch.float64, threads=1)
+    return "v2:" + _param_hash(module, torch.float64, threads=1, stored_as=stored_as)
 
 
-def _param_hash(module: nn.Module, dtype: torch.dtype, threads: int) -> str:
+def _param_hash(module: nn.Module, dtype: torch.dtype, threads: int, stored_as: torch.dtype | None = None) -> str:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         h = hashlib.sha1()
         for name, p in sorted(module.named_parameters()):
-            t = p.detach().to(dtype)
+            t = p.detach() if stored_as is None else p.detach().to(stored_as)
+            t = t.to(dtype)
             h.update(name.encode())
             h.update(f"{tuple(t.shape)} {t.sum().item():.6e} {t.abs().sum().item():.6e}".encode())
         return h.hexdigest()

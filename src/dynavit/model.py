@@ -226,12 +226,13 @@ class DynamicModel(nn.Module):
         self._base.train(mode)  # the family's own wrapper modules sit outside the tree
         return self
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+    def save_pretrained(self, folder: str | os.PathLike, *, half: bool = False) -> Path:
         """A Hugging Face folder (weights in their calibrated order) that ``dynavit.load`` reads back
-        calibrated, with any attached multiplexed models; transformers reads it as the source model."""
+        calibrated, with any attached multiplexed models; transformers reads it as the source model.
+        ``half``: fp16 weights on disk (loaded back as fp32)."""
         if self.variants:
             raise DynavitError("save_pretrained saves one model: save each variant on its own")
-        return write_pretrained(self, Path(folder))
+        return write_pretrained(self, Path(folder), half=half)
 
 
 LoadedModel = DynamicModel  # the name earlier releases gave models without execution paths

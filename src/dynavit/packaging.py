@@ -9,11 +9,14 @@ nothing to the weights (they are already in order) and re-attaches the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from dynavit.calibrate import Calibration
+import torch
+
+from dynavit.calibrate import Calibration, fingerprint
 from dynavit.errors import DynavitError
 from dynavit.multiplex import save_multiplexer
 
@@ -21,21 +24,30 @@ MANIFEST = "dynavit.json"
 FORMAT = 1
 
 
-def write_pretrained(dm: Any, folder: Path) -> Path:
-    """Write ``dm`` (a DynamicModel) to ``folder``; see the module docstring."""
+def write_pretrained(dm: Any, folder: Path, *, half: bool = False) -> Path:
+    """Write ``dm`` (a DynamicModel) to ``folder``; see the module docstring.
+
+    ``half`` stores floating-point weights as fp16 (half the bytes); ``dynavit.load`` brings them
+    back as fp32. A calibration is recorded with the fingerprint of the weights as saved (order-
+    insensitive, so unchanged unless the model was trained after calibrating).
+    """
     if not hasattr(dm.model, "save_pretrained"):
         raise DynavitError(f"save_pretrained writes Hugging Face folders; {dm.source} ({dm.family}) is not a "
                            "transformers model: save its state_dict() instead")
     folder.mkdir(parents=True, exist_ok=True)
-    dm.model.save_pretrained(str(folder))
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in dm.model.state_dict().items()}
+    dm.model.save_pretrained(str(folder), state_dict=state)
     h, w = dm.input_size
     pre = {**dm.preprocessor, "image_mean": list(dm.mean), "image_std": list(dm.std), "crop_pct": dm.crop_pct,
-           "size": {"height": h, "width": w}}
+           "size": {"height": h, "width": w}, "do_resize": True, "do_normalize": True}
     (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     manifest: dict[str, Any] = {"format": FORMAT, "saved_from": str(dm.source), "calibration": None,
                                 "multiplexers": {}}
     if dm.calibration is not None:
-        dm.calibration.save(folder / "calibration")
+        now = fingerprint(dm.base_module, stored_as=torch.float16 if half else None)
+        calib = dm.calibration
+        calib = calib if calib.fingerprint == now else dataclasses.replace(calib, fingerprint=now)
+        calib.save(folder / "calibration")
         manifest["calibration"] = "calibration"
     for n, mux in sorted(dm.multiplexers.items()):
         save_multiplexer(mux, folder / f"mux{n}")

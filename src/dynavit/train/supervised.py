@@ -148,20 +148,8 @@ def run_card(dataset: Any, recipe: Recipe, result: TrainResult, labels: bool | N
 
 
 def export(model: Any, folder: str | Path, card: dict[str, Any], *, half: bool = False) -> Path:
-    """Save as a Hugging Face folder that ``dynavit.load`` reads, with a markdown model card.
-
-    ``half`` stores the floating-point weights as fp16 (half the bytes, e.g. to commit a small
-    model); ``dynavit.load`` brings them back as fp32, so CPU inference is unaffected.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    module = _module(model)
-    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in module.state_dict().items()}
-    module.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    h, w = model.input_size
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "size": {"height": h, "width": w}, "image_mean": list(model.mean), "image_std": list(model.std),
-        "do_resize": True, "do_normalize": True}, indent=2))
+    """``model.save_pretrained(folder, half=half)`` plus a markdown model card (``README.md``) of ``card``."""
+    folder = model.save_pretrained(folder, half=half)
     lines = [f"# {card.get('name', folder.name)}", "", "Trained by `dynavit train`.", ""]
     lines += [f"- **{k}**: {v}" for k, v in card.items() if k != "name"]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
