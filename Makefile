@@ -6,7 +6,7 @@ STAMP := $(VENV)/.dynavit-installed
 TORCH_VERSION ?= 2.13.0
 ASSETS ?= $(abspath ../shared/assets)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test browser lint bench clean
 
 # torch first, pinned, so resolving the rest never pulls a different (multi-GB CUDA) build;
 # where 2.13.0 has no wheel for this platform, take whatever torch pip finds.
@@ -20,7 +20,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	DYNAVIT_ASSETS=$${DYNAVIT_ASSETS:-$(ASSETS)} $(VENV)/bin/dynavit demo --out out
 
-test: $(STAMP)
+# The report test renders the HTML in headless Chromium. Under CI (as root, with Debian's
+# packages reachable) a missing Chromium is installed; elsewhere the test says what to install.
+browser:
+	@command -v chromium >/dev/null || [ -z "$${CI:-}" ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+	  { echo "installing chromium for the report test"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 DYNAVIT_ASSETS=$${DYNAVIT_ASSETS:-$(ASSETS)} $(PY) -m pytest -q
 
 lint: $(STAMP)
