@@ -29,8 +29,8 @@ from dynavit.data.datasets import file_sha1, list_images, read_image
 from dynavit.evaluation import evaluate
 from dynavit.model import load
 from dynavit.report import write_report
-from dynavit.runtime import Controller, Menu
-from dynavit.runtime.simulate import hindsight_bounds, make_trace, path_quality, simulate
+from dynavit.runtime.simulate import hindsight_bounds, make_trace, simulate
+from dynavit.runtime.startup import start
 from dynavit.sweep import SweepTarget, pareto, run_sweep
 
 
@@ -81,13 +81,10 @@ def _sweep(deit, data: Path, out: Path, limit: int | None, console: Console) -> 
 
 def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     console.rule("5/5 budget controller on a trace of latency budgets")
-    menu = Menu.from_store(store, wide=True)  # the model as the sweep measured it
-    dm, data = menu.model, menu.images()
-    shots = data.frames()
-    ctrl = Controller(menu).profile(shots[0][0], runs=20)  # the menu re-measured here, now
-    quality_of = path_quality(dm, data)
-    if ctrl.can_rescue:  # what dropping blocks under a deadline costs each path
-        ctrl.measure_rescue(quality_of, progress=True)
+    # the model as the sweep measured it, its menu re-measured here, what dropping blocks costs each path
+    s = start(store, profile_runs=20, images=True, progress=True)
+    dm, ctrl, quality_of = s.model, s.controller, s.quality_of
+    shots = s.data.frames()
     # a sine over 4x from just above the cheapest path's median: a quarter of the frames leave no room
     # for the full model, so the policies differ (``default_bounds``, from the cheapest p95, is roomier)
     lo = 1.05 * min(e.latency_p50_ms or e.latency_p95_ms for e in ctrl.entries)

@@ -13,16 +13,15 @@ from rich.table import Table
 
 from dynavit.cli.kit import DeviceOpt, JsonOpt, console, interactive, print_wide, user_errors
 from dynavit.errors import DynavitError
-from dynavit.runtime import Controller, Menu
 from dynavit.runtime.simulate import (
     default_bounds,
     hindsight_bounds,
     load_trace,
     make_trace,
-    path_quality,
     plot_trace,
     simulate,
 )
+from dynavit.runtime.startup import start
 from dynavit.serve import client, load_for_store
 
 app = typer.Typer()
@@ -66,18 +65,13 @@ def simulate_cmd(store: MenuOpt, trace: TraceOpt = "random-walk", frames: Frames
         if threads < 1:
             raise DynavitError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    menu = Menu.from_store(store, wide=profile_runs > 0)  # the model as the sweep measured it
-    dm, data = menu.model, menu.images(progress=interactive())
+    s = start(store, profile_runs=profile_runs, rescue="auto" if rescue else False, images=True,
+              progress=interactive(), margin=margin, rule=rule, target_miss=target_miss)
+    dm, data, ctrl, quality_of = s.model, s.data, s.controller, s.quality_of
     if data.task != "classification":
         raise DynavitError("simulate scores classification sweeps (top-1 per frame); this store is "
                            f"{data.task}")
     frames_data = data.frames()
-    ctrl = Controller(menu, margin=margin, rule=rule, target_miss=target_miss, rescue=rescue)
-    if profile_runs:
-        ctrl.profile(frames_data[0][0], runs=profile_runs, progress=interactive())
-    quality_of = path_quality(dm, data)
-    if ctrl.can_rescue:  # what dropping blocks costs each path, measured on the sweep's images
-        ctrl.measure_rescue(quality_of, progress=interactive())
     lo = lo or default_bounds(ctrl)[0]
     hi = hi or 4 * lo
     budgets = load_trace(trace) if Path(trace).is_file() else make_trace(trace, frames, lo, hi, seed)
