@@ -1,4 +1,4 @@
-"""Accelerator design-space exploration on DeiT-tiny's execution paths (issue 7).
+"""Accelerator design-space exploration on DeiT-tiny's execution paths.
 
 1. Copy the DeiT-tiny sweep store of ``benchmarks/sweep_deit.py`` (run it first if missing) and
    explore 4 designs (simba-v{8,16,32,64}, 1024 MACs/cycle each) x the first 50 stored configs

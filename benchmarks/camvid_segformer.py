@@ -1,5 +1,5 @@
-"""CamVid SegFormer-B0: the committed model, its mIoU menu over execution paths (issue 5) and its
-paths on four modelled accelerator designs (issue 7).
+"""CamVid SegFormer-B0: the committed model, its mIoU menu over execution paths and its
+paths on four modelled accelerator designs.
 
 0. ``--from-run DIR [DIR2]``: write the model that ``dynavit train`` exported to the last ``DIR/model`` to
    ``--model`` as fp16 safetensors (what is committed under ``models/``), each stage's card included.

@@ -9,7 +9,7 @@ controller does under a changing budget), and reports:
 - the autocorrelation of log(observed / p50) at a few lags (do slowdowns persist?);
 - the 50th, 99th and 99.5th percentiles of the one-step error for the controller's level at several
   ``level_alpha`` (fed through ``Controller.observe``), against a median of the last 3 or 9 ratios (the
-  level before session 8) and no level at all.
+  earlier level rule) and no level at all.
 
 Writes the ``jitter`` section of docs/benchmarks.md:
 
