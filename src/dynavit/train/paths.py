@@ -258,10 +258,7 @@ def train_paths_and_save(dm: Any, dataset: Any, out: str | Path, recipe: Recipe,
             card[f"held-out {name} path"] = f"{q0:.4f} before, {q1:.4f} after ({g:.3f} GMACs/image) on {eval_data}"
             if console is not None:
                 console.print(f"{name} path ({g:.3f} GMACs): {q0:.4f} before -> {q1:.4f} after")
-    folder = export(dm, out / "model", card)
-    if console is not None:
-        console.print(f"wrote {folder} (load it with dynavit.load)")
-    return folder
+    return export(dm, out / "model", card, console=console)
 
 
 __all__ = ["PathSet", "default_token_layers", "space_paths", "token_paths", "train_paths", "train_paths_and_save"]

@@ -107,10 +107,7 @@ def train_supervised_and_save(dm: DynamicModel, dataset: Any, out: Path, recipe:
         card[f"held-out {key}"] = f"{score} on {eval_data}"
         if console is not None:
             console.print(f"held-out {key} {score}")
-    folder = export(dm, out / "model", card)
-    if console is not None:
-        console.print(f"wrote {folder} (load it with dynavit.load)")
-    return folder
+    return export(dm, out / "model", card, console=console)
 
 
 def run_job(job: TrainJob, console: Any = None) -> Path:

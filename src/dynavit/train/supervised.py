@@ -147,10 +147,13 @@ def run_card(dataset: Any, recipe: Recipe, result: TrainResult, labels: bool | N
             "final loss": f"{result.losses[-1]:.4f}" if result.losses else "n/a (already trained)"}
 
 
-def export(model: Any, folder: str | Path, card: dict[str, Any], *, half: bool = False) -> Path:
-    """``model.save_pretrained(folder, half=half)`` plus a markdown model card (``README.md``) of ``card``."""
+def export(model: Any, folder: str | Path, card: dict[str, Any], *, half: bool = False, console: Any = None) -> Path:
+    """``model.save_pretrained(folder, half=half)`` plus a markdown model card (``README.md``) of ``card``;
+    ``console`` (a rich console) is told where it went."""
     folder = model.save_pretrained(folder, half=half)
     lines = [f"# {card.get('name', folder.name)}", "", "Trained by `dynavit train`.", ""]
     lines += [f"- **{k}**: {v}" for k, v in card.items() if k != "name"]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
+    if console is not None:
+        console.print(f"wrote {folder} (load it with dynavit.load)")
     return folder
