@@ -12,7 +12,7 @@
    latency of a few hand-picked paths on the 4 designs. The trained CamVid B0's swept paths, with
    their measured mIoU, are costed by ``benchmarks/camvid_segformer.py``.
 
-Writes the ``accel-dse`` section of docs/benchmarks.md. Run alone:
+Writes benchmarks/results/accel-dse.{md,json}. Run alone:
 
     .venv/bin/python benchmarks/accel_dse.py [--configs 50] [--out out/bench-accel]
 """
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from docsection import write_section
+from docsection import write_json, write_section
 
 import dynavit
 from dynavit.accel.arch import Arch
@@ -129,9 +129,11 @@ def main() -> None:
 
     full = _full_check(ex, store, args.out)
     seg = _segformer(archs, args.out)
-    (args.out / "summary.json").write_text(json.dumps(
-        {"vector": ex.to_json(), "memory": ex_mem.to_json(), "full_search_check": full, "segformer": seg,
-         "cold_seconds": cold_s}, indent=1))
+    summary = {"vector": ex.to_json(), "memory": ex_mem.to_json(), "full_search_check": full, "segformer": seg,
+               "cold_seconds": cold_s}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if not args.no_doc:
+        write_json("accel-dse", summary)
 
     ph = ex.extra["phases"]
     body = (
@@ -146,12 +148,12 @@ def main() -> None:
         f"summing ({ph['sum_s']:.0f} s). Target < 15 min.\n\n"
         "**Vector size at equal peak (1024 MACs/cycle), channel knobs rounded to V:** savings are against each "
         "design's own default path; the best path within the drop, with its measured top-1 drop (400 images).\n\n"
-        + markdown_table(ex) + "\n![energy-quality fronts per vector size](img/accel_dse_fronts.png)\n\n"
+        + markdown_table(ex) + "\n![energy-quality fronts per vector size](../../docs/img/accel_dse_fronts.png)\n\n"
         "**Memory sizes (simba-v16):**\n\n" + markdown_table(ex_mem) + "\n"
         "**Pruned vs full mapping search** (energy uJ of the same paths):\n\n" + _md(full) + "\n\n"
         "**SegFormer-B0, 352x480 (CamVid 360x480 rounded to a multiple of 32), shapes only** (random weights, "
-        "so no quality; the trained CamVid B0's swept paths with their measured mIoU are in the section "
-        "*Accelerator: CamVid SegFormer-B0 paths on four designs*):\n\n" + _md(seg, "{:.3f}") + "\n"
+        "so no quality; the trained CamVid B0's swept paths with their measured mIoU are in "
+        "accel-camvid.md):\n\n" + _md(seg, "{:.3f}") + "\n"
     )
     print(body)
     if not args.no_doc:

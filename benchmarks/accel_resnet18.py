@@ -11,8 +11,8 @@ DeiT-tiny layers, on every vector-size preset (time per layer, energy, cycles):
 
     .venv/bin/python benchmarks/accel_resnet18.py search [--designs simba-v8,simba-v16,...]
 
-Both print Markdown; ``--out DIR`` also writes the raw JSON, ``--doc`` the section of
-docs/benchmarks.md.
+Both print Markdown and write the raw JSON to benchmarks/results/<tag>.json (``--out DIR``:
+a copy there too); ``--doc`` also writes the Markdown table to benchmarks/results/<tag>.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import zigzag
+from docsection import write_json, write_section
 
 from dynavit.accel.arch import Arch
 from dynavit.accel.layers import MacOp
@@ -114,7 +115,7 @@ def main() -> None:
     sp.add_argument("--designs", default="simba-v8,simba-v16,simba-v32,simba-v64")
     for p in (rp, sp):
         p.add_argument("--out", type=Path, default=None, help="also write the raw results (JSON) here")
-        p.add_argument("--doc", action="store_true", help="write the section of docs/benchmarks.md")
+        p.add_argument("--doc", action="store_true", help="write the Markdown table to benchmarks/results/")
     args = ap.parse_args()
     if args.cmd == "reproduce":
         text, raw = reproduce(args.search)
@@ -130,12 +131,11 @@ def main() -> None:
     text = (f"Machine: {cpu_name()}. Date: {dt.date.today()}. Command: `.venv/bin/python benchmarks/accel_resnet18.py "
             f"{' '.join(sys.argv[1:])}`.\n\n" + text)
     print(text)
+    print(f"wrote {write_json(tag, raw)}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{tag}.json").write_text(json.dumps(raw, indent=1))
     if args.doc:
-        from docsection import write_section
-
         print(f"wrote {write_section(tag, heading, text)}")
 
 

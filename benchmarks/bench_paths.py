@@ -3,7 +3,7 @@
 Everything for one model and batch size is timed in ONE run, interleaved round-robin (each
 repetition times every variant once), and reported as medians and ratios to the default
 path, so machine noise hits all variants alike. Also times ``configure()``. Writes the
-``paths-<device>`` section of docs/benchmarks.md. Run:
+``paths-<device>`` section (benchmarks/results/). Run:
 
     .venv/bin/python benchmarks/bench_paths.py [--device cpu] [--batches 1 32] [--models deit-tiny segformer-b2 swin-t]
 """

@@ -11,7 +11,7 @@ paths on four modelled accelerator designs.
 3. Accelerator: the store's paths on simba-v{8,16,32,64} (1024 MACs/cycle each, channel knobs
    rounded to V): energy and latency saved at <= 1.5 pt and <= 4 pt mIoU drop.
 
-Writes the ``sweep-camvid`` and ``accel-camvid`` sections of docs/benchmarks.md. Run alone:
+Writes the ``sweep-camvid`` and ``accel-camvid`` sections (benchmarks/results/). Run alone:
 
     .venv/bin/python benchmarks/camvid_segformer.py [--from-run runs/camvid-b0] [--budget 40]
 """

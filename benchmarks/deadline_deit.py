@@ -8,7 +8,7 @@
 3. What measuring the ladders takes with ``path_quality`` told the next rung (activations the rungs
    share are kept, as in a sweep) and without (each rung from the input), and that both agree.
 
-Writes the ``deadline`` section of docs/benchmarks.md:
+Writes benchmarks/results/deadline.{md,json}:
 
     .venv/bin/python benchmarks/deadline_deit.py [--runs 400] [--threads 2]
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from docsection import write_section
+from docsection import write_json, write_section
 
 from dynavit.config import ExecConfig
 from dynavit.deadline import Deadline
@@ -97,6 +97,11 @@ def main() -> None:
     body = "\n".join(lines + [""])
     write_section("deadline", "Deadlines in the forward: overhead and the cost of dropped blocks (DeiT-tiny, CPU)",
                   body)
+    write_json("deadline", {
+        "runs": args.runs, "threads": args.threads, "plain_ms": plain, "deadline_ms": timed, "ratio": ratio,
+        "ladders_hinted_s": hinted_s, "ladders_blind_s": blind_s, "ladders_identical": same, "images": data.n,
+        "paths": [{"label": e.label, "top1": e.quality, "ladder": [list(r) for r in e.ladder]}
+                  for e in sorted(ctrl.entries, key=lambda e: e.quality)]})
     print(body)
 
 

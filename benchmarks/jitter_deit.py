@@ -11,7 +11,7 @@ controller does under a changing budget), and reports:
   ``level_alpha`` (fed through ``Controller.observe``), against a median of the last 3 or 9 ratios (the
   earlier level rule) and no level at all.
 
-Writes the ``jitter`` section of docs/benchmarks.md:
+Writes benchmarks/results/jitter.{md,json}:
 
     .venv/bin/python benchmarks/jitter_deit.py [--frames 2000] [--threads 2 1]
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from docsection import write_section
+from docsection import write_json, write_section
 from tqdm.auto import tqdm
 
 from dynavit.runtime import Controller, Menu
@@ -72,6 +72,7 @@ def main() -> None:
              "cover; the first 30 frames are left out. `level_alpha` rows feed the runs through "
              "`Controller.observe` and read its error window; the median rows are the earlier level (median of the "
              "last k ratios); *none* is observed / p50.", ""]
+    raw: list[dict] = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         probe = Controller(menu).profile(frames[0][0], runs=30)
@@ -93,12 +94,16 @@ def main() -> None:
                   f"mix; autocorrelation of log(observed / p50) at lag 1, 2, 5, 20: "
                   f"{', '.join(f'{v:.2f}' for v in ac)}.", "",
                   "| level | error p50 | error p99 | error p99.5 | p99 / p50 |", "|---|---|---|---|---|"]
+        raw.append({"threads": threads, "p50_ms": float(np.median(ms)), "autocorrelation_lags_1_2_5_20": ac,
+                    "errors": {}})
         for name, err in rows:
             q50, q99, q995 = quantiles(err[30:])
+            raw[-1]["errors"][name] = {"p50": q50, "p99": q99, "p99.5": q995}
             lines.append(f"| {name} | {q50:.3f} | {q99:.3f} | {q995:.3f} | {q99 / q50:.3f} |")
         lines.append("")
     body = "\n".join(lines)
     write_section("jitter", "Latency jitter: how well the last runs predict the next (DeiT-tiny, CPU)", body)
+    write_json("jitter", {"frames": args.frames, "runs": raw})
     print(body)
 
 

@@ -9,7 +9,8 @@ side by side (round-robin, medians) at one batch size.
 
     flock /tmp/dynavit-bench.lock .venv/bin/python benchmarks/multiplex_deit.py
 
-Markdown to stdout, JSON to ``--out``/deit.json; the run resumes from ``--out``/cp2/checkpoint.
+Markdown to stdout, JSON to benchmarks/results/multiplex-deit.json (and a copy in ``--out``/deit.json); the
+run resumes from ``--out``/cp2/checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from docsection import write_json
 from multiplex_fashion import throughput
 
 import dynavit
@@ -119,13 +121,14 @@ def main() -> None:
               f"{mac / 1e9:.3f} | {mac / total[0]:.3f}x | {f'{v:.1f}' if v else '-'} |")
     print(f"\nthroughput: {ips['cp2'] / ips['deit']:.2f}x DeiT-tiny's images/s")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "deit.json").write_text(json.dumps({
-        "command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
+    raw = write_json("multiplex-deit", {
+        "args": {k: str(v) for k, v in vars(args).items()},
         "device": device_name(torch.device("cpu")), "versions": versions(), "train_seconds": train_s,
         "train_losses": res.losses, "n_train": len(train_idx), "n_eval": len(eval_idx),
         "rows": [{"model": n, **{k: v for k, v in s.items() if k != "pred"}, "macs_by_class": c, "macs": t}
                  for (n, _, s), c, t in zip(rows, costs, total, strict=True)],
-        "images_per_s": ips, "batch_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}, indent=2))
+        "images_per_s": ips, "batch_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}})
+    (args.out / "deit.json").write_text(raw.read_text())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ size, all models timed in one run, round-robin, medians.
 
     flock /tmp/dynavit-bench.lock .venv/bin/python benchmarks/multiplex_fashion.py
 
-Runs resume from their checkpoints in ``--out``. Markdown to stdout, JSON to ``--out``/fashion.json.
+Runs resume from their checkpoints in ``--out``. Markdown to stdout, JSON to
+benchmarks/results/multiplex-fashion.json (and a copy in ``--out``/fashion.json).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from docsection import write_json
 from transformers import ViTConfig
 
 from dynavit.cost.flops import macs_per_image
@@ -133,9 +135,10 @@ def main() -> None:
               f"{r['macs'] / 1e6:.2f} M | {r['macs_ratio']:.3f}x | {r['images_per_s']:.0f} | {r['speedup']:.2f}x | "
               f"{r['train_s']:.0f} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fashion.json").write_text(json.dumps({
-        "command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
-        "device": device_name(torch.device("cpu")), "versions": versions(), "rows": rows}, indent=2))
+    raw = write_json("multiplex-fashion", {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "device": device_name(torch.device("cpu")), "versions": versions(), "rows": rows})
+    (args.out / "fashion.json").write_text(raw.read_text())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """FLOP share vs measured time share per operator class; our counter vs torch's FlopCounterMode.
 
-Writes the section between the ``profile-classes`` markers of docs/benchmarks.md. Run:
+Writes benchmarks/results/profile-classes-<device>.{md,json}. Run:
 
     .venv/bin/python benchmarks/profile_classes.py [--device cuda] [--dtypes fp32 bf16]
 """
@@ -12,7 +12,7 @@ import datetime as dt
 import os
 
 import torch
-from docsection import DOC, write_section
+from docsection import write_json, write_section
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynavit
@@ -68,6 +68,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     loaded = {}
+    raw: dict = {"counts": [], "profiles": []}
     for title, src, size in models:
         if src.endswith("#reference"):  # the source library's own forward, same weights, same counter
             loaded[title] = dynavit.load(src.removesuffix("#reference")).reference
@@ -77,12 +78,14 @@ def main() -> None:
         ours = dynavit.cost.total_macs(lm.module, lambda lm=lm, size=size: lm(lm.example_input(1, size))) / 1e9
         theirs = torch_counter_gmacs(lm, size)
         out.append(f"| {title} | {size[0]}x{size[1]} | {ours:.4f} | {theirs:.4f} | {1 - theirs / ours:.1%} |")
+        raw["counts"].append({"model": title, "input": list(size), "dynavit_gmac": ours, "flopcounter_gmac": theirs})
     for title, _src, size in models:
         lm = loaded[title]
         for dtype in args.dtypes:
             if isinstance(lm, torch.nn.Module) and dtype != "fp32":
                 continue
             p = dynavit.profile(lm, input_size=size, device=args.device, dtype=dtype, repeats=args.repeats)
+            raw["profiles"].append({"model": title, "input": list(size), "dtype": dtype, **p.to_json()})
             out += [
                 "",
                 f"### {title}, {size[0]}x{size[1]}, {args.device} {dtype}: {p.total_macs / 1e9:.4f} GMAC, "
@@ -95,8 +98,8 @@ def main() -> None:
             print(out[-len(class_rows(p)) - 4])
     section = "\n".join(out)
     heading = f"Profiler: FLOP share vs time share per operator class ({args.device})"
-    write_section(f"profile-classes-{args.device}", heading, section)
-    print(f"wrote {DOC}")
+    tag = f"profile-classes-{args.device}"
+    print(f"wrote {write_section(tag, heading, section)} and {write_json(tag, raw)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Calibration uses CamVid training frames (road scenes, used unlabelled), which share no
 images with the evaluation set: the 500 ImageNet sample photographs. Top-1 carries a
-bootstrap 95 % CI over images. Writes the ``resilience`` section of docs/benchmarks.md and
+bootstrap 95 % CI over images. Writes benchmarks/results/resilience.{md,json} and
 docs/img/resilience.png. Run:
 
     .venv/bin/python benchmarks/resilience.py [--calib-images 64]
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from docsection import DOC, write_section
+from docsection import RESULTS, write_json, write_section
 
 import dynavit
 from dynavit.assets import assets_dir, deit_tiny_source
@@ -96,7 +96,7 @@ def interp_at(curve: list[tuple[float, float]], gmac: float) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib-images", type=int, default=64)
-    ap.add_argument("--out-json", default=str(ROOT / "docs" / "resilience.json"))
+    ap.add_argument("--out-json", default=str(RESULTS / "resilience.json"))
     ap.add_argument("--replot", action="store_true", help="redraw the PNG from --out-json, measuring nothing")
     args = ap.parse_args()
     if args.replot:
@@ -134,11 +134,11 @@ def main() -> None:
                          "gmac_padded": r.get("gmac_padded"), "top1": r["top1"]})
             curves.setdefault(fam, []).append((r["gmac"], r["top1"]["value"]))
             print(f"{fam:28s} {label:34s} {r['gmac']:.3f} GMAC top1 {r['top1']['value']:.3f}")
-    Path(args.out_json).write_text(json.dumps({"base": {"gmac": base["gmac"], "top1": base["top1"]},
-                                               "calibration": {"criterion": cal.criterion,
-                                                               "comparison": cal.comparison,
-                                                               "images": len(calib)},
-                                               "rows": rows}, indent=2))
+    out = Path(args.out_json)
+    write_json(out.stem, {"base": {"gmac": base["gmac"], "top1": base["top1"]},
+                          "calibration": {"criterion": cal.criterion, "comparison": cal.comparison,
+                                          "images": len(calib)},
+                          "rows": rows}, folder=out.parent)
     plot(base, curves, ROOT / "docs" / "img" / "resilience.png")
     write_doc(base, rows, curves, cal, len(calib), time.time() - t0)
 
@@ -185,7 +185,7 @@ def write_doc(base, rows, curves, cal, n_calib, seconds) -> None:
         "measured points (blank outside its measured range). Adaptive-threshold GMAC is the mean over the 500 images "
         "run one at a time; in brackets, what batches of 50 padded to their largest image actually execute per image.",
         "",
-        "![resilience](img/resilience.png)",
+        "![resilience](../../docs/img/resilience.png)",
         "",
         "| knob | setting | GMAC | MAC saving | top-1 [95% CI] | drop (pt) | EViT at same GMAC | ToMe at same GMAC |",
         "|---|---|---|---|---|---|---|---|",
@@ -200,8 +200,8 @@ def write_doc(base, rows, curves, cal, n_calib, seconds) -> None:
             f"{t['value']:.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}] | {100 * (b['value'] - t['value']):.1f} | "
             f"{'' if e is None else f'{e:.3f}'} | {'' if m is None else f'{m:.3f}'} |")
     section = "\n".join(lines)
-    write_section("resilience", "Resilience: DeiT-tiny top-1 vs GMAC per knob (training-free)", section)
-    print(f"wrote {DOC}")
+    heading = "Resilience: DeiT-tiny top-1 vs GMAC per knob (training-free)"
+    print(f"wrote {write_section('resilience', heading, section)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Uses the DeiT-tiny store written by ``benchmarks/sweep_deit.py``. Each client sends real
 ImageNet sample JPEGs with a latency budget drawn from the menu's range and records the
-status and the round-trip time. Writes the ``serve-load`` section of docs/benchmarks.md:
+status and the round-trip time. Writes the ``serve-load`` section (benchmarks/results/):
 
     .venv/bin/python benchmarks/serve_load.py [--store out/bench-sweep/deit-tiny.db] [--requests 2000]
 """

@@ -10,7 +10,7 @@ candidate menu here (``Controller(Menu.from_store(..., wide=True)).profile(x)``)
 The controller uses the priced rule and runs each frame under a deadline (blocks dropped when a run
 falls behind); the same profiled controller without the deadline, and with the per-frame quantile rule,
 run beside it for comparison.
-Writes the ``simulate`` section of docs/benchmarks.md and docs/img/simulate_load.png:
+Writes the ``simulate`` section (benchmarks/results/) and docs/img/simulate_load.png:
 
     .venv/bin/python benchmarks/simulate_deit.py [--frames 400] [--threads 2 1]
 """

@@ -9,7 +9,7 @@
 5. Report: the Pareto front, the best config with >= 30 % / >= 35 % fewer MACs and its paired
    top-1 drop, and composed configs against the best single knob at matched MACs.
 
-Writes the ``sweep-deit`` section of docs/benchmarks.md. Run alone (other load skews latency):
+Writes the ``sweep-deit`` section (benchmarks/results/). Run alone (other load skews latency):
 
     .venv/bin/python benchmarks/sweep_deit.py [--budget 100] [--out out/bench-sweep]
 """

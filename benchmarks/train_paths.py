@@ -24,22 +24,21 @@ default 1: labels only). ``--default-weight`` scales the default path's loss aga
     flock /tmp/dynavit-bench.lock .venv/bin/python benchmarks/train_paths.py --setting deit --arm sait
     flock /tmp/dynavit-bench.lock .venv/bin/python benchmarks/train_paths.py --setting fashion --arm paths
 
-Markdown to stdout and to docs/benchmarks.md; JSON to ``--out``/<setting>-<arm>.json; every training
-resumes from its checkpoint under ``--out``.
+Markdown to stdout and to benchmarks/results/train-<setting>-<arm>[-<variant>].md; JSON beside it (and a
+copy in ``--out``); every training resumes from its checkpoint under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from docsection import write_section
+from docsection import RESULTS, write_json, write_section
 from multiplex_deit import split
 
 import dynavit
@@ -243,10 +242,11 @@ def main() -> None:
         write_section(f"train-{name}", f"Training: {args.setting}, {args.arm} {args.variant}".rstrip(),
                       f"Date: {time.strftime('%Y-%m-%d')}. Command: {cmd}.\n\n{body}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps({
-        "command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
-        "device": device_name(torch.device("cpu")), "versions": versions(), "train_seconds": train_s,
-        "train_losses": res.losses, "rows": rows, "default_agreement": agree}, indent=2))
+    payload = {"args": {k: str(v) for k, v in vars(args).items()},
+               "device": device_name(torch.device("cpu")), "versions": versions(), "train_seconds": train_s,
+               "train_losses": res.losses, "rows": rows, "default_agreement": agree}
+    raw = write_json(f"train-{name}", payload, folder=RESULTS if args.eval_limit is None else args.out)
+    (args.out / f"{name}.json").write_text(raw.read_text())
 
 
 if __name__ == "__main__":

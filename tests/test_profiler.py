@@ -84,7 +84,7 @@ def test_deit_tiny_real_counts_exact(deit_tiny):
     got = class_macs(deit_tiny)
     want = vit_macs(192, 12, 3, 768, 16, 224, 224, 1000)
     assert_close(got, want, 0)
-    # the numbers stated in the issue, +-0.1 %
+    # DeiT-tiny's published counts, +-0.1 %
     assert sum(want.values()) / 1e9 == pytest.approx(1.2537, rel=1e-3)
     assert got["conv"] / 1e9 == pytest.approx(0.0289, rel=1e-3)
     assert got["linear"] / 1e9 == pytest.approx(1.0459, rel=1e-3)
@@ -130,7 +130,7 @@ def test_swin_t_within_one_percent():
     cfg = SwinConfig()
     lm = dynavit.from_config(cfg)
     want = swin_macs(cfg.embed_dim, cfg.depths, cfg.num_heads, cfg.window_size, cfg.patch_size, 224, cfg.num_labels)
-    assert_close(class_macs(lm), want, 0)  # the issue asks 1 %; the count is exact
+    assert_close(class_macs(lm), want, 0)  # 1 % would pass; the count is exact
 
 
 class ExplicitAttention(nn.Module):

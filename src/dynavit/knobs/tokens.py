@@ -9,7 +9,7 @@ The state that travels with the tokens is a ``TokenState``:
 - ``valid`` (adaptive threshold only): images of one batch keep different numbers of
   tokens; the batch is padded to the largest count and padded keys get ``-inf``. This is
   the padding strategy (not bucketing): one kernel per layer for the whole batch, paying
-  for the padded rows in the MLP. ``docs/benchmarks.md`` measures its cost.
+  for the padded rows in the MLP. ``docs/results.md`` measures its cost.
 
 Math:
 - prune: CLS attention a_j = mean_h softmax(q_cls k^T / sqrt(d))_j over patch tokens j;

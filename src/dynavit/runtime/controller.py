@@ -47,7 +47,7 @@ target at 2 threads on DeiT-tiny before enough misses had been seen to raise it.
 deficit is kept within ``[-miss_credit, miss_debt]``: a long easy stretch cannot bank enough
 allowance to gamble with later, and a stretch of overload cannot leave the price high for
 thousands of frames; misses whose risk was above even odds when chosen (nothing fitted) do not
-count. A fixed per-frame quantile rule wastes the allowance (docs/benchmarks.md compares both
+count. A fixed per-frame quantile rule wastes the allowance (docs/results.md compares both
 on DeiT-tiny). ``predict()`` still returns the (1 - target_miss) quantile, and
 ``rule="quantile"`` chooses by it (``predicted_c <= budget``), for users who need every single
 frame to have at most ``target_miss`` chance of missing rather than the run as a whole.

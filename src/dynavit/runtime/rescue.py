@@ -5,7 +5,7 @@ falls behind. Selection can count on that only if it knows what the drops cost: 
 with stage shares (``timing.profile``), the ladder holds the quality with its first 1, 2, ...
 droppable blocks dropped, up to the deadline's ``max_drop``, and the share of the path's time
 each saves. In paired runs on DeiT-tiny, deadlines without the ladder cost top-1
-(docs/benchmarks.md).
+(docs/results.md).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ networks, as Once-For-All trains its sub-networks):
   frozen copy of the model as it was before training (the *anchor*), which keeps the default
   path's function while the other paths pull on the shared weights. With labels the two mix as
   ``(1 - w) * KD(anchor) + w * CE`` (``w = distill.label_weight``, 1 by default: on Fashion-MNIST
-  the anchor at w = 0.5 did not keep the dense path better than labels alone, docs/benchmarks.md);
+  the anchor at w = 0.5 did not keep the dense path better than labels alone, docs/results.md);
   ``default_weight`` scales this loss against each other path's: at 1, two sparse paths per step pulled
   SaiT's dense path 1.3 pt down on Fashion-MNIST in 300 steps (the dense path trained alone gained
   0.3); at 3 and 1800 steps it ended 0.3 pt up, with keep 0.7 within 0.34 pt of it;
