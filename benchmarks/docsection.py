@@ -28,10 +28,14 @@ DOC = RESULTS  # where generated sections land; callers print it after writing
 
 
 def machine() -> dict[str, Any]:
-    """What a number depends on besides the code: CPU model, cores, threads, torch, GPU."""
+    """What a number depends on besides the code: CPU model, cores, threads, torch, GPU, and the load.
+
+    ``load_1min`` (the 1-minute load average at the end of the run) says whether other work shared
+    the cores: timings taken at a load above the core count are indicative only.
+    """
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "gpu": gpu}
+            "torch": torch.__version__, "gpu": gpu, "load_1min": round(os.getloadavg()[0], 2)}
 
 
 def command() -> str:
