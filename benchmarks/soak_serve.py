@@ -164,7 +164,7 @@ def main() -> None:
     flat = abs(last - first) <= FLAT * first
     out = {"machine": {"cpu": device_name(__import__("torch").device("cpu")), "platform": platform.platform(),
                        "cores": os.cpu_count()},
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
            "command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""), "python",
                                 *sys.argv]).strip(),
            "model": "random ViT, 32x32 input, 2 blocks of width 32 (transformers ViTConfig)",

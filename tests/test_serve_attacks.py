@@ -8,6 +8,7 @@ peak memory (VmHWM) stays within 200 MB of what normal requests had already reac
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -301,5 +302,60 @@ def test_huge_segmentation_runs_off_the_loop_with_a_capped_mask(servers) -> None
     assert a["image_size"] == [w, h] and a["mask_size"][0] * a["mask_size"][1] <= MAX_MASK_PIXELS
     mask = Image.open(io.BytesIO(base64.b64decode(a["mask_png_base64"])))
     assert list(mask.size) == a["mask_size"] and set(a["classes"]) <= {"0", "1", "2", "3"}
+    probes.check()
+    assert s.grew_mb() < MEMORY_MB, (s.baseline_mb, s.peak_mb())
+
+
+def test_client_reads_a_bounded_answer(tmp_path) -> None:
+    """``dynavit infer`` against something that answers without end: an error, not a client holding gigabytes."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dynavit.errors import DynavitError
+    from dynavit.serve import client
+
+    class Endless(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200 if self.path.endswith("ok") else 500)
+            self.end_headers()
+            block = b"0" * 65536
+            try:
+                for _ in range(client.MAX_ANSWER_BYTES // len(block) * 4):
+                    self.wfile.write(block)
+            except OSError:  # the client stopped reading
+                pass
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg(32, 32))
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with pytest.raises(DynavitError, match="exceeds"):
+            client.infer(image, url, config="ok")
+        with pytest.raises(DynavitError, match="500"):  # the error body is not read in full either
+            client.infer(image, url, config="no")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_concurrent_huge_images_take_turns(servers) -> None:
+    """Three 39.7 MP requests at once are decoded one after another: peak memory is that of one."""
+    import httpx
+
+    s, body = servers["seg"], solid_png(6300, 6300, (200, 10, 10))
+
+    async def attack() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            rs = await asyncio.gather(*[c.post(f"{s.url}/v1/infer?config=p0", content=body,
+                                               headers={"content-type": "image/png"}) for _ in range(3)])
+        return [r.status_code for r in rs]
+
+    with probing(s.url) as probes:
+        assert asyncio.run(attack()) == [200] * 3
     probes.check()
     assert s.grew_mb() < MEMORY_MB, (s.baseline_mb, s.peak_mb())

@@ -61,6 +61,12 @@ def check_size(w: int, h: int, max_pixels: int, transform: Transform | None = No
 def decode_image(data: bytes, max_pixels: int, transform: Transform | None = None,
                  max_aspect: float = MAX_ASPECT) -> Image.Image:
     """RGB image from bytes, checked by ``check_size`` first; 400 for non-images and truncated files."""
+    return decode(open_image(data, max_pixels, transform, max_aspect))
+
+
+def open_image(data: bytes, max_pixels: int, transform: Transform | None = None,
+               max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """The image in ``data``, its header read and checked (``check_size``), no pixel decoded yet."""
     if not data:
         raise RequestError(400, "the request has no image (empty body)")
     try:
@@ -71,6 +77,11 @@ def decode_image(data: bytes, max_pixels: int, transform: Transform | None = Non
         raise RequestError(400, "the body is not an image this server can decode (JPEG, PNG, WebP, BMP, ...)"
                            ) from None
     check_size(*img.size, max_pixels, transform, max_aspect)
+    return img
+
+
+def decode(img: Image.Image) -> Image.Image:
+    """The pixels of an opened image, in RGB; 400 for truncated or corrupt data."""
     try:
         img.load()
         return rgb(img)

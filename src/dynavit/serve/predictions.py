@@ -1,6 +1,6 @@
 """The prediction part of an answer: top-k labels, or a segmentation mask of bounded size.
 
-These run off the event loop (``asyncio.to_thread``): a mask is upsampled and PNG-encoded,
+These run off the event loop (on the server's thread for image-sized work): a mask is upsampled and PNG-encoded,
 which for a large image took seconds on the loop and blocked every other request, health
 checks included. The mask is the image's own size up to ``max_mask_pixels``, above that the
 largest size of the image's aspect ratio within it; the answer says which (``mask_size`` next
