@@ -165,6 +165,8 @@ def main() -> None:
     out = {"machine": {"cpu": device_name(__import__("torch").device("cpu")), "platform": platform.platform(),
                        "cores": os.cpu_count()},
            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+           "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip(),
            "command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""), "python",
                                 *sys.argv]).strip(),
            "model": "random ViT, 32x32 input, 2 blocks of width 32 (transformers ViTConfig)",
