@@ -15,9 +15,8 @@ Every bad request gets a 4xx JSON ``{"error": ...}`` that says what was wrong; t
 serving. Bodies are counted as they stream and images are checked before they are decoded
 (``serve.images``); decoding, the transform and the answer's prediction (``serve.predictions``)
 run on a thread of their own, so the event loop (and ``/healthz``) answers while a large image is
-processed. The request handling is
-plain functions (``plan``, ``infer``, ``answer``) around the batcher; ``create_app`` only wires
-them to routes.
+processed. The request handling is plain functions (``plan``, ``infer``, ``answer``) around the
+batcher; ``create_app`` only wires them to routes.
 """
 
 from __future__ import annotations
@@ -99,7 +98,7 @@ class Server:
     metrics: Metrics
     max_aspect: float = MAX_ASPECT
     max_mask_pixels: int = MAX_MASK_PIXELS
-    pixels: ThreadPoolExecutor | None = None  # the one thread for image-sized work (see ``infer``)
+    imaging: ThreadPoolExecutor | None = None  # the one thread for image-sized work (see ``infer``)
     batcher: Batcher | None = None
     ready: bool = False
 
@@ -179,13 +178,14 @@ async def infer(server: Server, request: Request, budgets: dict[str, float | Non
     batcher.arriving += 1
     # Image-sized work (decoding, the transform, a mask) has one thread of its own, off the event loop: one
     # such buffer in memory at a time, each bounded by the checks, and allocated and freed on the same thread,
-    # so the allocator reuses its blocks: three 40 MP images decoded at once on three pool threads kept
-    # 365 MB of peak memory, one at a time on one thread 160 MB (a decoded RGB pixel takes 4 bytes).
+    # so the allocator reuses its blocks. Three 40 MP images at once on three pool threads raised peak memory
+    # by 365 MB, on this thread by 150 MB, as one does (a decoded RGB pixel takes 4 bytes). The price: a
+    # request's decode or mask may wait behind another's (a 40 MP decode takes about a second).
     try:
-        img = await loop.run_in_executor(server.pixels, open_image, data, server.max_pixels, transform,
+        img = await loop.run_in_executor(server.imaging, open_image, data, server.max_pixels, transform,
                                          server.max_aspect)
         del data  # the image holds what it needs until ``prepare`` closes it
-        pixels = await loop.run_in_executor(server.pixels, prepare, transform, img)
+        pixels = await loop.run_in_executor(server.imaging, prepare, transform, img)
     finally:  # no await between here and submit(): the request is queued before anyone looks
         batcher.arriving -= 1
     p = plan(server, given, name, t0)
@@ -194,7 +194,7 @@ async def infer(server: Server, request: Request, budgets: dict[str, float | Non
               server.controller.predict(p.entry) or 0.0, p.choice, due)
     out, ran, batch = await batcher.submit(p.entry.config, job)
     fields = answer(server, p, ran, batch, (time.perf_counter() - t0) * 1e3)
-    return fields | await loop.run_in_executor(server.pixels, prediction, server.dm, out, img.size, server.topk,
+    return fields | await loop.run_in_executor(server.imaging, prediction, server.dm, out, img.size, server.topk,
                                                server.max_mask_pixels)
 
 
@@ -255,7 +255,7 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.batcher = Batcher(dm, max_batch=max_batch, max_wait_ms=max_wait_ms, controller=controller)
-        server.pixels = ThreadPoolExecutor(1, "dynavit-pixels")
+        server.imaging = ThreadPoolExecutor(1, "dynavit-imaging")
         server.batcher.start()
         loop = asyncio.get_running_loop()
         x = torch.zeros(1, 3, *dm.input_size)
@@ -265,7 +265,7 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
         yield
         server.ready = False
         await server.batcher.close()
-        server.pixels.shutdown(wait=True)
+        server.imaging.shutdown(wait=True)
 
     app = FastAPI(title="dynavit", version="1", lifespan=lifespan,
                   description="Run-time adaptive ViT inference: the most accurate path within each request's budget.")
