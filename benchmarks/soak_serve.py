@@ -155,6 +155,7 @@ def main() -> None:
     from dynavit.model import from_config
     from dynavit.sweep.engine import device_name
 
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     print("| requests | RSS MB   | peak MB  | seconds  |\n|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         from_config(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -165,8 +166,7 @@ def main() -> None:
     out = {"machine": {"cpu": device_name(__import__("torch").device("cpu")), "platform": platform.platform(),
                        "cores": os.cpu_count()},
            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-           "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip(),
+           "commit": commit,
            "command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""), "python",
                                 *sys.argv]).strip(),
            "model": "random ViT, 32x32 input, 2 blocks of width 32 (transformers ViTConfig)",
