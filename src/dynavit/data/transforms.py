@@ -44,10 +44,14 @@ def _pair(size: int | Sequence[int], what: str) -> tuple[int, int]:
     return hw  # type: ignore[return-value]
 
 
+def rgb(img: Image.Image) -> Image.Image:
+    """``img`` in RGB, converted only if it is not: a conversion copies every pixel."""
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def to_normalized_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """RGB PIL image -> float32 (3, H, W) in the same op order as torchvision ToTensor + Normalize."""
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = rgb(img)
     x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     x = x.to(torch.float32).div(255)
     m = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -55,15 +59,20 @@ def to_normalized_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[
     return x.sub_(m).div_(s)
 
 
-def resize_shorter_side(img: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    """Scale so the shorter side is ``size``; long side ``int(size * long / short)`` like torchvision."""
-    w, h = img.size
+def shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(w, h) after scaling the shorter side to ``size``: long side ``int(size * long / short)`` like torchvision.
+
+    The long side is not capped: a thin image becomes a long one (1x16000 -> 256x4096000).
+    """
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) == (w, h):
-        return img
-    return img.resize((new_w, new_h), resample)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def resize_shorter_side(img: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+    """Scale so the shorter side is ``size`` (``shorter_side_size``)."""
+    new = shorter_side_size(*img.size, size)
+    return img if new == img.size else img.resize(new, resample)
 
 
 def center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -101,8 +110,15 @@ class ClassificationTransform:
         self._resample = _resampling(interpolation)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = resize_shorter_side(img.convert("RGB"), self.resize, self._resample)
+        img = resize_shorter_side(rgb(img), self.resize, self._resample)
         return to_normalized_tensor(center_crop(img, self.crop), self.mean, self.std)
+
+    def work_size(self, w: int, h: int) -> tuple[int, int]:
+        """(w, h) of the largest image this transform makes from a w x h one (the resize, before the crop).
+
+        Known from the header alone, so a server can refuse an input before it is decoded.
+        """
+        return shorter_side_size(w, h, self.resize)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description, so reports record exactly how inputs were made."""
@@ -140,10 +156,14 @@ class SegmentationTransform:
         self._resample = _resampling(interpolation)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = img.convert("RGB")
+        img = rgb(img)
         if self.size is not None and (img.height, img.width) != self.size:
             img = img.resize((self.size[1], self.size[0]), self._resample)
         return to_normalized_tensor(img, self.mean, self.std)
+
+    def work_size(self, w: int, h: int) -> tuple[int, int]:
+        """(w, h) of the image this transform makes from a w x h one: the fixed size, or the input's own."""
+        return (w, h) if self.size is None else (self.size[1], self.size[0])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description, so reports record exactly how inputs were made."""
