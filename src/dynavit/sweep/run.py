@@ -119,10 +119,8 @@ class LocalBackend:
         self.evaluator = evaluator
 
     def measure(self, cfgs: Sequence[ExecConfig], labels: Sequence[str], strategy: str) -> Iterator[Row]:
-        order = _sharing_order(cfgs, self.evaluator.dm.space)
-        for pos, i in enumerate(order):
-            nxt = cfgs[order[pos + 1]] if pos + 1 < len(order) else None
-            yield self.evaluator.measure(cfgs[i], next_config=nxt, label=labels[i], strategy=strategy)
+        order = _sharing_order(cfgs, self.evaluator.dm.space)  # latencies timed round-robin per group
+        yield from self.evaluator.measure_round([cfgs[i] for i in order], [labels[i] for i in order], strategy)
 
     def close(self) -> None:
         pass
