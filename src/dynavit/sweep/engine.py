@@ -176,7 +176,7 @@ class _Saved:
 class Evaluator:
     """Measures configs of one ``DynamicModel`` on one ``CachedData``."""
 
-    def __init__(self, dm: Any, data: CachedData, *, latency_repeats: int = 20, warmup: int = 2,
+    def __init__(self, dm: Any, data: CachedData, *, latency_repeats: int = 50, warmup: int = 2,
                  throughput_repeats: int = 3, measure_latency: bool = True, reuse_prefix: bool = True,
                  n_boot: int = 1000, seed: int = 0, mac_images: int = 8) -> None:
         self.dm, self.data = dm, data

@@ -43,7 +43,7 @@ class SweepTarget:
     device: str = "cpu"
     n_boot: int = 1000
     seed: int = 0
-    latency_repeats: int = 20
+    latency_repeats: int = 50  # a p95 of fewer runs is close to their max
     reuse_prefix: bool = True
     measure_latency: bool = True
     multiplexers: tuple[str, ...] = ()  # folders of multiplexed models, run by configs with mux=N
