@@ -88,6 +88,8 @@ def _split(s: Started, store: str | Path, frames: str | Path | None, share: floa
     """Load the images, split them into menu and frame images, and re-score the menu on its part."""
     data = s.menu.images(progress=progress)
     per_image = _per_image(store)
+    if any(len(p) != data.n for p in per_image.values()):
+        raise DynavitError(f"{store}'s rows were scored on other images than the {data.n} its sweep names now")
     if frames is None:
         menu_idx, frame_idx = stats.split_images(data.n, seed, share)
         s.data, s.frames = data.subset(menu_idx), data.subset(frame_idx)

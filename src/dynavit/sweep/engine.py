@@ -381,8 +381,10 @@ class Evaluator:
         macs = self._macs(impl, cfg)
         main = stats.main_metric(self.data.task)
         m = metrics[main]
+        lo, hi = (m["ci_low"], m["ci_high"]) if main != "top1" else \
+            stats.interval(per_image, self.data.task)  # a proportion: exact, where a bootstrap of 5/5 says [1, 1]
         return Row(
-            config=cfg, quality=m["value"], quality_lo=m["ci_low"], quality_hi=m["ci_high"], metrics=metrics,
+            config=cfg, quality=m["value"], quality_lo=lo, quality_hi=hi, metrics=metrics,
             macs=sum(macs.values()), macs_by_class=macs,
             latency_p50_ms=_pct(lat, 50) if lat else None, latency_p95_ms=_pct(lat, 95) if lat else None,
             batch=bs, batch_p50_ms=_pct(full, 50) if full else None, batch_p95_ms=_pct(full, 95) if full else None,
