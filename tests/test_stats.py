@@ -147,3 +147,16 @@ def test_calibrating_on_the_measured_images_warns() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Evaluator(dm, data.subset(np.arange(6, 16)), n_boot=0)  # the other images: silent
+
+
+def test_report_warns_when_the_stored_default_latency_and_its_profile_disagree(tmp_path) -> None:
+    from dynavit.report.data import ReportData
+
+    base = make_row(ExecConfig(), np.ones((10, 2), np.uint8), 2.0, latency_p50_ms=1767.0)
+
+    def data(profile_ms: float) -> ReportData:
+        return ReportData(tmp_path, {}, {}, [base], base, {}, [], {"latency_ms": profile_ms}, 100, 0)
+
+    w = data(105.0).warnings  # the loaded-machine store next to a calm profile
+    assert len(w) == 1 and "16.8x" in w[0]
+    assert data(1500.0).warnings == []
