@@ -113,7 +113,7 @@ def main() -> None:
         f"Default: mIoU {100 * base.quality:.1f} % [{100 * base.quality_lo:.1f}, {100 * base.quality_hi:.1f}], "
         f"{base.macs / 1e9:.3f} GMACs, {base.latency_p50_ms:.1f} ms batch 1.",
         "",
-        *menu_tables(rows, base, "mIoU", task="segmentation"),
+        *menu_tables(rows, base, "mIoU"),  # the task comes from the rows
     ]
     body = "\n".join(lines)
     write_section("sweep-camvid", "Sweep: CamVid SegFormer-B0 mIoU-MACs menu (val split)", body)

@@ -75,6 +75,16 @@ def test_online_correction_moves_down_under_slowdown_and_back_after() -> None:
     assert frozen.select(latency_ms=9).config == FULL and frozen.slowdown == 1.0
 
 
+def test_the_99th_percentile_tail_waits_for_100_observations() -> None:
+    """A 99th percentile of 8 runs is their maximum: by default the margin rules until 100 are in."""
+    c = Controller(MENU, margin=0.5)
+    for _ in range(99):
+        c.observe(FULL, 8.0)
+    assert c.select(latency_ms=8.5).config == MID  # still the margin: 8 * 1.5 > 8.5
+    c.observe(FULL, 8.0)
+    assert c.select(latency_ms=8.5).config == FULL  # 100 runs exactly as predicted: the tail is 1
+
+
 def test_margin_guards_only_until_the_tail_is_measured() -> None:
     c = Controller(MENU, margin=0.5, min_obs=2)
     assert c.select(latency_ms=8.5).config == MID  # 8 * 1.5 > 8.5: no tail measured yet, the margin applies

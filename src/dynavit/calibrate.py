@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dynavit.config import ExecConfig
-from dynavit.data.datasets import list_images, read_image
+from dynavit.data.datasets import file_sha1, list_images, read_image
 from dynavit.errors import DynavitError
 from dynavit.knobs.width import recording
 from dynavit.models.base import Perms
@@ -56,6 +56,7 @@ class Calibration:
     fingerprint: str = ""
     seconds: float = 0.0
     image_hashes: list[str] = field(default_factory=list)  # SHA-1 of the image files, when known
+    pixel_hashes: list[str] = field(default_factory=list)  # of each preprocessed image (``pixel_hash``)
 
     def identity(self) -> str:
         """Short hash of what calibration changes (the permutations) and how it ranked blocks."""
@@ -255,6 +256,12 @@ def _inverse(perms: Perms) -> Perms:
     return {k: [p.argsort() for p in group] for k, group in perms.items()}
 
 
+def pixel_hash(pixels: torch.Tensor) -> str:
+    """Hash of one preprocessed image (C, H, W): the same file through the same transform hashes alike,
+    so a sweep can tell its images from the calibration's even when no file hashes were recorded."""
+    return hashlib.sha1(pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def _to_batches(dm: Any, images: Any, batch_size: int) -> list[torch.Tensor]:
     """Calibration images: a tensor (N, 3, H, W), PIL images, or a folder of image files."""
     if isinstance(images, torch.Tensor):
@@ -279,7 +286,10 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
     t0 = time.perf_counter()
     previous = dm.exec_config
     dev = next(dm.module.parameters()).device
-    batches = [b.to(dev) for b in _to_batches(dm, images, batch_size)]
+    cpu = _to_batches(dm, images, batch_size)
+    pixels = [pixel_hash(t) for b in cpu for t in b]
+    files = [file_sha1(p) for p in list_images(Path(images), recursive=True)] if isinstance(images, (str, Path)) else []
+    batches = [b.to(dev) for b in cpu]
     n_images = sum(len(b) for b in batches)
     flat = torch.cat(batches)
     n_held = max(1, int(round(heldout_fraction * n_images))) if n_images > 1 else 0
@@ -313,7 +323,7 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
     chosen = perms[best] if old is None else _compose(old.perms, perms[best])  # relative to the original weights
     return Calibration(criterion=best, perms={k: [p.cpu() for p in v] for k, v in chosen.items()},
                        block_kl=block_kl, comparison=comparison, n_images=n_images, source=dm.source,
-                       fingerprint=fp, seconds=time.perf_counter() - t0)
+                       fingerprint=fp, seconds=time.perf_counter() - t0, image_hashes=files, pixel_hashes=pixels)
 
 
 def apply_saved(dm: Any, calib: Calibration) -> None:

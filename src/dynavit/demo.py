@@ -6,7 +6,8 @@
 4. Calibrate DeiT-tiny on every 5th photograph, sweep execution paths on the others (greedy,
    small space), print the Pareto front and write the HTML report to ``out/report``.
 5. A short trace: real inferences against per-frame latency budgets, the budget controller
-   next to the baselines (always full, always smallest, best static, oracle).
+   next to the baselines (always full, always smallest, best static, oracle). The menu is
+   measured on half of the sweep's images and the frames come from the other half.
 
 Offline it uses ``../shared/assets`` (or ``$DYNAVIT_ASSETS``); on an online machine without
 them, DeiT-tiny comes from the hub (``facebook/deit-tiny-patch16-224``) and step 3 runs
@@ -62,9 +63,11 @@ def _sweep(deit, data: Path, out: Path, limit: int | None, console: Console) -> 
         cal.image_hashes = [file_sha1(p) for p in images]
         fresh.save_calibration(calib)
     target = SweepTarget(model=str(deit.source), data=str(data), calibration=str(calib),
-                         limit=min(limit or 200, 200), latency_repeats=10)
+                         limit=min(limit or 200, 200), latency_repeats=50)
     s = run_sweep(target, space="small", strategy="greedy", budget=12, store=out / "sweep.db")
     front = pareto(s.rows, "macs")
+    for w in front.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
     base = next(r for r in s.rows if r.config.is_default)
     console.print(f"{s.total} configs on {s.n_images} images (calibration images left out: "
                   f"{s.excluded_calibration_images}); Pareto front by MACs:")
@@ -81,24 +84,29 @@ def _sweep(deit, data: Path, out: Path, limit: int | None, console: Console) -> 
 
 def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     console.rule("5/5 budget controller on a trace of latency budgets")
-    # the model as the sweep measured it, its menu re-measured here, what dropping blocks costs each path
-    s = start(store, profile_runs=20, images=True, progress=True)
-    dm, ctrl, quality_of = s.model, s.controller, s.quality_of
-    shots = s.data.frames()
+    # the model as the sweep measured it, its menu re-measured here, what dropping blocks costs each path;
+    # the menu's qualities and ladders on half of the sweep's images, the frames from the other half
+    s = start(store, profile_runs=50, images=True, progress=True)
+    ctrl = s.controller
     # a sine over 4x from just above the cheapest path's median: a quarter of the frames leave no room
     # for the full model, so the policies differ (``default_bounds``, from the cheapest p95, is roomier)
     lo = 1.05 * min(e.latency_p50_ms or e.latency_p95_ms for e in ctrl.entries)
     hi = 4 * lo
     budgets = make_trace("sine", frames, lo, hi)
-    res = simulate(dm, ctrl, shots, budgets, quality_of=quality_of, interleave=True)  # side by side: a fair race
-    console.print(f"{frames} frames, budgets {lo:.1f}-{hi:.1f} ms, {len(ctrl.entries)} paths on the menu; "
-                  "the policies take turns on each frame")
+    res = simulate(s.model, ctrl, s.frames.frames(), budgets, quality_of=s.quality_of, held_out_of=s.held_out_of,
+                   interleave=True)  # side by side: a fair race
+    console.print(f"{frames} frames from {len(s.images['frame_images'])} images that did not measure the menu "
+                  f"({len(s.images['menu_images'])} did; overlap {s.images['overlap']}), budgets {lo:.1f}-{hi:.1f} "
+                  f"ms, {len(ctrl.entries)} paths on the menu; the policies take turns on each frame")
     for r in res.table():
-        console.print(f"  {r['policy']:12s} misses {r['misses']:4d} ({100 * r['miss_rate']:5.1f} %)  "
-                      f"top-1 {100 * r['top1']:5.1f} %  menu top-1 {100 * r['menu_top1']:5.1f} %  "
-                      f"p50 {r['latency_p50_ms']:6.1f} ms  rescued {r['rescued']:3d}")
+        lo_m, hi_m = r["miss_ci"]
+        console.print(f"  {r['policy']:12s} misses {r['misses']:4d} ({100 * r['miss_rate']:4.1f} %, 95 % CI "
+                      f"{100 * lo_m:.1f}-{100 * hi_m:.1f})  top-1 on the frames {100 * r['top1']:5.1f} %  "
+                      f"(menu images {100 * r['menu_top1']:5.1f} %, frame images {100 * r['held_out_top1']:5.1f} %)"
+                      f"  p50 {r['latency_p50_ms']:6.1f} ms  rescued {r['rescued']:3d}")
     for name, b in hindsight_bounds(res, ctrl.entries).items():  # how close any controller could get
-        console.print(f"  bound, {name}: misses {100 * b['miss_rate']:.1f} %, menu top-1 {100 * b['menu_top1']:.1f} %")
+        console.print(f"  bound, {name}: misses {100 * b['miss_rate']:.1f} %, menu top-1 {100 * b['menu_top1']:.1f} % "
+                      "(menu images)")
     return res.table()
 
 

@@ -49,16 +49,24 @@ InterleaveOpt = Annotated[bool, typer.Option(help="Run the policies side by side
                                                   "whose speed drifts.")]
 SimSeedOpt = Annotated[int, typer.Option(help="Seed of generated traces (and of the turns' order).")]
 SimPlotOpt = Annotated[Path | None, typer.Option(help="Write budgets vs measured latency per frame (PNG).")]
+FrameImagesOpt = Annotated[Path | None, typer.Option(help="Labelled images to draw the frames from (default: the "
+                                                          "half of the sweep's images that did not measure the "
+                                                          "menu).")]
 
 
 @app.command("simulate")
 @user_errors
 def simulate_cmd(store: MenuOpt, trace: TraceOpt = "random-walk", frames: FramesOpt = 300, lo: LoOpt = None,
                  hi: HiOpt = None, load_at: LoadAtOpt = None, margin: MarginOpt = 0.05,
-                 profile_runs: SimProfileOpt = 30, threads: ThreadsOpt = None, rule: RuleOpt = "priced",
+                 profile_runs: SimProfileOpt = 50, threads: ThreadsOpt = None, rule: RuleOpt = "priced",
                  target_miss: TargetMissOpt = 0.01, rescue: SimRescueOpt = True, interleave: InterleaveOpt = False,
-                 seed: SimSeedOpt = 0, json_out: JsonOpt = None, plot: SimPlotOpt = None) -> None:
-    """Run real inferences frame by frame against per-frame budgets: controller vs baselines."""
+                 seed: SimSeedOpt = 0, json_out: JsonOpt = None, plot: SimPlotOpt = None,
+                 frame_images: FrameImagesOpt = None) -> None:
+    """Run real inferences frame by frame against per-frame budgets: controller vs baselines.
+
+    The menu's qualities and rescue ladders are measured on half of the sweep's images; the frames
+    are the other half (or --frame-images), so top-1 is measured on images no choice has seen.
+    """
     if load_at is not None and not 0 <= load_at < 1:
         raise DynavitError(f"--load-at must be in [0, 1), got {load_at}")
     if threads is not None:
@@ -66,23 +74,25 @@ def simulate_cmd(store: MenuOpt, trace: TraceOpt = "random-walk", frames: Frames
             raise DynavitError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     s = start(store, profile_runs=profile_runs, rescue="auto" if rescue else False, images=True,
-              progress=interactive(), margin=margin, rule=rule, target_miss=target_miss)
-    dm, data, ctrl, quality_of = s.model, s.data, s.controller, s.quality_of
-    if data.task != "classification":
+              frames=frame_images, seed=seed, progress=interactive(), margin=margin, rule=rule,
+              target_miss=target_miss)
+    ctrl = s.controller
+    if s.data.task != "classification":
         raise DynavitError("simulate scores classification sweeps (top-1 per frame); this store is "
-                           f"{data.task}")
-    frames_data = data.frames()
+                           f"{s.data.task}")
     lo = lo or default_bounds(ctrl)[0]
     hi = hi or 4 * lo
     budgets = load_trace(trace) if Path(trace).is_file() else make_trace(trace, frames, lo, hi, seed)
-    res = simulate(dm, ctrl, frames_data, budgets, load_at=load_at, quality_of=quality_of, interleave=interleave,
-                   seed=seed, progress=interactive())
+    res = simulate(s.model, ctrl, s.frames.frames(), budgets, load_at=load_at, quality_of=s.quality_of,
+                   held_out_of=s.held_out_of, interleave=interleave, seed=seed, progress=interactive())
     bounds = hindsight_bounds(res, ctrl.entries, target_miss)
     _print_simulation(res, budgets, trace, bounds)
+    console.print(f"menu measured on {len(s.images['menu_images'])} images; frames drawn from "
+                  f"{len(s.images['frame_images'])} others (overlap {s.images['overlap']})")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"trace": trace, "budgets": budgets.tolist(), "load_frame": res.load_frame,
-                                        "policies": res.table(), "bounds": bounds}, indent=2))
+                                        "policies": res.table(), "bounds": bounds, **s.images}, indent=2))
         console.print(f"wrote {json_out}")
     if plot:
         console.print(f"wrote {plot_trace(res, plot)}")
@@ -92,20 +102,23 @@ def _print_simulation(res: Any, budgets: np.ndarray, trace: str, bounds: dict[st
     """One row per policy, then the hindsight bounds."""
     t = Table(title=f"{len(budgets)} frames, budgets {budgets.min():.1f}-{budgets.max():.1f} ms ({trace})"
                     + (f", competing load from frame {res.load_frame}" if res.load_frame is not None else ""))
-    cols = ["policy", "misses", "miss %", "top-1 %", "menu top-1 %", "p50 ms", "rescued"]
+    cols = ["policy", "misses", "miss % [95% CI]", "top-1 % (frames)", "menu top-1 % (menu images)",
+            "(frame images)", "p50 ms", "rescued"]
     if res.load_frame is not None:
         cols += ["misses before load", "misses under load"]
     for c in cols:
         t.add_column(c, justify="right" if c != "policy" else "left")
     for row in res.table():
-        cells = [row["policy"], str(row["misses"]), f"{100 * row['miss_rate']:.1f}", f"{100 * row['top1']:.1f}",
-                 f"{100 * row['menu_top1']:.1f}", f"{row['latency_p50_ms']:.1f}", str(row["rescued"])]
+        lo, hi = row["miss_ci"]
+        cells = [row["policy"], str(row["misses"]), f"{100 * row['miss_rate']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
+                 f"{100 * row['top1']:.1f}", f"{100 * row['menu_top1']:.1f}", f"{100 * row['held_out_top1']:.1f}",
+                 f"{row['latency_p50_ms']:.1f}", str(row["rescued"])]
         if res.load_frame is not None:
             cells += [str(row["misses_before_load"]), str(row["misses_under_load"])]
         t.add_row(*cells)
     for name, b in bounds.items():  # what knowing the machine's speed (not each run's own jitter) would reach
         t.add_row(f"bound: {name}", str(round(b["miss_rate"] * len(budgets))), f"{100 * b['miss_rate']:.1f}", "",
-                  f"{100 * b['menu_top1']:.1f}", "", *[""] * (len(cols) - 6))
+                  f"{100 * b['menu_top1']:.1f}", "", "", *[""] * (len(cols) - 7))
     print_wide(t, 150)
 
 

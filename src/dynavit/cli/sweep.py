@@ -91,6 +91,8 @@ def print_front(store: Path, cost: str, top: int, show_all: bool = False) -> Non
                   fmt(None if red is None else 100 * red), fmt(r.latency_p50_ms, 2), fmt(r.latency_p95_ms, 2),
                   fmt(r.images_per_s))
     print_wide(t, 170)
+    for w in f.warnings:  # latencies that drifted while they were measured
+        console.print(f"[yellow]warning:[/] {w}")
 
 
 @app.command("pareto")

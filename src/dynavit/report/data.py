@@ -16,7 +16,7 @@ from typing import Any
 from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
 from dynavit.sweep import stats
-from dynavit.sweep.pareto import Front, cost_of, pareto
+from dynavit.sweep.pareto import DRIFT_FACTOR, Front, cost_of, latency_warnings, pareto
 from dynavit.sweep.store import ResultStore, Row
 
 #: Costs that get a quality-vs-cost plot, in page order (energy only when measured).
@@ -59,6 +59,20 @@ class ReportData:
     @property
     def task(self) -> str:
         return self.meta.get("task", "classification")
+
+    @property
+    def warnings(self) -> list[str]:
+        """What makes the page's latencies untrustworthy: timings that drifted while measured
+        (``pareto.latency_warnings``), and a default path whose stored latency disagrees with the
+        profile of the same path beside it (one was measured on a loaded machine)."""
+        out = latency_warnings(self.rows)
+        prof = (self.profile or {}).get("latency_ms")
+        stored = self.default.latency_p50_ms if self.default is not None else None
+        if prof and stored and max(prof / stored, stored / prof) > DRIFT_FACTOR:
+            out.append(f"the default path's stored latency (p50 {stored:.1f} ms) and its profile ({prof:.1f} ms) "
+                       f"disagree by {max(prof / stored, stored / prof):.1f}x (> {DRIFT_FACTOR}x): the machine was "
+                       "loaded while one of them was measured; re-measure before trusting the latency columns")
+        return out
 
     def mac_reduction(self, row: Row) -> float | None:
         """Percent of the default config's MACs that ``row`` saves (None without a default)."""
@@ -143,7 +157,7 @@ def load(store_path: str | Path, n_boot: int | None = None) -> ReportData:
     default = next((r for r in rows if r.config.is_default), None)
     designs = sorted({d for r in rows for d in r.accel})  # modelled accelerator energy, per design
     costs = [*PLOT_COSTS, *(f"accel_energy_uj:{d}" for d in designs)]
-    fronts = {c: pareto(rows, c, task=task, n_boot=n_boot, seed=seed) for c in costs
+    fronts = {c: pareto(rows, c, n_boot=n_boot, seed=seed) for c in costs
               if any(cost_of(r, c) is not None and r.quality is not None for r in rows)}
     return ReportData(
         path=path, meta=meta, protocol=protocol, rows=rows, default=default, fronts=fronts,

@@ -176,7 +176,8 @@ def header(data: ReportData, generated: float) -> str:
     dl = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in items)
     proto = json.dumps(data.protocol, indent=2, sort_keys=True) if data.protocol else meta.get("protocol", "")
     title = f"dynavit sweep report: {meta.get('model', data.path.name)}"
-    return (f"<h1>{escape(title)}</h1>\n<dl class=\"meta\">{dl}</dl>\n"
+    warn = "".join(f'<p class="note warning">warning: {escape(w)}</p>' for w in data.warnings)
+    return (f"<h1>{escape(title)}</h1>\n<dl class=\"meta\">{dl}</dl>\n{warn}"
             f"<details><summary>evaluation protocol</summary><pre>{escape(proto)}</pre></details>")
 
 

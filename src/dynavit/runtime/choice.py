@@ -27,7 +27,7 @@ class Options:
     target_miss: float = 0.01
     window: int = 256  # one-step errors kept for the tail
     level_alpha: float = 0.5
-    min_obs: int = 8  # observations before the tail is trusted
+    min_obs: int = 100  # observations before the tail is trusted: a 99th percentile of fewer is its max
     price0: float = 3.0
     price_step: float = 0.3
     miss_credit: float = 2.0

@@ -47,6 +47,7 @@ from dynavit.runtime.controller import Controller
 from dynavit.runtime.menu import Entry
 from dynavit.runtime.run import forward
 from dynavit.sweep.engine import Evaluator
+from dynavit.sweep.stats import clopper_pearson
 
 TRACES = ("step", "sine", "random-walk", "bursty")
 POLICIES = ("controller", "uncorrected", "default", "smallest", "static", "oracle")
@@ -121,21 +122,32 @@ class PolicyStats:
     correct: list[bool] = field(default_factory=list)
     met: list[bool] = field(default_factory=list)
     configs: list[str] = field(default_factory=list)
-    quality: list[float] = field(default_factory=list)  # the executed path's quality on the sweep's images
+    quality: list[float] = field(default_factory=list)  # the executed path's quality on the menu's images
+    held_out: list[float] = field(default_factory=list)  # ... on the frame images (none chose the menu)
     dropped: list[tuple[int, ...]] = field(default_factory=list)  # blocks a deadline dropped, per frame
     executed: list[ExecConfig] = field(default_factory=list)  # the path that ran, per frame
     menu_ms: list[list[float]] = field(default_factory=list)  # oracle only: every menu path's time, per frame
 
-    def summary(self, sl: slice = slice(None)) -> dict[str, float]:
+    def summary(self, sl: slice = slice(None)) -> dict[str, Any]:
+        """Counts with exact (Clopper-Pearson) 95 % intervals: a handful of misses in a few hundred
+        frames is a wide interval, and a rate of 0 is not a guarantee.
+
+        ``top1``: realised on the frames, the headline; ``menu_top1``: the chosen paths' top-1 on the
+        menu's images (in-sample: those images chose the menu); ``held_out_top1``: the same paths'
+        top-1 on the frame images, free of which image each frame drew.
+        """
         met, corr, lat = self.met[sl], self.correct[sl], self.latency_ms[sl]
         n = len(met)
-        # menu_top1: the chosen configs' top-1 over all the sweep's images, free of which image each frame drew
-        rescued = sum(bool(d) for d in self.dropped[sl])
-        return {"frames": n, "misses": n - int(sum(met)), "miss_rate": (n - sum(met)) / n if n else math.nan,
-                "rescued": rescued,
-                "top1": float(np.mean(corr)) if n else math.nan,
-                "menu_top1": float(np.mean(self.quality[sl])) if n else math.nan,
-                "latency_p50_ms": float(np.median(lat)) if n else math.nan}
+        if not n:
+            return {"frames": 0, "misses": 0, "miss_rate": math.nan, "rescued": 0, "top1": math.nan,
+                    "menu_top1": math.nan, "held_out_top1": math.nan, "latency_p50_ms": math.nan}
+        misses, hits = n - int(sum(met)), int(sum(corr))
+        return {"frames": n, "misses": misses, "miss_rate": misses / n, "miss_ci": clopper_pearson(misses, n),
+                "rescued": sum(bool(d) for d in self.dropped[sl]),
+                "top1": hits / n, "top1_ci": clopper_pearson(hits, n),
+                "menu_top1": float(np.mean(self.quality[sl])),
+                "held_out_top1": float(np.mean(self.held_out[sl])) if self.held_out else math.nan,
+                "latency_p50_ms": float(np.median(lat))}
 
 
 @dataclass
@@ -240,28 +252,34 @@ class _Policies:
         st.executed.append(path)
         st.dropped.append(tuple(sorted(set(path.skip_blocks) - set(e.config.skip_blocks))))
         st.quality.append(e.quality)  # a rescued frame's is measured after the passes
+        st.held_out.append(math.nan)  # measured after the passes, off the clock
         if name == "controller":
             self.slowdown.append(self.controller.slowdown)
 
-    def rescued_quality(self, quality_of: Callable[[ExecConfig], float] | None) -> None:
+    def measure_quality(self, quality_of: Callable[[ExecConfig], float] | None,
+                        held_out_of: Callable[[ExecConfig], float] | None) -> None:
         """Off the clock: measuring a path's quality takes seconds."""
         for st in self.stats.values():
             for i, d in enumerate(st.dropped):
                 if d:
                     st.quality[i] = quality_of(st.executed[i]) if quality_of is not None else math.nan
+                if held_out_of is not None:
+                    st.held_out[i] = held_out_of(st.executed[i])
 
 
 def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tensor, int]], budgets: np.ndarray, *,
              load_at: float | None = None, load_threads: int = 1, load_duty: float = 0.5,
              policies: Sequence[str] = POLICIES, others: Mapping[str, Controller] | None = None,
-             quality_of: Callable[[ExecConfig], float] | None = None, interleave: bool = False, seed: int = 0,
+             quality_of: Callable[[ExecConfig], float] | None = None,
+             held_out_of: Callable[[ExecConfig], float] | None = None, interleave: bool = False, seed: int = 0,
              warmup: int = 3, progress: bool = True) -> SimResult:
     """Run every policy on every frame; ``frames`` are (pixels (1, 3, H, W), label) pairs, cycled.
 
     ``others``: more controllers, each a policy under its name (after ``policies``).
     ``quality_of(config)``: the quality of a path that is not on the menu, for frames on which a
     deadline dropped blocks (``path_quality`` measures it on the sweep's images). Without it such
-    frames have no menu quality, and ``menu_top1`` is NaN.
+    frames have no menu quality, and ``menu_top1`` is NaN. ``held_out_of(config)``: a path's quality on
+    the frame images (``startup.start``'s ``held_out_of``), for ``held_out_top1``.
     ``interleave``: the policies take turns on each frame (order shuffled per frame with ``seed``)
     instead of making one pass each: a paired comparison on a machine whose speed drifts.
     """
@@ -291,18 +309,20 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
                     for k in rng.permutation(len(names)) if interleave else range(len(names)):
                         p.step(names[k], frames[i % len(frames)], float(budget))
                         bar.update(1)
-    p.rescued_quality(quality_of)
+    p.measure_quality(quality_of, held_out_of)
     return SimResult(np.asarray(budgets), p.stats, load_frame, p.slowdown)
 
 
-def path_quality(dm: Any, data: Any) -> Callable[..., float]:
+def path_quality(dm: Any, data: Any, known: Mapping[ExecConfig, float] | None = None) -> Callable[..., float]:
     """Quality of any path on ``data`` (a sweep's ``CachedData``), measured as the sweep measures it, cached.
+
+    ``known``: qualities already measured on exactly these images (a store's rows), not measured again.
 
     ``quality(cfg, next_config=nxt)`` keeps the activations ``cfg`` shares with ``nxt`` for the next
     call, as a sweep does (``Evaluator``'s prefix reuse, bit-identical): a rescue ladder's rungs
     differ only from the first block they drop. ``quality.evaluator`` counts what was reused.
     """
-    evaluator, cache = Evaluator(dm, data, measure_latency=False), {}
+    evaluator, cache = Evaluator(dm, data, measure_latency=False), dict(known or {})
 
     def quality(cfg: ExecConfig, next_config: ExecConfig | None = None) -> float:
         if cfg not in cache:

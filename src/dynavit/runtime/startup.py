@@ -3,32 +3,46 @@
 ``serve``, ``simulate`` and the demo start the same way: the store's model exactly as its sweep
 measured it (``Menu.from_store``), the candidate paths timed on this machine now (latency belongs
 to the deployment, not to the sweep), and, for a calibrated ViT, what dropping blocks under a
-deadline costs each path, measured on the sweep's own images. ``start`` is that sequence.
+deadline costs each path. ``start`` is that sequence.
+
+The images that choose are kept apart from the images that score. When the sweep's images are
+loaded they are split in two (``stats.split_images``): the menu's qualities and the rescue ladders
+are measured on one part (``menu_data``), and ``frames`` are the other part, or the images of
+another folder. A choice scored on the images that made it looks better than it is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
+from dynavit.data import open_dataset
 from dynavit.errors import DynavitError
 from dynavit.model import DynamicModel
 from dynavit.runtime.controller import Controller
 from dynavit.runtime.menu import Menu
 from dynavit.runtime.simulate import path_quality
-from dynavit.sweep.engine import CachedData
+from dynavit.sweep import stats
+from dynavit.sweep.engine import CachedData, cache_dataset
+from dynavit.sweep.store import ResultStore
 
 
 @dataclass
 class Started:
-    """What ``start`` built: the controller (its ``model`` is the menu's), and the sweep's images when loaded."""
+    """What ``start`` built: the controller (its ``model`` is the menu's), and the images when loaded."""
 
     menu: Menu
     controller: Controller
-    data: CachedData | None = None
+    data: CachedData | None = None  # the images the menu's qualities and ladders were measured on
     quality_of: Callable[..., float] | None = None  # a path's quality on ``data``, as the sweep measures it
+    frames: CachedData | None = None  # images none of the above has seen: a trace's frames
+    held_out_of: Callable[..., float] | None = None  # a path's quality on ``frames``
+    images: dict[str, Any] = field(default_factory=dict)  # menu_images, frame_images (pixel hashes), overlap
 
     @property
     def model(self) -> DynamicModel:
@@ -36,15 +50,18 @@ class Started:
 
 
 def start(store: str | Path, model: str | DynamicModel | None = None, *, device: str | None = None,
-          profile_runs: int = 30, rescue: bool | Literal["auto"] = "auto", images: bool = False,
-          progress: bool = False, **options: Any) -> Started:
+          profile_runs: int = 50, rescue: bool | Literal["auto"] = "auto", images: bool = False,
+          frames: str | Path | None = None, menu_share: float = 0.5, seed: int = 0, progress: bool = False,
+          **options: Any) -> Started:
     """The store's menu and a controller on it, ready to run.
 
     ``profile_runs`` > 0 widens the candidates to the fronts by MACs and by stored latency and keeps
-    the front by what is measured here (on the first of the sweep's images when they are loaded);
+    the front by what is measured here (on one of the menu's images when they are loaded);
     ``rescue``: measure the rescue ladders (True: required, "auto": when the model can drop blocks);
-    ``images``: load the sweep's images even when no ladder needs them. ``options``: ``Controller``
-    options (``rule``, ``target_miss``, ``margin``, ...).
+    ``images``: load the sweep's images even when no ladder needs them; ``frames``: a folder of
+    labelled images to use as frames instead of the sweep's held-out part (then the menu keeps all
+    the sweep's images); ``menu_share``: the part of the sweep's images that measures the menu.
+    ``options``: ``Controller`` options (``rule``, ``target_miss``, ``margin``, ...).
     """
     if rescue is True and not profile_runs:
         raise DynavitError("rescue needs the menu profiled at start-up (profile runs > 0): a deadline needs "
@@ -54,11 +71,51 @@ def start(store: str | Path, model: str | DynamicModel | None = None, *, device:
     if rescue is True and not ctrl.can_rescue:
         raise DynavitError(f"{menu.model.source} cannot drop blocks under a deadline: that takes a calibrated ViT")
     ladders = bool(rescue) and profile_runs > 0 and ctrl.can_rescue
-    data = menu.images(progress=progress) if images or ladders else None
+    s = Started(menu, ctrl)
+    if images or ladders or frames is not None:
+        _split(s, store, frames, menu_share, seed, progress)
+        ctrl = s.controller = Controller(menu, rescue=rescue is not False, **options)  # on the menu's qualities
     if profile_runs:
-        probe = data.frames()[0][0] if data is not None else menu.model.example_input()
+        probe = s.data.frames()[0][0] if s.data is not None else menu.model.example_input()
         ctrl.profile(probe, runs=profile_runs, progress=progress)
-    quality_of = path_quality(menu.model, data) if data is not None else None
     if ladders:
-        ctrl.measure_rescue(quality_of, progress=progress)
-    return Started(menu, ctrl, data, quality_of)
+        ctrl.measure_rescue(s.quality_of, progress=progress)
+    return s
+
+
+def _split(s: Started, store: str | Path, frames: str | Path | None, share: float, seed: int,
+           progress: bool) -> None:
+    """Load the images, split them into menu and frame images, and re-score the menu on its part."""
+    data = s.menu.images(progress=progress)
+    per_image = _per_image(store)
+    if any(len(p) != data.n for p in per_image.values()):
+        raise DynavitError(f"{store}'s rows were scored on other images than the {data.n} its sweep names now")
+    if frames is None:
+        menu_idx, frame_idx = stats.split_images(data.n, seed, share)
+        s.data, s.frames = data.subset(menu_idx), data.subset(frame_idx)
+    else:
+        menu_idx, frame_idx = np.arange(data.n), None
+        s.data = data
+        s.frames = cache_dataset(s.model, open_dataset(frames), progress=progress)
+    task = data.task
+    s.menu.entries = [_rescored(e, per_image.get(e.config), menu_idx, task) for e in s.menu.entries]
+    held = {c: stats.point(p[frame_idx], task) for c, p in per_image.items()} if frame_idx is not None else {}
+    s.quality_of = path_quality(s.model, s.data)
+    s.held_out_of = path_quality(s.model, s.frames, known=held)
+    menu_h, frame_h = s.data.pixel_hashes(), s.frames.pixel_hashes()
+    s.images = {"menu_images": menu_h, "frame_images": frame_h, "overlap": len(set(menu_h) & set(frame_h))}
+    if s.images["overlap"]:
+        raise DynavitError(f"{s.images['overlap']} frame images are also menu images: the frames must be unseen")
+
+
+def _per_image(store: str | Path) -> dict[Any, np.ndarray]:
+    with ResultStore(store, readonly=True) as rs:
+        return {r.config: r.per_image for r in rs.rows() if r.per_image is not None}
+
+
+def _rescored(e: Any, per_image: np.ndarray | None, idx: np.ndarray, task: str) -> Any:
+    """``e`` with its quality (and interval) measured on the menu's images only."""
+    if per_image is None:
+        raise DynavitError(f"the store keeps no per-image results for {e.label}: cannot split its images")
+    lo, hi = stats.interval(per_image[idx], task)
+    return dataclasses.replace(e, quality=stats.point(per_image[idx], task), quality_lo=lo, quality_hi=hi)

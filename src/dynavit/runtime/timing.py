@@ -5,7 +5,8 @@ in the machine's speed touches all of them alike. The measured p50 and p95 repla
 ones (a stored batch time is scaled by the same factor); for models that run in stages, each
 stage is timed too, and its share of the path's time is what a deadline reads. The runs'
 one-step errors (time / the entry's median) seed the controller's jitter window, so the tail is
-known before the first frame.
+known before the first frame. A p95 of fewer than 50 runs is little more than their maximum, so
+callers that report it should time at least that many (the default).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Profiled:
     jitter: list[float]  # time / the entry's measured median, of every run of a kept entry, in run order
 
 
-def profile_menu(entries: Sequence[Entry], dm: DynamicModel, x: torch.Tensor, *, runs: int = 30, warmup: int = 2,
+def profile_menu(entries: Sequence[Entry], dm: DynamicModel, x: torch.Tensor, *, runs: int = 50, warmup: int = 2,
             front: bool = True, progress: bool = False) -> Profiled:
     """Time every entry on ``x`` (batch 1) ``runs`` rounds; keep the front by what was measured (``front``).
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import platform
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from dynavit.calibrate import pixel_hash
 from dynavit.config import ExecConfig, resolve
 from dynavit.cost.energy import EnergyMeter
 from dynavit.cost.flops import macs_per_image
@@ -62,6 +65,23 @@ class CachedData:
         """(pixels (1, 3, H, W), target) per image, in order: the frames of a trace."""
         return [(px[j:j + 1], t[j] if isinstance(t, list) else int(t[j]))
                 for px, t in zip(self.batches, self.targets, strict=True) for j in range(len(px))]
+
+    def subset(self, idx: Any) -> CachedData:
+        """The images at ``idx`` (in that order), batched as before: one part of a split."""
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        px = torch.cat(self.batches)[idx]
+        if self.task == "classification":
+            flat: Any = torch.cat(self.targets)[idx]
+        else:
+            every = [t for ts in self.targets for t in ts]
+            flat = [every[i] for i in idx.tolist()]
+        bs = len(self.batches[0])
+        return CachedData(list(px.split(bs)), [flat[i:i + bs] for i in range(0, len(flat), bs)], self.task,
+                          self.num_classes, self.ignore_index, [], self.describe)
+
+    def pixel_hashes(self) -> list[str]:
+        """``calibrate.pixel_hash`` of every image, in order: what identifies an image across tools."""
+        return [pixel_hash(px[j]) for px in self.batches for j in range(len(px))]
 
     def fingerprint(self) -> str:
         """SHA-256 of exactly what is evaluated: the preprocessed pixels and the targets."""
@@ -98,6 +118,23 @@ def cache_dataset(model: Any, dataset: Any, *, batch_size: int = 32, skip_bad: b
     return CachedData(pixels, targets, dataset.task, dataset.num_classes,
                       getattr(dataset, "ignore_index", 255), skipped,
                       dataset.describe() if hasattr(dataset, "describe") else {})
+
+
+def warn_calibration_overlap(dm: Any, data: CachedData) -> int:
+    """Warn when images the model was calibrated on are among those it is measured on; returns how many.
+
+    Calibration ranks units on its images, so they score a calibrated path too well. A sweep leaves
+    them out by file hash when the calibration recorded those; this catches the rest (calibrations
+    made from tensors or PIL images), by the preprocessed pixels.
+    """
+    calib = getattr(dm, "calibration", None)
+    used = set(getattr(calib, "pixel_hashes", None) or ())
+    n = sum(h in used for h in data.pixel_hashes()) if used else 0
+    if n:
+        warnings.warn(f"{n} of the {data.n} images measured here are calibration images: their quality is "
+                      "biased upwards; measure on other images (a sweep leaves out images whose file hashes the "
+                      "calibration recorded: calibrate on a folder, or set image_hashes)", stacklevel=3)
+    return n
 
 
 def cpu_name() -> str:
@@ -139,7 +176,7 @@ class _Saved:
 class Evaluator:
     """Measures configs of one ``DynamicModel`` on one ``CachedData``."""
 
-    def __init__(self, dm: Any, data: CachedData, *, latency_repeats: int = 20, warmup: int = 2,
+    def __init__(self, dm: Any, data: CachedData, *, latency_repeats: int = 50, warmup: int = 2,
                  throughput_repeats: int = 3, measure_latency: bool = True, reuse_prefix: bool = True,
                  n_boot: int = 1000, seed: int = 0, mac_images: int = 8) -> None:
         self.dm, self.data = dm, data
@@ -154,6 +191,7 @@ class Evaluator:
         self._saved: _Saved | None = None
         self._singles: dict[int, list[torch.Tensor]] = {}
         self.reused_blocks = 0  # block-batches not recomputed thanks to prefix reuse
+        warn_calibration_overlap(dm, data)
 
     # ---- quality -------------------------------------------------------------------------------
     def _share_depth(self, impl: Any, cfg: ExecConfig, nxt: ExecConfig | None) -> int:
@@ -263,9 +301,68 @@ class Evaluator:
             times.append(time.perf_counter() - t0)
         return times
 
+    def _round_latency(self, cfgs: list[ExecConfig]) -> tuple[list[list[float]], dict[str, float]]:
+        """Batch-1 times (s) of every config, taken round-robin: each repeat times all of them once, in a
+        fresh shuffled order, so a drift in the machine's speed touches all alike instead of whichever
+        configs were timed while it lasted. The default path is timed before and after the round too;
+        the ratio of the two says how far the machine moved while the round was timed."""
+        rng = np.random.default_rng(self.seed + len(cfgs))
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        inputs = [self._passes(min(8, self.latency_repeats), c.mux) for c in cfgs]
+
+        def once(cfg: ExecConfig, x: torch.Tensor) -> float:
+            impl = self.dm.configure(cfg).module
+            sync()
+            t0 = time.perf_counter()
+            impl(x)
+            sync()
+            return time.perf_counter() - t0
+
+        ref, k = ExecConfig(), max(3, self.latency_repeats // 4)
+        with torch.inference_mode():
+            for c, xs in zip(cfgs, inputs, strict=True):
+                for i in range(self.warmup):
+                    once(c, xs[i % len(xs)])
+            before = [once(ref, self._images(1)[0]) for _ in range(k)]
+            times: list[list[float]] = [[] for _ in cfgs]
+            for r in range(self.latency_repeats):
+                for i in rng.permutation(len(cfgs)):
+                    times[i].append(once(cfgs[i], inputs[i][r % len(inputs[i])]))
+            after = [once(ref, self._images(1)[0]) for _ in range(k)]
+        return times, {"default_drift": float(np.median(after) / np.median(before)), "round": len(cfgs)}
+
+    def measure_round(self, cfgs: list[ExecConfig], labels: list[str] | None = None, strategy: str = "",
+                      group: int = 4) -> Iterator[Row]:
+        """``measure`` for many configs, in order (each told the next, for prefix reuse), their latencies
+        timed together (``_round_latency``) in groups of ``group``; rows come group by group.
+
+        Each row's ``metrics["latency"]`` keeps how far its first and last timings were apart
+        (``spread``, a ratio of medians) and the default path's end/start ratio in its round
+        (``default_drift``): ``pareto.latency_warnings`` reads them.
+        """
+        labels = labels or [""] * len(cfgs)
+        for g in range(0, len(cfgs), group):
+            part = cfgs[g:g + group]
+            rows = [self.measure(c, next_config=cfgs[g + j + 1] if g + j + 1 < len(cfgs) else None,
+                                 label=labels[g + j], strategy=strategy, latency=False)
+                    for j, c in enumerate(part)]
+            if self.measure_latency:
+                times, drift = self._round_latency(part)
+                for row, t in zip(rows, times, strict=True):
+                    half = len(t) // 2
+                    a, b = float(np.median(t[:half] or t)), float(np.median(t[half:]))
+                    row.latency_p50_ms, row.latency_p95_ms = _pct(t, 50), _pct(t, 95)
+                    row.metrics["latency"] = {"runs": len(t), "spread": max(a, b) / min(a, b), **drift}
+            yield from rows
+
     # ---- one config ----------------------------------------------------------------------------
     def measure(self, cfg: ExecConfig, *, next_config: ExecConfig | None = None, label: str = "",
-                strategy: str = "") -> Row:
+                strategy: str = "", latency: bool = True) -> Row:
+        """Quality, MACs, throughput and (with ``latency``, one config at a time) latency and energy.
+
+        ``latency=False`` leaves batch-1 latency to the caller (``measure_round`` times a round together);
+        energy is still measured here, since it needs a config's runs back to back.
+        """
         t_start = time.perf_counter()
         impl = self.dm.configure(cfg).module
         impl.eval()
@@ -275,7 +372,8 @@ class Evaluator:
             bs = len(self.data.batches[0])
             full = [t for t, b in zip(times, self.data.batches, strict=True) if len(b) == bs]
             if self.measure_latency:
-                lat, energy = self._latency(impl, cfg.mux)
+                lat, energy = self._latency(impl, cfg.mux) if latency or self.energy else ([], None)
+                lat = lat if latency else []
                 if reused or len(full) < 3:
                     full = self._throughput(impl)
             else:
@@ -283,8 +381,10 @@ class Evaluator:
         macs = self._macs(impl, cfg)
         main = stats.main_metric(self.data.task)
         m = metrics[main]
+        lo, hi = (m["ci_low"], m["ci_high"]) if main != "top1" else \
+            stats.interval(per_image, self.data.task)  # a proportion: exact, where a bootstrap of 5/5 says [1, 1]
         return Row(
-            config=cfg, quality=m["value"], quality_lo=m["ci_low"], quality_hi=m["ci_high"], metrics=metrics,
+            config=cfg, quality=m["value"], quality_lo=lo, quality_hi=hi, metrics=metrics,
             macs=sum(macs.values()), macs_by_class=macs,
             latency_p50_ms=_pct(lat, 50) if lat else None, latency_p95_ms=_pct(lat, 95) if lat else None,
             batch=bs, batch_p50_ms=_pct(full, 50) if full else None, batch_p95_ms=_pct(full, 95) if full else None,

@@ -43,7 +43,7 @@ class SweepTarget:
     device: str = "cpu"
     n_boot: int = 1000
     seed: int = 0
-    latency_repeats: int = 20
+    latency_repeats: int = 50  # a p95 of fewer runs is close to their max
     reuse_prefix: bool = True
     measure_latency: bool = True
     multiplexers: tuple[str, ...] = ()  # folders of multiplexed models, run by configs with mux=N
@@ -119,10 +119,8 @@ class LocalBackend:
         self.evaluator = evaluator
 
     def measure(self, cfgs: Sequence[ExecConfig], labels: Sequence[str], strategy: str) -> Iterator[Row]:
-        order = _sharing_order(cfgs, self.evaluator.dm.space)
-        for pos, i in enumerate(order):
-            nxt = cfgs[order[pos + 1]] if pos + 1 < len(order) else None
-            yield self.evaluator.measure(cfgs[i], next_config=nxt, label=labels[i], strategy=strategy)
+        order = _sharing_order(cfgs, self.evaluator.dm.space)  # latencies timed round-robin per group
+        yield from self.evaluator.measure_round([cfgs[i] for i in order], [labels[i] for i in order], strategy)
 
     def close(self) -> None:
         pass
