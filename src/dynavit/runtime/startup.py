@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dynavit.deploy.compiled import compile_paths
+from dynavit.deploy.onnxrt import OnnxPaths
 from dynavit.errors import DynavitError
 from dynavit.model import DynamicModel
 from dynavit.runtime.controller import Controller
 from dynavit.runtime.menu import Menu
 from dynavit.runtime.simulate import path_quality
 from dynavit.sweep.engine import CachedData
+
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -37,15 +41,22 @@ class Started:
 
 def start(store: str | Path, model: str | DynamicModel | None = None, *, device: str | None = None,
           profile_runs: int = 30, rescue: bool | Literal["auto"] = "auto", images: bool = False,
-          progress: bool = False, **options: Any) -> Started:
+          progress: bool = False, runtime: str = "torch", compile: bool = False, **options: Any) -> Started:
     """The store's menu and a controller on it, ready to run.
 
     ``profile_runs`` > 0 widens the candidates to the fronts by MACs and by stored latency and keeps
     the front by what is measured here (on the first of the sweep's images when they are loaded);
     ``rescue``: measure the rescue ladders (True: required, "auto": when the model can drop blocks);
     ``images``: load the sweep's images even when no ladder needs them. ``options``: ``Controller``
-    options (``rule``, ``target_miss``, ``margin``, ...).
+    options (``rule``, ``target_miss``, ``margin``, ...). ``runtime="onnxruntime"``: ``model`` is a folder
+    ``dynavit export --store`` wrote, run by ONNX Runtime (no store, no rescue); ``compile``: every
+    candidate path compiled and warmed before it is timed (no rescue: a compiled graph runs whole).
     """
+    if runtime not in RUNTIMES:
+        raise DynavitError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime != "torch" or compile:
+        return _start_deployed(store, model, device=device, profile_runs=profile_runs, rescue=rescue, images=images,
+                               progress=progress, runtime=runtime, compile=compile, **options)
     if rescue is True and not profile_runs:
         raise DynavitError("rescue needs the menu profiled at start-up (profile runs > 0): a deadline needs "
                            "each block's share of the path's time")
@@ -61,4 +72,31 @@ def start(store: str | Path, model: str | DynamicModel | None = None, *, device:
     quality_of = path_quality(menu.model, data) if data is not None else None
     if ladders:
         ctrl.measure_rescue(quality_of, progress=progress)
+    return Started(menu, ctrl, data, quality_of)
+
+
+def _start_deployed(store: str | Path, model: Any, *, device: str | None, profile_runs: int,
+                    rescue: bool | Literal["auto"], images: bool, progress: bool, runtime: str, compile: bool,
+                    **options: Any) -> Started:
+    """``start`` on exported ONNX files or on compiled paths: the same controller, no deadlines."""
+    if rescue is True:
+        raise DynavitError(f"{'compiled paths' if compile else runtime} cannot drop blocks under a deadline: "
+                           "a graph runs whole (leave rescue off)")
+    data = quality_of = None
+    if runtime == "onnxruntime":
+        if compile:
+            raise DynavitError("--compile is for the torch runtime; ONNX Runtime optimises its graphs itself")
+        if model is None:
+            raise DynavitError("the onnxruntime runtime needs the folder `dynavit export --store` wrote as MODEL")
+        menu = OnnxPaths(model).menu()
+    else:
+        menu = Menu.from_store(store, model, device=device, wide=profile_runs > 0)
+        eager = menu.model
+        data = menu.images(progress=progress) if images else None
+        quality_of = path_quality(eager, data) if data is not None else None  # quality as the sweep measures it
+        menu.model = compile_paths(eager, [e.config for e in menu.entries])
+    ctrl = Controller(menu, rescue=False, **options)
+    if profile_runs:
+        probe = data.frames()[0][0] if data is not None else menu.model.example_input()
+        ctrl.profile(probe, runs=profile_runs, progress=progress)
     return Started(menu, ctrl, data, quality_of)
