@@ -5,8 +5,9 @@
 ``torch._dynamo.config.recompile_limit`` configs (8) Dynamo stops compiling and runs that
 frame eagerly, with nothing but a log line to say so. Here each path is a standalone, sliced
 module (``slice.path_module``) compiled on its own; all are warmed up front, at batch 1 and at
-batch 2 with the batch dimension marked dynamic (one graph for every larger batch), so switching among warmed paths or batch
-sizes never compiles again. The recompile limit is raised to what the paths need, and after
+batch 2 with the batch dimension marked dynamic (one graph for every larger batch), so switching
+among warmed paths or batch sizes never compiles again. Inputs are passed to the graphs as
+ordinary tensors under inference mode, the kind they were warmed with (Dynamo guards on it). The recompile limit is raised to what the paths need, and after
 warm-up every path runs again and the compile count is checked: a path that would still
 recompile, or that fails to compile, is reported with a warning, never run eagerly in silence.
 
