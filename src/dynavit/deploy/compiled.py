@@ -7,7 +7,8 @@ frame eagerly, with nothing but a log line to say so. Here each path is a standa
 module (``slice.path_module``) compiled on its own; all are warmed up front, at batch 1 and at
 batch 2 with the batch dimension marked dynamic (one graph for every larger batch), so switching
 among warmed paths or batch sizes never compiles again. Inputs are passed to the graphs as
-ordinary tensors under inference mode, the kind they were warmed with (Dynamo guards on it). The recompile limit is raised to what the paths need, and after
+ordinary tensors under inference mode, the kind they were warmed with (Dynamo guards on it).
+The recompile limit is raised to what the paths need, and after
 warm-up every path runs again and the compile count is checked: a path that would still
 recompile, or that fails to compile, is reported with a warning, never run eagerly in silence.
 
