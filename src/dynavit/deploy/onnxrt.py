@@ -38,6 +38,8 @@ def session(path: str | Path, providers: list[str] | None = None, threads: int |
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    # no spin-waiting after a run: the threads would burn the cores the next path (or PyTorch) needs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
