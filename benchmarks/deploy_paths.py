@@ -8,7 +8,12 @@ and ratios. Then a few DeiT-tiny paths are compiled (``DynamicModel.compile``, i
 against eager the same way, and cycled through at several batch sizes while Dynamo's compile
 count is read before and after. Writes ``benchmarks/results/deploy_paths-cpu.json``. Run:
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/deploy_paths.py [--threads 2] [--budget-s 40] [--no-compile]
+    OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=2 .venv/bin/python benchmarks/deploy_paths.py [--threads 2] [--no-compile]
+
+On a machine whose cores are shared with other work, OpenMP's default spin-waiting barriers
+make PyTorch's 2-thread eager runs several times slower than they are on an idle machine
+(DeiT-tiny at batch 1: seconds instead of tens of ms at a load average of 13 on 2 cores);
+``OMP_WAIT_POLICY=PASSIVE`` removes that artefact (ONNX Runtime's sessions do not spin either).
 """
 
 from __future__ import annotations
@@ -177,7 +182,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     result = {"machine": f"CPU, {args.threads} torch / ONNX Runtime threads (shared with other users: compare ratios)",
-              "load_average_at_start": os.getloadavg()[0], "torch": torch.__version__,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # PASSIVE: no spinning OpenMP barriers when
+              "load_average_at_start": os.getloadavg()[0], "torch": torch.__version__,  # the cores are oversubscribed
               "onnxruntime": __import__("onnxruntime").__version__,
               "ort_vs_eager": [r for name in args.models for r in ort_vs_eager(name, args.batches, args.budget_s)],
               "compiled": None}
