@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import Shapes, require, tiny_vit
+from helpers import Shapes, require, save_class_folders, tiny_vit
 from transformers import SegformerConfig, SwinConfig
 from typer.testing import CliRunner
 
@@ -127,11 +127,7 @@ def swept(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("deploy")
     save_model(tiny_vit(layers=4), root / "vit", {"name": "tiny"})
-    data = Shapes(10)
-    for i in range(len(data)):
-        img, y = data.load(i)
-        (root / "data" / f"c{y}").mkdir(parents=True, exist_ok=True)
-        img.save(root / "data" / f"c{y}" / f"{i}.png")
+    save_class_folders(Shapes(10), root / "data")
     (root / "space.json").write_text('{"mlp_width": [1.0, 0.5], "heads": [2, 1]}')
     res = CliRunner().invoke(app, ["sweep", str(root / "vit"), "--data", str(root / "data"), "--space",
                                    str(root / "space.json"), "--strategy", "grid", "--latency-repeats", "2",
