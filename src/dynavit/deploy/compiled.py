@@ -26,14 +26,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch._dynamo
-import torch._dynamo.utils
 
 from dynavit.config import ConfigError, ExecConfig
 from dynavit.deploy.slice import DeployError, path_module
 
 log = logging.getLogger(__name__)
 WARM_BATCHES = (1, 2)
+
+
+# ``torch._dynamo`` is reached as an attribute: torch imports it on first use, so ``import dynavit`` does
+# not pay for it (seconds) unless something is compiled.
 
 
 def compile_count() -> int:

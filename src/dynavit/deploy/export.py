@@ -39,7 +39,14 @@ def _resize_aa(g: Any, x: Any, output_size: Any, align_corners: Any, scales: Any
                 coordinate_transformation_mode_s="half_pixel")
 
 
-torch.onnx.register_custom_op_symbolic("aten::_upsample_bilinear2d_aa", _resize_aa, OPSET)
+_registered: list[bool] = []
+
+
+def _register_symbolics() -> None:
+    """Once, at the first ONNX export (``torch.onnx`` is imported on first use, not with dynavit)."""
+    if not _registered:
+        torch.onnx.register_custom_op_symbolic("aten::_upsample_bilinear2d_aa", _resize_aa, OPSET)
+        _registered.append(True)
 
 
 def check_format(fmt: str) -> str:
@@ -80,6 +87,7 @@ def write(module: PathModule, example: torch.Tensor, path: str | Path, fmt: str)
 
 
 def _onnx(module: PathModule, example: torch.Tensor, path: Path) -> None:
+    _register_symbolics()
     with warnings.catch_warnings():  # tracer warnings about Python ints are expected: shapes are fixed per path
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=[INPUT],
