@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -122,7 +123,7 @@ def test_unexportable_path_says_why(vit, tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """A saved tiny ViT, a labelled image folder with one corrupt file, and a grid sweep of it."""
+    """A saved tiny ViT, a labelled image folder, a grid sweep of it, and the images again with a corrupt file."""
     from dynavit.train.supervised import export as save_model
 
     root = tmp_path_factory.mktemp("deploy")
@@ -133,7 +134,8 @@ def swept(tmp_path_factory):
                                    str(root / "space.json"), "--strategy", "grid", "--latency-repeats", "2",
                                    "--store", str(root / "s.db")])
     assert res.exit_code == 0, res.output
-    (root / "data" / "c0" / "broken.png").write_bytes(b"not an image")
+    shutil.copytree(root / "data", root / "photos")  # what predict reads: the sweep's images and a corrupt file
+    (root / "photos" / "c0" / "broken.png").write_bytes(b"not an image")
     return root
 
 
@@ -168,6 +170,20 @@ def test_menu_folder_runs_on_onnx_runtime_with_the_controller(swept, menu_folder
         start(None, out, runtime="onnxruntime", profile_runs=3, rescue=True)
 
 
+def test_start_on_compiled_paths(swept) -> None:
+    """``serve --compile`` / ``simulate --compile``: the menu's paths compiled once (Dynamo's cheap eager backend)."""
+    from dynavit.deploy.compiled import CompiledPaths, compile_count
+
+    s = start(swept / "s.db", profile_runs=3, images=True, compile="eager")
+    assert isinstance(s.model, CompiledPaths) and not s.model.failed and not s.controller.can_rescue
+    dm = dynavit.load(swept / "vit")
+    x, warmed = dm.example_input(1), compile_count()
+    for e in s.controller.entries:
+        assert_close(forward(s.model, e.config, x).output, eager(dm, e.config, x))
+        assert 0 <= s.quality_of(e.config) <= 1
+    assert compile_count() == warmed
+
+
 def test_served_from_onnx_runtime(swept, menu_folder) -> None:
     require("fastapi")
     from fastapi.testclient import TestClient
@@ -190,17 +206,17 @@ def test_served_from_onnx_runtime(swept, menu_folder) -> None:
 
 def test_predict_over_a_folder_counts_bad_files(swept, segformer, tmp_path) -> None:
     dm = dynavit.load(swept / "vit")
-    res = dynavit.predict(dm, swept / "data", config={"mlp_width": 0.5}, topk=3)
+    res = dynavit.predict(dm, swept / "photos", config={"mlp_width": 0.5}, topk=3)
     assert len(res) == 10 and len(res.bad) == 1 and res.bad[0].endswith("broken.png")
     assert res.config == ExecConfig(mlp_width=0.5)
     files = [r["file"] for r in res]
     assert "c0/broken.png" not in files and len(set(files)) == 10
     first = res.records[0]
-    x = dm.transform(read_image(swept / "data" / first["file"]))[None]
+    x = dm.transform(read_image(swept / "photos" / first["file"]))[None]
     probs = eager(dm, ExecConfig(mlp_width=0.5), x).softmax(-1)[0]
     assert first["topk"][0]["index"] == int(probs.argmax())
     assert first["topk"][0]["probability"] == pytest.approx(float(probs.max()), rel=1e-5)
-    seg = dynavit.predict(segformer, swept / "data", masks=tmp_path / "masks")
+    seg = dynavit.predict(segformer, swept / "photos", masks=tmp_path / "masks")
     assert len(seg) == 10 and len(seg.bad) == 1
     mask = read_label(tmp_path / "masks" / files[0])
     assert mask.shape == (64, 64) and mask.max() < 4
@@ -215,7 +231,7 @@ def test_cli_export_and_predict(swept, tmp_path) -> None:
     res = runner.invoke(app, ["export", str(swept / "vit"), "--config", '{"token_threshold": 0.9}', "--out",
                               str(tmp_path / "t.onnx")])
     assert res.exit_code == 2 and "data-dependent" in res.output
-    res = runner.invoke(app, ["predict", str(swept / "vit"), "--images", str(swept / "data"), "--out",
+    res = runner.invoke(app, ["predict", str(swept / "vit"), "--images", str(swept / "photos"), "--out",
                               str(tmp_path / "preds.jsonl"), "--budget-ms", "1000", "--store", str(swept / "s.db")])
     assert res.exit_code == 0, res.output
     lines = (tmp_path / "preds.jsonl").read_text().splitlines()

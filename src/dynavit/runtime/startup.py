@@ -41,7 +41,7 @@ class Started:
 
 def start(store: str | Path, model: str | DynamicModel | None = None, *, device: str | None = None,
           profile_runs: int = 30, rescue: bool | Literal["auto"] = "auto", images: bool = False,
-          progress: bool = False, runtime: str = "torch", compile: bool = False, **options: Any) -> Started:
+          progress: bool = False, runtime: str = "torch", compile: bool | str = False, **options: Any) -> Started:
     """The store's menu and a controller on it, ready to run.
 
     ``profile_runs`` > 0 widens the candidates to the fronts by MACs and by stored latency and keeps
@@ -50,7 +50,8 @@ def start(store: str | Path, model: str | DynamicModel | None = None, *, device:
     ``images``: load the sweep's images even when no ladder needs them. ``options``: ``Controller``
     options (``rule``, ``target_miss``, ``margin``, ...). ``runtime="onnxruntime"``: ``model`` is a folder
     ``dynavit export --store`` wrote, run by ONNX Runtime (no store, no rescue); ``compile``: every
-    candidate path compiled and warmed before it is timed (no rescue: a compiled graph runs whole).
+    candidate path compiled and warmed before it is timed (no rescue: a compiled graph runs whole; a
+    string names the ``torch.compile`` backend, default inductor).
     """
     if runtime not in RUNTIMES:
         raise DynavitError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
@@ -76,7 +77,7 @@ def start(store: str | Path, model: str | DynamicModel | None = None, *, device:
 
 
 def _start_deployed(store: str | Path, model: Any, *, device: str | None, profile_runs: int,
-                    rescue: bool | Literal["auto"], images: bool, progress: bool, runtime: str, compile: bool,
+                    rescue: bool | Literal["auto"], images: bool, progress: bool, runtime: str, compile: bool | str,
                     **options: Any) -> Started:
     """``start`` on exported ONNX files or on compiled paths: the same controller, no deadlines."""
     if rescue is True:
@@ -94,7 +95,8 @@ def _start_deployed(store: str | Path, model: Any, *, device: str | None, profil
         eager = menu.model
         data = menu.images(progress=progress) if images else None
         quality_of = path_quality(eager, data) if data is not None else None  # quality as the sweep measures it
-        menu.model = compile_paths(eager, [e.config for e in menu.entries])
+        backend = {} if compile is True else {"backend": compile}
+        menu.model = compile_paths(eager, [e.config for e in menu.entries], **backend)
     ctrl = Controller(menu, rescue=False, **options)
     if profile_runs:
         probe = data.frames()[0][0] if data is not None else menu.model.example_input()
