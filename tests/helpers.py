@@ -86,3 +86,11 @@ class Shapes:
 
     def load(self, i: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.arrays[i]), self.labels[i]
+
+
+def save_class_folders(data, folder) -> None:
+    """Write a labelled dataset (``load(i)``: image, label) as ``folder/c<label>/<i>.png`` (class folders)."""
+    for i in range(len(data)):
+        img, y = data.load(i)
+        (folder / f"c{y}").mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"c{y}" / f"{i}.png")

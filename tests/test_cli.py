@@ -116,8 +116,8 @@ def test_every_command_is_on_the_entry_point():
     assert module == "dynavit.cli" and callable(getattr(dynavit.cli, func))
     r = runner.invoke(app, ["--help"])
     assert r.exit_code == 0
-    for cmd in ("profile", "eval", "calibrate", "sweep", "pareto", "export", "report", "simulate", "serve", "infer",
-                "train", "demo", "accel"):
+    for cmd in ("profile", "eval", "calibrate", "sweep", "pareto", "export", "predict", "report", "simulate", "serve",
+                "infer", "train", "demo", "accel"):
         assert f" {cmd} " in r.output, cmd
     r = runner.invoke(app, ["accel", "--help"])
     assert r.exit_code == 0 and " cost " in r.output and " dse " in r.output

@@ -82,7 +82,7 @@ def test_killed_sweep_resumes_with_exactly_the_rows_of_an_uninterrupted_one(asse
 
     pareto = _run([*DYNAVIT, "pareto", str(killed), "--cost", "latency_p50_ms", "--all"])
     assert pareto.returncode == 0 and pareto.stdout.count("│") > 8 * 5
-    out = _run([*DYNAVIT, "export", str(killed), str(tmp_path / "rows.csv")])
+    out = _run([*DYNAVIT, "pareto", str(killed), "--export", str(tmp_path / "rows.csv")])
     assert out.returncode == 0 and len((tmp_path / "rows.csv").read_text().splitlines()) == 9
 
     sim = _run([*DYNAVIT, "simulate", "--store", str(killed), "--trace", "step", "--frames", "8", "--interleave",

@@ -4,12 +4,14 @@ One pretrained model, many execution paths, and for every inference the most acc
 path that fits its budget. The public surface: ``load`` a model (a ``torch.nn.Module``),
 ``configure`` an ``ExecConfig``, ``profile`` and ``evaluate`` it, sweep its paths into a
 store (``dynavit.sweep``), read the store's ``Menu`` and let a ``Controller`` pick a path
-per inference.
+per inference; take paths to production (``DynamicModel.export`` / ``compile``, ``predict``
+over a folder, ``dynavit.deploy``).
 """
 
 from dynavit.config import ConfigError, ExecConfig, Space
 from dynavit.cost import Profile, profile
 from dynavit.data import open_dataset
+from dynavit.deploy.predict import predict
 from dynavit.errors import BadSampleError, DynavitError
 from dynavit.evaluation import evaluate as _evaluate
 from dynavit.model import DynamicModel, LoadedModel, from_config, load
@@ -44,6 +46,7 @@ __all__ = [
     "from_config",
     "load",
     "pareto",
+    "predict",
     "profile",
     "run_sweep",
 ]

@@ -28,6 +28,8 @@ from dynavit import calibrate as calibration_
 from dynavit import multiplex
 from dynavit.config import ConfigError, ExecConfig, Plan, Space, resolve
 from dynavit.data.transforms import ClassificationTransform, SegmentationTransform
+from dynavit.deploy import compiled as deploy_compiled
+from dynavit.deploy import export as deploy_export
 from dynavit.errors import DynavitError
 from dynavit.models import hub
 from dynavit.models.base import FamilyModel
@@ -94,11 +96,7 @@ class DynamicModel(nn.Module):
     @property
     def transform(self) -> ClassificationTransform | SegmentationTransform:
         """The standard evaluation transform for this model (DeiT protocol, or resize for segmentation)."""
-        if self.task == "classification":
-            crop = self.input_size
-            return ClassificationTransform(crop=crop, resize=int(min(crop) / self.crop_pct), mean=self.mean,
-                                           std=self.std)
-        return SegmentationTransform(size=self.input_size, mean=self.mean, std=self.std)
+        return eval_transform(self.task, self.input_size, self.mean, self.std, self.crop_pct)
 
     @property
     def space(self) -> Space:
@@ -226,6 +224,19 @@ class DynamicModel(nn.Module):
         self._base.train(mode)  # the family's own wrapper modules sit outside the tree
         return self
 
+    # ---- deployment ----------------------------------------------------------------------------
+    def export(self, path: str | os.PathLike, config: ExecConfig | dict[str, Any] | None = None, *,
+               format: str = "onnx") -> Path:
+        """One path (default: the current one) as a file with only its weights: ONNX or ``torch.export``
+        (``dynavit.deploy.export``); a path with data-dependent shapes raises a ``DeployError`` saying why."""
+        return deploy_export.export(self, path, config, format=format)
+
+    def compile(self, configs: Any = None, **options: Any) -> deploy_compiled.CompiledPaths:
+        """Each of ``configs`` (default: the current path) compiled once, as its own callable, warmed up:
+        a model-like object whose ``configure`` switches among them without recompiling
+        (``dynavit.deploy.compiled``)."""
+        return deploy_compiled.compile_paths(self, configs, **options)
+
     def save_pretrained(self, folder: str | os.PathLike, *, half: bool = False) -> Path:
         """A Hugging Face folder (weights in their calibrated order) that ``dynavit.load`` reads back
         calibrated, with any attached multiplexed models; transformers reads it as the source model.
@@ -233,6 +244,15 @@ class DynamicModel(nn.Module):
         if self.variants:
             raise DynavitError("save_pretrained saves one model: save each variant on its own")
         return write_pretrained(self, Path(folder), half=half)
+
+
+def eval_transform(task: str, input_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...],
+                   crop_pct: float) -> ClassificationTransform | SegmentationTransform:
+    """A model's evaluation transform from what describes it (a loaded model, or an exported menu's metadata)."""
+    size = tuple(input_size)
+    if task == "classification":
+        return ClassificationTransform(crop=size, resize=int(min(size) / crop_pct), mean=tuple(mean), std=tuple(std))
+    return SegmentationTransform(size=size, mean=tuple(mean), std=tuple(std))
 
 
 LoadedModel = DynamicModel  # the name earlier releases gave models without execution paths

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from dynavit.cli import accel, demo, inspect, runtime, sweep, train
+from dynavit.cli import accel, demo, deploy, inspect, runtime, sweep, train
 
 app = typer.Typer(
     help="Run-time adaptive inference of vision transformers: profile, evaluate, sweep, serve, cost on accelerators.",
@@ -16,7 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for group in (inspect, sweep, runtime, train, demo):
+for group in (inspect, sweep, runtime, deploy, train, demo):
     app.add_typer(group.app)
 app.add_typer(accel.app, name="accel")
 

@@ -48,6 +48,11 @@ InterleaveOpt = Annotated[bool, typer.Option(help="Run the policies side by side
                                                   "instead of one pass each: a paired comparison on a machine "
                                                   "whose speed drifts.")]
 SimSeedOpt = Annotated[int, typer.Option(help="Seed of generated traces (and of the turns' order).")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="Compile every candidate path once at start-up (torch."
+                                                          "compile, minutes), so that switching never recompiles; "
+                                                          "compiled paths run without deadlines.")]
+RuntimeOpt = Annotated[str, typer.Option(help="torch, or onnxruntime: MODEL is a folder `dynavit export --store` "
+                                              "wrote, and --store is not read.")]
 SimPlotOpt = Annotated[Path | None, typer.Option(help="Write budgets vs measured latency per frame (PNG).")]
 FrameImagesOpt = Annotated[Path | None, typer.Option(help="Labelled images to draw the frames from (default: the "
                                                           "half of the sweep's images that did not measure the "
@@ -61,7 +66,7 @@ def simulate_cmd(store: MenuOpt, trace: TraceOpt = "random-walk", frames: Frames
                  profile_runs: SimProfileOpt = 50, threads: ThreadsOpt = None, rule: RuleOpt = "priced",
                  target_miss: TargetMissOpt = 0.01, rescue: SimRescueOpt = True, interleave: InterleaveOpt = False,
                  seed: SimSeedOpt = 0, json_out: JsonOpt = None, plot: SimPlotOpt = None,
-                 frame_images: FrameImagesOpt = None) -> None:
+                 frame_images: FrameImagesOpt = None, compile: CompileOpt = False) -> None:
     """Run real inferences frame by frame against per-frame budgets: controller vs baselines.
 
     The menu's qualities and rescue ladders are measured on half of the sweep's images; the frames
@@ -73,9 +78,9 @@ def simulate_cmd(store: MenuOpt, trace: TraceOpt = "random-walk", frames: Frames
         if threads < 1:
             raise DynavitError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    s = start(store, profile_runs=profile_runs, rescue="auto" if rescue else False, images=True,
+    s = start(store, profile_runs=profile_runs, rescue="auto" if rescue and not compile else False, images=True,
               frames=frame_images, seed=seed, progress=interactive(), margin=margin, rule=rule,
-              target_miss=target_miss)
+              target_miss=target_miss, compile=compile)
     ctrl = s.controller
     if s.data.task != "classification":
         raise DynavitError("simulate scores classification sweeps (top-1 per frame); this store is "
@@ -146,7 +151,8 @@ def serve_cmd(model: ModelOpt = None, store: ServeStoreOpt = Path("results.db"),
               port: Annotated[int, typer.Option(help="TCP port.")] = 8000, token: ServeTokenOpt = None,
               max_batch: MaxBatchOpt = 8, max_wait_ms: MaxWaitOpt = 5.0, max_body_mb: MaxBodyOpt = 20.0,
               max_megapixels: MaxPixelsOpt = 40.0, device: DeviceOpt = "cpu", profile_runs: ServeProfileOpt = 20,
-              rule: RuleOpt = "priced", target_miss: TargetMissOpt = 0.01, rescue: ServeRescueOpt = False) -> None:
+              rule: RuleOpt = "priced", target_miss: TargetMissOpt = 0.01, rescue: ServeRescueOpt = False,
+              runtime: RuntimeOpt = "torch", compile: CompileOpt = False) -> None:
     """Serve /v1/infer: each request gets the most accurate path within its budget."""
     try:  # the serve extra (fastapi, uvicorn) is optional
         import uvicorn
@@ -158,7 +164,7 @@ def serve_cmd(model: ModelOpt = None, store: ServeStoreOpt = Path("results.db"),
     if max_batch < 1 or max_wait_ms < 0:
         raise DynavitError("--max-batch must be >= 1 and --max-wait-ms >= 0")
     dm, ctrl = load_for_store(model, store, device, profile_runs, rescue=rescue, progress=interactive(),
-                              rule=rule, target_miss=target_miss)
+                              rule=rule, target_miss=target_miss, runtime=runtime, compile=compile)
     app = create_app(dm, ctrl, token=token, max_body_bytes=int(max_body_mb * 2**20),
                      max_pixels=int(max_megapixels * 1e6), max_batch=max_batch, max_wait_ms=max_wait_ms)
     rescuing = sum(bool(e.ladder) for e in ctrl.entries)

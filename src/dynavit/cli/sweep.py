@@ -1,4 +1,4 @@
-"""``dynavit sweep``, ``pareto``, ``export`` and ``report``: measure many execution paths, read the menu."""
+"""``dynavit sweep``, ``pareto`` (``--export``: its rows as a table) and ``report``: measure paths, read the menu."""
 
 from __future__ import annotations
 
@@ -95,19 +95,19 @@ def print_front(store: Path, cost: str, top: int, show_all: bool = False) -> Non
         console.print(f"[yellow]warning:[/] {w}")
 
 
+RowsOpt = Annotated[Path | None, typer.Option("--export", help="Also write the store's rows (without per-image "
+                                                                "data) to this .csv or .parquet file.")]
+
+
 @app.command("pareto")
 @user_errors
-def pareto_cmd(store: StoreArg, cost: CostOpt = "macs", top: TopOpt = 50, show_all: AllOpt = False) -> None:
+def pareto_cmd(store: StoreArg, cost: CostOpt = "macs", top: TopOpt = 50, show_all: AllOpt = False,
+               export: RowsOpt = None) -> None:
     """The menu: configs not dominated in quality and cost, with CIs and paired deltas."""
     print_front(store, cost, top, show_all)
-
-
-@app.command("export")
-@user_errors
-def export_cmd(store: StoreArg, out: Annotated[Path, typer.Argument(help="A .csv or .parquet file.")]) -> None:
-    """Write the store's rows (without per-image data) as CSV or Parquet."""
-    with ResultStore(store, readonly=True) as rs:
-        console.print(f"wrote {rs.export(out)} ({len(rs)} rows)")
+    if export is not None:
+        with ResultStore(store, readonly=True) as rs:
+            console.print(f"wrote {rs.export(export)} ({len(rs)} rows)")
 
 
 @app.command("report")

@@ -49,6 +49,15 @@ def _spatial(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.view(x.shape[0], h, w, x.shape[2]).permute(0, 3, 1, 2)
 
 
+def _call(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``module`` on views of its own weights: ``functional_call`` (the profiler sees the module's name), or,
+    under a tracer (ONNX export), which refuses that stateless API, the same op called functionally."""
+    if torch.jit.is_tracing():
+        w, b = params["weight"], params.get("bias", module.bias)
+        return F.linear(x, w, b) if isinstance(module, nn.Linear) else module._conv_forward(x, w, b)
+    return functional_call(module, params, (x,))
+
+
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) map as (B, N, C) tokens (a view when the map is channels-last)."""
     return x.flatten(2).transpose(1, 2)
@@ -154,19 +163,19 @@ class Decoder(nn.Module):
         for i in branches:
             x, h, w = feats[i]
             lin = self.linear_c[i]
-            u = _spatial(functional_call(lin, {"weight": lin.weight[:dim], "bias": lin.bias[:dim]}, (x,)), h, w)
+            u = _spatial(_call(lin, {"weight": lin.weight[:dim], "bias": lin.bias[:dim]}, x), h, w)
             observe(lin, u)  # calibration ranks branch channels on the (B, dim, h, w) map
             if (h, w) != size:
                 u = F.interpolate(u, size=size, mode="bilinear", align_corners=False)
             col = self.branch_columns(i).start
-            y = functional_call(self.fuse, {"weight": self.fuse.weight[:dim, col:col + dim]}, (u,))
+            y = _call(self.fuse, {"weight": self.fuse.weight[:dim, col:col + dim]}, u)
             fused = y if fused is None else fused.add_(y)
         bn = self.bn  # eval-mode BN: running statistics, sliced to dim channels
         y = F.batch_norm(fused, bn.running_mean[:dim], bn.running_var[:dim], bn.weight[:dim], bn.bias[:dim],
                          False, 0.0, bn.eps)
         y = F.relu(y)
         observe(self.classifier, y)  # ... and the fused channels on the classifier's input
-        return functional_call(self.classifier, {"weight": self.classifier.weight[:, :dim]}, (y,))
+        return _call(self.classifier, {"weight": self.classifier.weight[:, :dim]}, y)
 
     def permute(self, branch_perms: list[torch.Tensor], fuse_perm: torch.Tensor) -> None:
         """Each branch's channels (its ``linear_c`` rows, its ``fuse`` columns), then the fused channels."""

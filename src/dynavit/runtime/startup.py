@@ -22,6 +22,8 @@ from typing import Any, Literal
 import numpy as np
 
 from dynavit.data import open_dataset
+from dynavit.deploy.compiled import compile_paths
+from dynavit.deploy.onnxrt import OnnxPaths
 from dynavit.errors import DynavitError
 from dynavit.model import DynamicModel
 from dynavit.runtime.controller import Controller
@@ -30,6 +32,8 @@ from dynavit.runtime.simulate import path_quality
 from dynavit.sweep import stats
 from dynavit.sweep.engine import CachedData, cache_dataset
 from dynavit.sweep.store import ResultStore
+
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -52,7 +56,7 @@ class Started:
 def start(store: str | Path, model: str | DynamicModel | None = None, *, device: str | None = None,
           profile_runs: int = 50, rescue: bool | Literal["auto"] = "auto", images: bool = False,
           frames: str | Path | None = None, menu_share: float = 0.5, seed: int = 0, progress: bool = False,
-          **options: Any) -> Started:
+          runtime: str = "torch", compile: bool | str = False, **options: Any) -> Started:
     """The store's menu and a controller on it, ready to run.
 
     ``profile_runs`` > 0 widens the candidates to the fronts by MACs and by stored latency and keeps
@@ -61,8 +65,17 @@ def start(store: str | Path, model: str | DynamicModel | None = None, *, device:
     ``images``: load the sweep's images even when no ladder needs them; ``frames``: a folder of
     labelled images to use as frames instead of the sweep's held-out part (then the menu keeps all
     the sweep's images); ``menu_share``: the part of the sweep's images that measures the menu.
-    ``options``: ``Controller`` options (``rule``, ``target_miss``, ``margin``, ...).
+    ``options``: ``Controller`` options (``rule``, ``target_miss``, ``margin``, ...). ``runtime="onnxruntime"``:
+    ``model`` is a folder ``dynavit export --store`` wrote, run by ONNX Runtime (no store, no rescue);
+    ``compile``: every candidate path compiled and warmed before it is timed (no rescue: a compiled graph
+    runs whole; a string names the ``torch.compile`` backend, default inductor).
     """
+    if runtime not in RUNTIMES:
+        raise DynavitError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime != "torch" or compile:
+        return _start_deployed(store, model, device=device, profile_runs=profile_runs, rescue=rescue, images=images,
+                               frames=frames, menu_share=menu_share, seed=seed, progress=progress, runtime=runtime,
+                               compile=compile, **options)
     if rescue is True and not profile_runs:
         raise DynavitError("rescue needs the menu profiled at start-up (profile runs > 0): a deadline needs "
                            "each block's share of the path's time")
@@ -119,3 +132,31 @@ def _rescored(e: Any, per_image: np.ndarray | None, idx: np.ndarray, task: str) 
         raise DynavitError(f"the store keeps no per-image results for {e.label}: cannot split its images")
     lo, hi = stats.interval(per_image[idx], task)
     return dataclasses.replace(e, quality=stats.point(per_image[idx], task), quality_lo=lo, quality_hi=hi)
+
+
+def _start_deployed(store: str | Path, model: Any, *, device: str | None, profile_runs: int,
+                    rescue: bool | Literal["auto"], images: bool, frames: str | Path | None, menu_share: float,
+                    seed: int, progress: bool, runtime: str, compile: bool | str, **options: Any) -> Started:
+    """``start`` on exported ONNX files or on compiled paths: the same controller, no deadlines."""
+    if rescue is True:
+        raise DynavitError(f"{'compiled paths' if compile else runtime} cannot drop blocks under a deadline: "
+                           "a graph runs whole (leave rescue off)")
+    if runtime == "onnxruntime":
+        if compile:
+            raise DynavitError("--compile is for the torch runtime; ONNX Runtime optimises its graphs itself")
+        if model is None:
+            raise DynavitError("the onnxruntime runtime needs the folder `dynavit export --store` wrote as MODEL")
+        menu = OnnxPaths(model).menu()
+        s = Started(menu, Controller(menu, rescue=False, **options))
+    else:
+        menu = Menu.from_store(store, model, device=device, wide=profile_runs > 0)
+        s = Started(menu, Controller(menu, rescue=False, **options))
+        if images or frames is not None:  # split and score with the eager model: quality as the sweep measures it
+            _split(s, store, frames, menu_share, seed, progress)
+        backend = {} if compile is True else {"backend": compile}
+        menu.model = compile_paths(menu.model, [e.config for e in menu.entries], **backend)
+        s.controller = Controller(menu, rescue=False, **options)
+    if profile_runs:
+        probe = s.data.frames()[0][0] if s.data is not None else menu.model.example_input()
+        s.controller.profile(probe, runs=profile_runs, progress=progress)
+    return s
