@@ -19,6 +19,7 @@ from dynavit.cli.kit import (
     console,
     fmt,
     interactive,
+    outputs,
     print_wide,
     user_errors,
 )
@@ -105,6 +106,7 @@ def pareto_cmd(store: StoreArg, cost: CostOpt = "macs", top: TopOpt = 50, show_a
 def export_cmd(store: StoreArg, out: Annotated[Path, typer.Argument(help="A .csv or .parquet file.")]) -> None:
     """Write the store's rows (without per-image data) as CSV or Parquet."""
     with ResultStore(store, readonly=True) as rs:
+        outputs((out, False, "OUT"))
         console.print(f"wrote {rs.export(out)} ({len(rs)} rows)")
 
 
@@ -115,4 +117,6 @@ def report_cmd(store: StoreArg,
     """A self-contained HTML report: fronts, per-knob resilience, FLOP vs time share."""
     from dynavit.report import write_report  # matplotlib: imported only by the command that draws
 
+    ResultStore(store, readonly=True).close()  # a missing, foreign or damaged store before any folder is made
+    outputs((out, True, "--out"))
     console.print(f"wrote {write_report(store, out)}")
