@@ -86,3 +86,20 @@ class Shapes:
 
     def load(self, i: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.arrays[i]), self.labels[i]
+
+
+def damage_sqlite(path) -> None:
+    """Overwrite the header of every page of an SQLite file after the first: any read of a table fails."""
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[16:18], "big")
+    for page in range(1, len(data) // size):
+        data[page * size: page * size + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment for a child run from another folder (PYTHONPATH made absolute)."""
+    from pathlib import Path
+
+    path = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}

@@ -8,7 +8,6 @@ unchanged and still usable.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sqlite3
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_row, tiny_vit
+from helpers import child_env, damage_sqlite, make_row, tiny_vit
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -178,12 +177,6 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file())).hexdigest()
 
 
-def _damage(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    size = int.from_bytes(data[16:18], "big")
-    for page in range(1, len(data) // size):
-        data[page * size: page * size + 8] = b"\xff" * 8
-    path.write_bytes(bytes(data))
 
 
 def _store(path: Path, rows: int) -> Path:
@@ -227,7 +220,7 @@ def world(tmp_path_factory) -> dict[str, str]:
     with sqlite3.connect(foreign) as con:
         con.execute("CREATE TABLE users (id INTEGER)")
     damaged = _store(tmp / "damaged.db", 3)
-    _damage(damaged)
+    damage_sqlite(damaged)
     (tmp / "text.txt").write_text("hello " * 200)
     (tmp / "garbage.json").write_text("{not json")
     png = tmp / "image.png"
@@ -275,9 +268,7 @@ def test_the_store_and_model_stay_usable(world) -> None:
 @pytest.mark.parametrize("case", ["heads-float", "timm-missing"])
 def test_a_real_process_prints_only_the_one_line(case, world) -> None:
     args, needle = next((a, n) for c, a, n in CASES if c == case)
-    path = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     res = subprocess.run([sys.executable, "-m", "dynavit.cli", *_args(args, world)], capture_output=True, text=True,
-                         env=env, cwd=world["tmp"], timeout=120)
+                         env=child_env(), cwd=world["tmp"], timeout=120)
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error:") and needle in res.stderr, res.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sqlite3
 import subprocess
@@ -13,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_row
+from helpers import child_env, damage_sqlite, make_row
 from typer.testing import CliRunner
 
 from dynavit.cli import app
 from dynavit.config import ExecConfig
+from dynavit.errors import DynavitError
 from dynavit.sweep import lease
 from dynavit.sweep.store import ResultStore, StoreError, images_at
 
@@ -27,10 +27,6 @@ IDENTITY = {"model": "m", "model_fingerprint": "f", "calibration": "none", "data
 runner = CliRunner()
 
 
-def _env() -> dict[str, str]:
-    """This process's environment for a child run from another folder (an absolute PYTHONPATH)."""
-    path = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def _sweep(assets: Path, store: Path, data: str | Path, budget: int = 3, **kw) -> list[str]:
@@ -129,7 +125,7 @@ def test_a_live_writer_holds_the_store_and_a_dead_one_gives_way(tmp_path) -> Non
 def test_two_sweep_processes_on_one_store_never_duplicate_work(assets, tmp_path) -> None:
     store = tmp_path / "r.db"
     data = assets / "imagenet-samples"
-    first = subprocess.Popen(_sweep(assets, store, data), env=_env(), stdout=subprocess.PIPE,
+    first = subprocess.Popen(_sweep(assets, store, data), env=child_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -139,7 +135,7 @@ def test_two_sweep_processes_on_one_store_never_duplicate_work(assets, tmp_path)
         except sqlite3.Error:
             pass
         time.sleep(0.05)
-    second = subprocess.run(_sweep(assets, store, data), env=_env(), capture_output=True, text=True, timeout=300)
+    second = subprocess.run(_sweep(assets, store, data), env=child_env(), capture_output=True, text=True, timeout=300)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     assert second.returncode == 2, second.stderr
@@ -147,20 +143,13 @@ def test_two_sweep_processes_on_one_store_never_duplicate_work(assets, tmp_path)
     with ResultStore(store, readonly=True) as rs:
         assert len(rs) == 3
         assert [s for (s,) in rs.conn.execute("SELECT status FROM runs")] == ["done"]  # one run measured
-    again = subprocess.run(_sweep(assets, store, data), env=_env(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(_sweep(assets, store, data), env=child_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "measured 0 configs, 3 already in" in again.stdout, again.stderr
 
 
 # ----------------------------------------------------------------------------------- damaged files
 
 
-def _damage(path: Path) -> None:
-    """Overwrite the header of every b-tree page after the first: any read of a table fails."""
-    data = bytearray(path.read_bytes())
-    size = int.from_bytes(data[16:18], "big")
-    for page in range(1, len(data) // size):
-        data[page * size: page * size + 8] = b"\xff" * 8
-    path.write_bytes(bytes(data))
 
 
 def test_a_damaged_store_is_one_line_for_every_reader(tmp_path) -> None:
@@ -168,7 +157,7 @@ def test_a_damaged_store_is_one_line_for_every_reader(tmp_path) -> None:
     _store_with_rows(db)
     with sqlite3.connect(db) as con:
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    _damage(db)
+    damage_sqlite(db)
     for cmd in (["report", str(db), "--out", str(tmp_path / "rep")], ["pareto", str(db)],
                 ["export", str(db), str(tmp_path / "x.csv")]):
         res = runner.invoke(app, cmd)
@@ -196,7 +185,7 @@ def test_the_store_records_absolute_paths_and_moved_images_can_be_named(assets, 
     work.mkdir()
     (work / "imgs").symlink_to(assets / "imagenet-samples")
     store = work / "r.db"
-    res = subprocess.run(_sweep(assets, Path("r.db"), "imgs", budget=2), cwd=work, env=_env(), capture_output=True,
+    res = subprocess.run(_sweep(assets, Path("r.db"), "imgs", budget=2), cwd=work, env=child_env(), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     with ResultStore(store, readonly=True) as rs:
@@ -214,14 +203,14 @@ def test_the_store_records_absolute_paths_and_moved_images_can_be_named(assets, 
         moved = SweepTarget(**rs.last_target())
         with images_at(assets / "imagenet-samples"):
             found = SweepTarget(**rs.last_target())
-    with pytest.raises(StoreError.__mro__[1], match="no longer at .*gone; pass --data"):
+    with pytest.raises(DynavitError, match="no longer at .*gone; pass --data"):
         moved.images(None)
     assert found.data == str((assets / "imagenet-samples").resolve())
     base = ["simulate", "--store", str(store), "--trace", "step", "--frames", "4", "--profile-runs", "0",
             "--no-rescue"]
-    res = subprocess.run([*DYNAVIT, *base], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run([*DYNAVIT, *base], cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     _one_line_error(res.stderr, "pass --data")
-    res = subprocess.run([*DYNAVIT, *base, "--data", str(assets / "imagenet-samples")], cwd=tmp_path, env=_env(),
+    res = subprocess.run([*DYNAVIT, *base, "--data", str(assets / "imagenet-samples")], cwd=tmp_path, env=child_env(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr

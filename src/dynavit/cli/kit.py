@@ -77,9 +77,8 @@ class OneLineErrors(TyperGroup):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as e:  # click's exceptions, as typer vendors them
             ctx = getattr(e, "ctx", None)
-            if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
-                typer.echo(ctx.get_help())  # a bare command asks for its help
-                sys.exit(0)
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare command: its help is already shown
+                sys.exit(e.exit_code)
             where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             error_line(e.format_message() + where)
             sys.exit(2 if isinstance(e, _UsageError) else e.exit_code)

@@ -68,15 +68,12 @@ def save(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     """Write a checkpoint of ``model``, ``optimizer`` and ``state`` (which must hold ``step``) at ``folder``."""
     folder = Path(folder)
     tmp, old = _siblings(folder)
-    recover(folder)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if tmp.exists() or old.exists():  # an earlier save was interrupted: the newest complete one to ``folder``
+        recover(folder)
     tmp.mkdir(parents=True)
     _done("tmp-created")
     _write_files(tmp, model, optimizer, state)
     if folder.exists():
-        if old.exists():  # ``folder`` is complete (recover made sure), so this is an older copy
-            shutil.rmtree(old)
         os.replace(folder, old)
         _fsync(folder.parent)
         _done("current-moved")
