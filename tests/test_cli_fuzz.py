@@ -272,3 +272,20 @@ def test_a_real_process_prints_only_the_one_line(case, world) -> None:
                          env=child_env(), cwd=world["tmp"], timeout=120)
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error:") and needle in res.stderr, res.stderr
+
+
+def test_the_api_refuses_bad_configs_where_they_are_made() -> None:
+    """A bad value fails when the config is built (not at forward time), and configure() names a wrong type."""
+    from dynavit.config import ConfigError
+
+    for bad in ({"heads": 2.5}, {"heads": [2, "x", 2]}, {"mlp_width": "0.5"}, {"token_fuse": 1},
+                {"resolution": 224.0}, {"skip_blocks": "01"}, {"token_threshold": "0.9"}, {"variant": 3}):
+        with pytest.raises(ConfigError):
+            ExecConfig(**bad)
+    assert ExecConfig(heads=2.0).heads == 2 and ExecConfig(heads=[1.0, 2]).heads == (1, 2)  # JSON may write 2.0
+    dm = tiny_vit()
+    for wrong in ("mlp_width=0.5", 0.5, ["heads"]):
+        with pytest.raises(ConfigError, match="configure\\(\\) takes an ExecConfig or a dict"):
+            dm.configure(wrong)
+    dm.configure({"heads": 1})
+    assert dm.exec_config == ExecConfig(heads=1)

@@ -4,7 +4,9 @@ Each measured config is one row written in its own transaction, so a sweep kille
 moment (even ``kill -9``) leaves every finished row intact and no half row; rerunning the
 same command skips the configs already stored. The ``meta`` table pins the model weights,
 calibration, dataset and evaluation protocol: a store refuses rows from anything else and
-names what differs, so rows of different experiments are never mixed.
+names what differs, so rows of different experiments are never mixed. A database that is
+neither empty nor a store is refused before anything is written to it, one writer at a time
+holds a store's lease (``lease.py``), and a damaged file is a one-line ``StoreError``.
 
 Schema (version 1)::
 
@@ -21,6 +23,7 @@ Schema (version 1)::
             energy_mj, device, versions, per_image (npy bytes), seconds, created)
     accel(config_key, design, design_key, cost, created)  -- modelled accelerator cost per design
                                                          -- (``dynavit accel``; created on first write)
+    lease(id = 1, pid, host, started, heartbeat)        -- the one writer (``lease.py``; created on first use)
 """
 
 from __future__ import annotations
@@ -188,12 +191,13 @@ class ResultStore:
         missing = [k for k in IDENTITY if k not in identity]
         if missing:
             raise ValueError(f"identity lacks {missing}")
-        rows = [(k, identity[k]) for k in IDENTITY] + [("created", str(time.time()))]
-        try:
-            with self.conn:  # INSERT OR IGNORE: of two first writers, the first pins the store
-                self.conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", rows)
-        except sqlite3.Error as e:
-            raise StoreError(_explain(e, self.path)) from None
+        if "model" not in self.meta:  # a new store: pinned to this experiment
+            rows = [(k, identity[k]) for k in IDENTITY] + [("created", str(time.time()))]
+            try:
+                with self.conn:  # OR IGNORE: of two first writers, the first pins the store
+                    self.conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", rows)
+            except sqlite3.Error as e:
+                raise StoreError(_explain(e, self.path)) from None
         meta = self.meta
         diffs = [f"{k}: store has {_clip(meta.get(k))}, this sweep {_clip(identity[k])}"
                  for k in IDENTITY if meta.get(k) != identity[k]]
