@@ -94,3 +94,20 @@ def save_class_folders(data, folder) -> None:
         img, y = data.load(i)
         (folder / f"c{y}").mkdir(parents=True, exist_ok=True)
         img.save(folder / f"c{y}" / f"{i}.png")
+
+
+def damage_sqlite(path) -> None:
+    """Overwrite the header of every page of an SQLite file after the first: any read of a table fails."""
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[16:18], "big")
+    for page in range(1, len(data) // size):
+        data[page * size: page * size + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment for a child run from another folder (PYTHONPATH made absolute)."""
+    from pathlib import Path
+
+    path = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from dynavit.config import ExecConfig
 from dynavit.data.datasets import file_sha1, list_images, read_image
@@ -215,9 +216,10 @@ def _pseudo_loss(logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, logits.detach().argmax(1))
 
 
-def _scores(dm: Any, batches: Sequence[torch.Tensor], criterion: str) -> dict[str, list[torch.Tensor]]:
+def _scores(dm: Any, batches: Sequence[torch.Tensor], criterion: str, bar: Any = None
+            ) -> dict[str, list[torch.Tensor]]:
     stats = _Stats(dm.module, taylor=criterion == "taylor")
-    for x in batches:
+    for x in _counted(batches, bar):
         if criterion == "taylor":
             with torch.enable_grad(), recording(stats):
                 _pseudo_loss(dm(x)).backward()
@@ -234,10 +236,24 @@ def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="none").sum(1).mean())
 
 
-def _outputs(dm: Any, batches: Sequence[torch.Tensor], cfg: ExecConfig) -> torch.Tensor:
+def _outputs(dm: Any, batches: Sequence[torch.Tensor], cfg: ExecConfig, bar: Any = None) -> torch.Tensor:
     dm.configure(cfg)
     with torch.no_grad():
-        return torch.cat([dm(x) for x in batches])
+        return torch.cat([dm(x) for x in _counted(batches, bar)])
+
+
+def _counted(batches: Sequence[torch.Tensor], bar: Any) -> Iterator[torch.Tensor]:
+    """The batches, each counted on the progress bar once its forward pass is done."""
+    for x in batches:
+        yield x
+        if bar is not None:
+            bar.update(len(x))
+
+
+def _passes(n_fit: int, n_held: int, n_all: int, candidates: int, probes: int, blocks: int) -> int:
+    """Images run through the model by a calibration: the progress bar's total."""
+    compare = n_held * (1 + candidates * probes) if candidates > 1 else 0
+    return candidates * n_fit + compare + n_all * (1 + 3 * blocks)
 
 
 def _probe_configs(dm: Any) -> list[ExecConfig]:
@@ -279,8 +295,11 @@ def _to_batches(dm: Any, images: Any, batch_size: int) -> list[torch.Tensor]:
 
 
 def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int = 16,
-              heldout_fraction: float = 0.25) -> Calibration:
-    """Rank, choose the criterion, reorder ``dm``'s weights in place; returns the Calibration."""
+              heldout_fraction: float = 0.25, progress: bool = False) -> Calibration:
+    """Rank, choose the criterion, reorder ``dm``'s weights in place; returns the Calibration.
+
+    ``progress``: a bar over the images run through the model (minutes for a large model on a CPU).
+    """
     if criterion not in ("auto", *CRITERIA):
         raise DynavitError(f"unknown criterion {criterion!r} (choose auto, {', '.join(CRITERIA)})")
     t0 = time.perf_counter()
@@ -297,27 +316,31 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
     held = list(flat[n_images - n_held:].split(batch_size)) if n_held else batches
     fp = dm.calibration.fingerprint if dm.calibration is not None else fingerprint(dm.base_module)
     dm.configure(ExecConfig())
+    candidates = CRITERIA if criterion == "auto" else (criterion,)
+    probes = _probe_configs(dm)
+    n = dm.space.num_blocks
+    total = _passes(n_images - n_held if n_held else n_images, n_held or n_images, n_images, len(candidates),
+                    len(probes), n)
+    bar = tqdm(total=total, desc="calibrate", unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        candidates = CRITERIA if criterion == "auto" else (criterion,)
         perms = {c: {k: [v.argsort(descending=True, stable=True) for v in group]
-                     for k, group in _scores(dm, fit, c).items()} for c in candidates}
+                     for k, group in _scores(dm, fit, c, bar).items()} for c in candidates}
         comparison: dict[str, float] = {}
         if len(candidates) > 1:
-            ref = _outputs(dm, held, ExecConfig())
-            probes = _probe_configs(dm)
+            ref = _outputs(dm, held, ExecConfig(), bar)
             for c in candidates:
                 dm.module.permute(perms[c])
-                comparison[c] = sum(_kl(ref, _outputs(dm, held, p)) for p in probes) / len(probes)
+                comparison[c] = sum(_kl(ref, _outputs(dm, held, p, bar)) for p in probes) / len(probes)
                 dm.module.permute(_inverse(perms[c]))
         best = min(comparison, key=comparison.get) if comparison else candidates[0]
         dm.module.permute(perms[best])
-        ref = _outputs(dm, batches, ExecConfig())
-        n = dm.space.num_blocks
+        ref = _outputs(dm, batches, ExecConfig(), bar)
         block_kl = {
-            kind: [_kl(ref, _outputs(dm, batches, ExecConfig(**{key: (i,)}))) for i in range(n)]
+            kind: [_kl(ref, _outputs(dm, batches, ExecConfig(**{key: (i,)}), bar)) for i in range(n)]
             for kind, key in (("block", "skip_blocks"), ("attn", "skip_attn"), ("mlp", "skip_mlp"))
         }
     finally:
+        bar.close()
         dm.configure(previous)
     old = dm.calibration
     chosen = perms[best] if old is None else _compose(old.perms, perms[best])  # relative to the original weights

@@ -64,31 +64,54 @@ class Space:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _whole(name: str, v: Any) -> int:
+    """``v`` as an int: an int, or a float with no fractional part (JSON may write 2 as 2.0)."""
+    if _is_int(v):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    raise ConfigError(f"{name}={v!r} must be a whole number")
+
+
 def _int_tuple(name: str, v: Any) -> tuple[int, ...]:
     if v is None:
         return ()
-    if isinstance(v, (int,)) and not isinstance(v, bool):
+    if _is_int(v):
         return (v,)
+    if isinstance(v, (str, bytes, dict)):
+        raise ConfigError(f"{name}={v!r} is not a list of block indices")
     try:
         out = tuple(v)
     except TypeError:
         raise ConfigError(f"{name}={v!r} is not a list of block indices") from None
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in out):
+    if not all(_is_int(i) for i in out):
         raise ConfigError(f"{name}={v!r} must contain integers")
     return tuple(sorted(set(out)))
 
 
 def _num_or_tuple(name: str, v: Any, kind: type) -> Any:
-    if v is None or isinstance(v, bool):
-        if v is None:
-            return None
-        raise ConfigError(f"{name}={v!r} must be a number or a list of numbers")
-    if isinstance(v, (int, float)):
-        return kind(v) if kind is float else v
+    """A number or a list of numbers; ``kind`` int takes whole numbers only, float any number."""
+    def one(x: Any) -> Any:
+        if not _is_number(x):
+            raise ConfigError(f"{name}={v!r} must be a number or a list of numbers")
+        return _whole(name, x) if kind is int else float(x)
+    if v is None:
+        return None
+    if _is_number(v) or isinstance(v, (str, bytes, bool, dict)):
+        return one(v)
     try:
-        return tuple(kind(x) if kind is float else x for x in v)
+        items = tuple(v)
     except TypeError:
         raise ConfigError(f"{name}={v!r} must be a number or a list of numbers") from None
+    return tuple(one(x) for x in items)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,13 +212,19 @@ def _normalised(cfg: ExecConfig) -> dict[str, Any]:
             raise ConfigError(f"{name}={v[name]!r} must be a number in (0, 1]")
         v[name] = float(v[name])
     if v["token_threshold"] is not None:
+        if not _is_number(v["token_threshold"]):
+            raise ConfigError(f"token_threshold={v['token_threshold']!r} must be a number in (0, 1]")
         v["token_threshold"] = float(v["token_threshold"])
+    if not isinstance(v["token_fuse"], bool):
+        raise ConfigError(f"token_fuse={v['token_fuse']!r} must be true or false")
+    if v["variant"] is not None and not isinstance(v["variant"], str):
+        raise ConfigError(f"variant={v['variant']!r} must be the name of a variant")
     v["resolution"] = _resolution(v["resolution"])
     if v["token_method"] not in ("prune", "merge"):
         raise ConfigError(f"token_method={v['token_method']!r} must be 'prune' or 'merge'")
-    if not isinstance(v["granularity"], int) or v["granularity"] < 1:
+    if not _is_int(v["granularity"]) or v["granularity"] < 1:
         raise ConfigError(f"granularity={v['granularity']!r} must be a positive integer")
-    if not isinstance(v["mux"], int) or isinstance(v["mux"], bool) or v["mux"] < 1:
+    if not _is_int(v["mux"]) or v["mux"] < 1:
         raise ConfigError(f"mux={v['mux']!r} must be a positive integer (images per forward pass)")
     return v
 
@@ -203,8 +232,10 @@ def _normalised(cfg: ExecConfig) -> dict[str, Any]:
 def _resolution(res: Any) -> tuple[int, int] | None:
     if res is None:
         return None
-    out = (res, res) if isinstance(res, int) else tuple(res)
-    if len(out) != 2 or not all(isinstance(r, int) and r > 0 for r in out):
+    if isinstance(res, (str, bytes, dict, float, bool)) or not (_is_int(res) or hasattr(res, "__iter__")):
+        raise ConfigError(f"resolution={res!r} must be a positive int or (height, width)")
+    out = (res, res) if _is_int(res) else tuple(res)
+    if len(out) != 2 or not all(_is_int(r) and r > 0 for r in out):
         raise ConfigError(f"resolution={res!r} must be a positive int or (height, width)")
     return out
 

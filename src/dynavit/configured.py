@@ -15,13 +15,17 @@ from pathlib import Path
 from dynavit.calibrate import Calibration
 from dynavit.config import ExecConfig
 from dynavit.data.datasets import file_sha1, list_images, read_image
-from dynavit.errors import DynavitError
+from dynavit.errors import DynavitError, check_writable
 from dynavit.model import DynamicModel, load
 
 
 def json_text(spec: str) -> str:
     """``spec`` itself, or the contents of the file it names (JSON is given inline or as a file)."""
-    return Path(spec).read_text() if os.path.isfile(spec) else spec  # isfile: a long JSON string is no error
+    if os.path.isfile(spec):  # isfile: a long JSON string is no error
+        return Path(spec).read_text()
+    if spec.strip().endswith(".json") and not spec.lstrip().startswith(("{", "[")):
+        raise DynavitError(f"config file {spec} does not exist")
+    return spec
 
 
 def parse_config(spec: str) -> ExecConfig:
@@ -56,8 +60,11 @@ def load_configured(model: str, *, config: ExecConfig | str | None = None, calib
 
 
 def calibrate_folder(model: str, images: str | Path, out: str | Path, *, criterion: str = "auto",
-                     limit: int = 64) -> Calibration:
+                     limit: int = 64, progress: bool = False) -> Calibration:
     """Calibrate ``model`` on at most ``limit`` images spread over ``images`` (recursive) and save to ``out``."""
+    if limit < 1:
+        raise DynavitError(f"calibration needs at least 1 image (limit {limit})")
+    check_writable(out, folder=True)  # before minutes of work
     dm = load(model)
     if not dm.dynamic:
         raise DynavitError(f"{model} ({dm.family}) has no execution paths to calibrate yet")
@@ -68,7 +75,7 @@ def calibrate_folder(model: str, images: str | Path, out: str | Path, *, criteri
     if not paths:
         raise DynavitError(f"no images found under {images}")
     paths = paths[:: max(1, len(paths) // limit)][:limit]
-    cal = dm.calibrate([read_image(p) for p in paths], criterion=criterion)
+    cal = dm.calibrate([read_image(p) for p in paths], criterion=criterion, progress=progress)
     cal.image_hashes = [file_sha1(p) for p in paths]  # a sweep on the same folder leaves these out
     dm.save_calibration(out)
     return cal

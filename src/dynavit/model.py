@@ -135,6 +135,8 @@ class DynamicModel(nn.Module):
             cfg = ExecConfig(**changes)
         elif isinstance(cfg, dict):
             cfg = ExecConfig.from_dict(cfg)
+        elif not isinstance(cfg, ExecConfig):
+            raise ConfigError(f"configure() takes an ExecConfig or a dict, not {type(cfg).__name__} {cfg!r:.60}")
         elif changes:
             cfg = cfg.replace(**changes)
         key = (cfg.variant, cfg)
@@ -190,10 +192,11 @@ class DynamicModel(nn.Module):
         return mux
 
     # ---- calibration ---------------------------------------------------------------------------
-    def calibrate(self, images: Any, *, criterion: str = "auto", batch_size: int = 16) -> Any:
+    def calibrate(self, images: Any, *, criterion: str = "auto", batch_size: int = 16, progress: bool = False) -> Any:
         """Rank channels/heads/blocks on ``images`` and reorder the weights (see ``dynavit.calibrate``)."""
         self._need_paths("calibrate")
-        self.calibration = calibration_.calibrate(self, images, criterion=criterion, batch_size=batch_size)
+        self.calibration = calibration_.calibrate(self, images, criterion=criterion, batch_size=batch_size,
+                                                  progress=progress)
         return self.calibration
 
     def save_calibration(self, folder: str | Path) -> Path:

@@ -87,6 +87,9 @@ def dataset_name(dataset: Any) -> str:
 def check_compatible(model: Any, dataset: Any) -> None:
     """Refuse a model whose task or label count cannot score this dataset, before any decoding."""
     name, where = model_name(model), dataset_name(dataset)
+    if dataset.task == "unlabelled":
+        raise DynavitError(f"{where} has no labels (images without classes or masks); evaluation needs a "
+                           "labelled dataset")
     if model.task != dataset.task:
         raise DynavitError(
             f"{name} is a {model.task} model but {where} is a {dataset.task} dataset; "

@@ -1,7 +1,8 @@
 """The ``dynavit`` command: one module per group of commands, each command a thin layer over the library.
 
-Every command turns a :class:`DynavitError` (bad user input) into one line on stderr and
-exit code 2; anything else is a bug and keeps its traceback (see ``dynavit.cli.kit``).
+Every command turns a :class:`DynavitError` (bad user input), and the root command every usage
+error (unknown option, bad number, missing argument), into one line on stderr and exit code 2;
+anything else is a bug and keeps its traceback (see ``dynavit.cli.kit``).
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import typer
 
 from dynavit.cli import accel, demo, deploy, inspect, runtime, sweep, train
+from dynavit.cli.kit import OneLineErrors
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Run-time adaptive inference of vision transformers: profile, evaluate, sweep, serve, cost on accelerators.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

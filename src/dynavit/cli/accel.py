@@ -15,9 +15,10 @@ from typer.core import TyperGroup
 
 from dynavit.accel.arch import Arch
 from dynavit.accel.dse import cost_store, design_points, explore, markdown_table, write_exploration
-from dynavit.cli.kit import console, user_errors
+from dynavit.cli.kit import MovedDataOpt, console, outputs, user_errors
 from dynavit.configured import parse_configs
 from dynavit.errors import DynavitError
+from dynavit.sweep.store import images_at
 
 
 class _CostByDefault(TyperGroup):
@@ -64,13 +65,13 @@ def cost_cmd(model: ModelArg, arch: ArchOpt, store: StoreOpt = Path("results.db"
              out: CostOutOpt = None, search: SearchOpt = "fast", workers: WorkersOpt = 2, cache: CacheOpt = None
              ) -> None:
     """Cost a sweep store's configs on one or several designs; write energy/latency back into the store."""
+    outputs((out, True, "--out"))
     res = cost_store(store, _archs(arch), model=None if model == "-" else model,
                      configs=None if configs is None else parse_configs(configs), cache=cache, search=search,
                      workers=workers, keep_layers=out is not None)
     for name, pairs in res.items():
         _print_costs(name, pairs, store)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         dump = {name: [{"config": r.config.to_dict(), "label": r.label, "quality": r.quality, **c.summary(),
                         "layers": c.layers} for r, c in pairs] for name, pairs in res.items()}
         (out / "accel.json").write_text(json.dumps(dump, indent=1))
@@ -94,16 +95,18 @@ def _print_costs(name: str, pairs: list[tuple[Any, Any]], store: Path) -> None:
 def dse_cmd(model: ModelArg, store: StoreOpt = Path("results.db"), base: BaseOpt = "simba-v16",
             vector_sizes: VectorOpt = "8,16,32,64", global_buffers: BufferOpt = "", limit: DseLimitOpt = None,
             granularity: GranularityOpt = True, out: DseOutOpt = Path("out/accel-dse"), search: SearchOpt = "fast",
-            workers: WorkersOpt = 2, cache: CacheOpt = None) -> None:
+            workers: WorkersOpt = 2, cache: CacheOpt = None, data: MovedDataOpt = None) -> None:
     """Energy-quality fronts of the store's paths on designs of different vector width and memory."""
+    outputs((out, True, "--out"))
     try:
         vs = [int(v) for v in vector_sizes.split(",") if v.strip()]
         gbs = [float(g) for g in global_buffers.split(",") if g.strip()]
     except ValueError:
         raise DynavitError("--vector-sizes and --global-buffers take comma-separated numbers") from None
     archs = design_points(_archs([base])[0], vs, gbs)
-    ex = explore(store, archs, model=None if model == "-" else model, limit=limit, cache=cache, search=search,
-                 workers=workers, vector_granularity=granularity)
+    with images_at(data):  # new configs are measured on the sweep's images
+        ex = explore(store, archs, model=None if model == "-" else model, limit=limit, cache=cache, search=search,
+                     workers=workers, vector_granularity=granularity)
     write_exploration(ex, out)
     console.print(markdown_table(ex))
     console.print(f"{len(archs)} designs, {ex.zigzag_searches} ZigZag searches, {ex.measured_configs} configs "

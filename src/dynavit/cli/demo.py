@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dynavit.cli.kit import LimitOpt, console, user_errors
+from dynavit.cli.kit import LimitOpt, console, outputs, user_errors
 from dynavit.demo import run_demo
 
 app = typer.Typer()
@@ -20,4 +20,5 @@ def demo_cmd(out: Annotated[Path, typer.Option(help="Where tables, JSON and char
              data: Annotated[Path | None, typer.Option(help="Labelled images for the evaluation step.")] = None,
              ) -> None:
     """Profile DeiT-tiny and SegFormer-B2, evaluate DeiT-tiny on ImageNet samples, write to OUT."""
+    outputs((out, True, "--out"))
     run_demo(out, limit=limit, console=console, data=data)

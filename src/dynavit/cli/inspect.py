@@ -19,9 +19,10 @@ from dynavit.cli.kit import (
     SkipBadOpt,
     console,
     interactive,
+    outputs,
     user_errors,
 )
-from dynavit.configured import calibrate_folder, load_configured
+from dynavit.configured import calibrate_folder, load_configured, parse_config
 from dynavit.cost import profile
 from dynavit.data import open_dataset
 from dynavit.evaluation import evaluate
@@ -46,7 +47,8 @@ def profile_cmd(model: ModelArg, input_size: SizeOpt = None,
                 repeats: RepeatsOpt = None, json_out: JsonOpt = None, plot: PlotOpt = None, modules: ModulesOpt = 2,
                 config: ConfigOpt = None, calibration: CalibOpt = None) -> None:
     """Exact MACs/FLOPs per operator class and per module, next to measured time per class."""
-    dm = load_configured(model, config=config, calibration=calibration)
+    outputs((json_out, False, "--json"), (plot, False, "--plot"))
+    dm = load_configured(model, config=parse_config(config) if config else None, calibration=calibration)
     p = profile(dm, input_size=input_size, batch=batch, device=device, dtype=dtype, repeats=repeats)
     console.print(p.table())
     if modules:
@@ -64,8 +66,10 @@ def eval_cmd(model: ModelArg, data: DataOpt, layout: LayoutOpt = None,
              limit: LimitOpt = None, skip_bad: SkipBadOpt = False, device: DeviceOpt = "cpu",
              json_out: JsonOpt = None, config: ConfigOpt = None, calibration: CalibOpt = None) -> None:
     """Accuracy (top-1/top-5) or mIoU/pixel accuracy, each with a bootstrap 95% CI."""
+    outputs((json_out, False, "--json"))
+    cfg = parse_config(config) if config else None
     dataset = open_dataset(data, layout=layout)
-    dm = load_configured(model, config=config, calibration=calibration, device=device)
+    dm = load_configured(model, config=cfg, calibration=calibration, device=device)
     res = evaluate(dm, dataset, batch_size=batch_size, skip_bad=skip_bad, limit=limit, progress=interactive())
     for key in ("top1", "top5", "miou", "pix_acc"):
         if key in res.metrics:
@@ -75,7 +79,6 @@ def eval_cmd(model: ModelArg, data: DataOpt, layout: LayoutOpt = None,
     if json_out:
         out = {**res.to_json(), "model": dm.source, "data": str(data), "layout": dataset.layout,
                "config": dm.exec_config.to_dict()}
-        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(out, indent=2))
         console.print(f"wrote {json_out}")
 
@@ -83,10 +86,11 @@ def eval_cmd(model: ModelArg, data: DataOpt, layout: LayoutOpt = None,
 @app.command("calibrate")
 @user_errors
 def calibrate_cmd(model: ModelArg, images: ImagesOpt, out: CalibOutOpt, criterion: CriterionOpt = "auto",
-                  limit: Annotated[int, typer.Option(help="Use at most this many images (spread over the folder).")
-                                   ] = 64) -> None:
+                  limit: Annotated[int, typer.Option(min=1, help="Use at most this many images (spread over the "
+                                                                 "folder; at least 1).")] = 64) -> None:
     """Rank channels, heads and blocks by importance and save the reordering (applied with --calibration)."""
-    cal = calibrate_folder(model, images, out, criterion=criterion, limit=limit)
+    outputs((out, True, "--out"))
+    cal = calibrate_folder(model, images, out, criterion=criterion, limit=limit, progress=interactive())
     order = ", ".join(map(str, cal.block_order()[:5]))
     kl = ", ".join(f"{k} {v:.3f}" for k, v in cal.comparison.items()) or "n/a"
     console.print(f"calibrated on {cal.n_images} images in {cal.seconds:.1f}s; criterion {cal.criterion} "

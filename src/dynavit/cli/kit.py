@@ -14,9 +14,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from transformers.utils import logging as hf_logging
+from typer.core import TyperGroup
 
-from dynavit.errors import DynavitError
+from dynavit.errors import DynavitError, check_writable
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,6 +37,9 @@ LayoutOpt = Annotated[str | None, typer.Option(help="Force a dataset layout inst
 LimitOpt = Annotated[int | None, typer.Option(help="Use N images spread evenly over the dataset.")]
 SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip and count unreadable images.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")]
+MovedDataOpt = Annotated[Path | None, typer.Option(
+    "--data", help="Where the sweep's images are now, if they moved since the sweep (default: where the store "
+                   "says they were).")]
 
 
 def user_errors(fn: F) -> F:
@@ -46,10 +51,48 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except DynavitError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            error_line(str(e))
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def error_line(message: str) -> None:
+    """``error: message`` on stderr, one line, printed as written (``[timm]`` is no markup)."""
+    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+_UsageError = typer.BadParameter.__bases__[0]  # click's UsageError, as typer vendors it
+
+
+class OneLineErrors(TyperGroup):
+    """The root command: a usage error (bad option, missing argument) is one line, exit code 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:  # click's exceptions, as typer vendors them
+            ctx = getattr(e, "ctx", None)
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare command: its help is already shown
+                sys.exit(e.exit_code)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            error_line(e.format_message() + where)
+            sys.exit(2 if isinstance(e, _UsageError) else e.exit_code)
+        except typer.Abort:
+            error_line("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def outputs(*checks: tuple[Path | None, bool, str]) -> None:
+    """Check every (path, is_folder, option) a command will write, before the command does any work."""
+    for path, folder, option in checks:
+        if path is not None:
+            check_writable(path, folder=folder, option=option)
 
 
 def interactive() -> bool:

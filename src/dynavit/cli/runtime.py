@@ -11,7 +11,7 @@ import torch
 import typer
 from rich.table import Table
 
-from dynavit.cli.kit import DeviceOpt, JsonOpt, console, interactive, print_wide, user_errors
+from dynavit.cli.kit import DeviceOpt, JsonOpt, MovedDataOpt, console, interactive, outputs, print_wide, user_errors
 from dynavit.errors import DynavitError
 from dynavit.runtime.simulate import (
     default_bounds,
@@ -23,6 +23,7 @@ from dynavit.runtime.simulate import (
 )
 from dynavit.runtime.startup import start
 from dynavit.serve import client, load_for_store
+from dynavit.sweep.store import images_at
 
 app = typer.Typer()
 
@@ -36,9 +37,9 @@ LoOpt = Annotated[float | None, typer.Option(help="Tightest budget, ms (default 
 HiOpt = Annotated[float | None, typer.Option(help="Loosest budget, ms (default 4x lo).")]
 LoadAtOpt = Annotated[float | None, typer.Option(help="Start a competing CPU load at this fraction.")]
 MarginOpt = Annotated[float, typer.Option(help="Safety margin on predicted latency.")]
-SimProfileOpt = Annotated[int, typer.Option(help="Re-measure the candidate paths this many rounds before the trace "
-                                                 "and keep the front by what was measured (0: trust the store's "
-                                                 "latencies).")]
+SimProfileOpt = Annotated[int, typer.Option(help="Re-measure the candidate paths this many rounds (at least 3) "
+                                                 "before the trace and keep the front by what was measured (0: "
+                                                 "trust the store's latencies).")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for inference (default: torch's).")]
 SimRescueOpt = Annotated[bool, typer.Option(help="Measure what dropping blocks costs each path, then run each "
                                                  "inference under a deadline that drops the least important "
@@ -66,21 +67,25 @@ def simulate_cmd(store: MenuOpt, trace: TraceOpt = "random-walk", frames: Frames
                  profile_runs: SimProfileOpt = 50, threads: ThreadsOpt = None, rule: RuleOpt = "priced",
                  target_miss: TargetMissOpt = 0.01, rescue: SimRescueOpt = True, interleave: InterleaveOpt = False,
                  seed: SimSeedOpt = 0, json_out: JsonOpt = None, plot: SimPlotOpt = None,
-                 frame_images: FrameImagesOpt = None, compile: CompileOpt = False) -> None:
+                 frame_images: FrameImagesOpt = None, compile: CompileOpt = False,
+                 data: MovedDataOpt = None) -> None:
     """Run real inferences frame by frame against per-frame budgets: controller vs baselines.
 
     The menu's qualities and rescue ladders are measured on half of the sweep's images; the frames
     are the other half (or --frame-images), so top-1 is measured on images no choice has seen.
     """
+    _profile_runs(profile_runs)
+    outputs((json_out, False, "--json"), (plot, False, "--plot"))
     if load_at is not None and not 0 <= load_at < 1:
         raise DynavitError(f"--load-at must be in [0, 1), got {load_at}")
     if threads is not None:
         if threads < 1:
             raise DynavitError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    s = start(store, profile_runs=profile_runs, rescue="auto" if rescue and not compile else False, images=True,
-              frames=frame_images, seed=seed, progress=interactive(), margin=margin, rule=rule,
-              target_miss=target_miss, compile=compile)
+    with images_at(data):
+        s = start(store, profile_runs=profile_runs, rescue="auto" if rescue and not compile else False,
+                  images=True, frames=frame_images, seed=seed, progress=interactive(), margin=margin, rule=rule,
+                  target_miss=target_miss, compile=compile)
     ctrl = s.controller
     if s.data.task != "classification":
         raise DynavitError("simulate scores classification sweeps (top-1 per frame); this store is "
@@ -95,12 +100,17 @@ def simulate_cmd(store: MenuOpt, trace: TraceOpt = "random-walk", frames: Frames
     console.print(f"menu measured on {len(s.images['menu_images'])} images; frames drawn from "
                   f"{len(s.images['frame_images'])} others (overlap {s.images['overlap']})")
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"trace": trace, "budgets": budgets.tolist(), "load_frame": res.load_frame,
                                         "policies": res.table(), "bounds": bounds, **s.images}, indent=2))
         console.print(f"wrote {json_out}")
     if plot:
         console.print(f"wrote {plot_trace(res, plot)}")
+
+
+def _profile_runs(runs: int) -> None:
+    """Re-timing needs 3 runs per path at least (a median and a spread); 0 skips it."""
+    if runs != 0 and runs < 3:
+        raise DynavitError(f"--profile-runs must be 0 (trust the store's latencies) or at least 3, got {runs}")
 
 
 def _print_simulation(res: Any, budgets: np.ndarray, trace: str, bounds: dict[str, dict[str, float]]) -> None:
@@ -136,7 +146,7 @@ MaxWaitOpt = Annotated[float, typer.Option(help="How long a request may wait for
 MaxBodyOpt = Annotated[float, typer.Option(help="Largest accepted request body.")]
 MaxPixelsOpt = Annotated[float, typer.Option(help="Largest accepted decoded image.")]
 ServeProfileOpt = Annotated[int, typer.Option(help="Re-measure the menu's latencies this many rounds at start-up "
-                                                   "(0: trust the store's).")]
+                                                   "(at least 3; 0: trust the store's).")]
 ServeRescueOpt = Annotated[bool, typer.Option(help="At start-up, measure what dropping blocks costs each path on the "
                                                    "sweep's images (minutes; they must be where the sweep read "
                                                    "them), then run budgeted requests under a deadline that drops "
@@ -152,8 +162,9 @@ def serve_cmd(model: ModelOpt = None, store: ServeStoreOpt = Path("results.db"),
               max_batch: MaxBatchOpt = 8, max_wait_ms: MaxWaitOpt = 5.0, max_body_mb: MaxBodyOpt = 20.0,
               max_megapixels: MaxPixelsOpt = 40.0, device: DeviceOpt = "cpu", profile_runs: ServeProfileOpt = 20,
               rule: RuleOpt = "priced", target_miss: TargetMissOpt = 0.01, rescue: ServeRescueOpt = False,
-              runtime: RuntimeOpt = "torch", compile: CompileOpt = False) -> None:
+              runtime: RuntimeOpt = "torch", compile: CompileOpt = False, data: MovedDataOpt = None) -> None:
     """Serve /v1/infer: each request gets the most accurate path within its budget."""
+    _profile_runs(profile_runs)
     try:  # the serve extra (fastapi, uvicorn) is optional
         import uvicorn
 
@@ -163,8 +174,9 @@ def serve_cmd(model: ModelOpt = None, store: ServeStoreOpt = Path("results.db"),
 
     if max_batch < 1 or max_wait_ms < 0:
         raise DynavitError("--max-batch must be >= 1 and --max-wait-ms >= 0")
-    dm, ctrl = load_for_store(model, store, device, profile_runs, rescue=rescue, progress=interactive(),
-                              rule=rule, target_miss=target_miss, runtime=runtime, compile=compile)
+    with images_at(data):
+        dm, ctrl = load_for_store(model, store, device, profile_runs, rescue=rescue, progress=interactive(),
+                                  rule=rule, target_miss=target_miss, runtime=runtime, compile=compile)
     app = create_app(dm, ctrl, token=token, max_body_bytes=int(max_body_mb * 2**20),
                      max_pixels=int(max_megapixels * 1e6), max_batch=max_batch, max_wait_ms=max_wait_ms)
     rescuing = sum(bool(e.ladder) for e in ctrl.entries)

@@ -19,6 +19,7 @@ from dynavit.cli.kit import (
     console,
     fmt,
     interactive,
+    outputs,
     print_wide,
     user_errors,
 )
@@ -106,6 +107,7 @@ def pareto_cmd(store: StoreArg, cost: CostOpt = "macs", top: TopOpt = 50, show_a
     """The menu: configs not dominated in quality and cost, with CIs and paired deltas."""
     print_front(store, cost, top, show_all)
     if export is not None:
+        outputs((export, False, "--export"))
         with ResultStore(store, readonly=True) as rs:
             console.print(f"wrote {rs.export(export)} ({len(rs)} rows)")
 
@@ -117,4 +119,6 @@ def report_cmd(store: StoreArg,
     """A self-contained HTML report: fronts, per-knob resilience, FLOP vs time share."""
     from dynavit.report import write_report  # matplotlib: imported only by the command that draws
 
+    ResultStore(store, readonly=True).close()  # a missing, foreign or damaged store before any folder is made
+    outputs((out, True, "--out"))
     console.print(f"wrote {write_report(store, out)}")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dynavit.cli.kit import CalibOpt, console, floats, user_errors
+from dynavit.cli.kit import CalibOpt, console, floats, outputs, user_errors
 from dynavit.train.recipes import TrainJob, run_job
 
 app = typer.Typer()
@@ -71,6 +71,7 @@ def train_cmd(model: ModelArg, data: DataOpt, out: OutOpt, mode: ModeOpt = "supe
     trains a ConcatPlexer or Image Multiplexer initialised from MODEL's weights, with MODEL as its
     teacher; attach the result with DynamicModel.add_multiplexer(OUT/model).
     """
+    outputs((out, True, "--out"))
     layers = None if token_layers is None else [int(v) for v in floats(token_layers, "--token-layers")]
     job = TrainJob(model=model, data=data, out=out, mode=mode, eval_data=eval_data, steps=steps,
                    batch_size=batch_size, lr=lr, crop=crop, input_size=input_size, seed=seed,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 import transformers
 from huggingface_hub import hf_hub_download
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
 
@@ -96,23 +97,67 @@ def _hf_model_class(config: Any) -> type[nn.Module]:
 
 
 def _load_hf(name: str, *, local: bool) -> Source:
+    if local:
+        _refuse_pickles(Path(name))
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise DynavitError(_hub_error(name, e, local)) from None
+    except Exception as e:  # noqa: BLE001 - transformers validates config fields with errors of its own
+        if not local:
+            raise
+        raise DynavitError(f"cannot load {Path(name) / 'config.json'}: {_one_line(e)}") from None
     model_cls = _hf_model_class(config)
     try:
         # fp32 whatever the stored dtype: fp16 checkpoints (e.g. committed small models) run on CPU too
         module = model_cls.from_pretrained(name, config=config, dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise DynavitError(_hub_error(name, e, local)) from None
+    except Exception as e:  # noqa: BLE001 - a damaged folder makes transformers raise anything at all
+        if not local:
+            raise
+        raise DynavitError(_folder_error(Path(name), e)) from None
     preprocessor: dict[str, Any] = {}
     pp = Path(name) / "preprocessor_config.json" if local else None
     if pp is not None and pp.is_file():
-        preprocessor = json.loads(pp.read_text())
+        try:
+            preprocessor = json.loads(pp.read_text())
+        except (OSError, ValueError) as e:
+            raise DynavitError(f"cannot read {pp}: {e}") from None
     elif not local:
         preprocessor = _cached_preprocessor(name)
     return _wrap_hf(module, name, preprocessor)
+
+
+TRUST_PICKLE = "DYNAVIT_TRUST_PICKLE"
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _refuse_pickles(folder: Path) -> None:
+    """Refuse weights stored as a pickle (loading one can run any code) unless the user opts in."""
+    if any(folder.glob("*.safetensors")) or os.environ.get(TRUST_PICKLE, "") not in ("", "0"):
+        return
+    pickles = sorted(p.name for pattern in _PICKLES for p in folder.glob(pattern))
+    if pickles:
+        raise DynavitError(f"{folder / pickles[0]} is a pickle, and loading a pickle can run any code it holds: "
+                           f"convert it to model.safetensors, or set {TRUST_PICKLE}=1 if you trust its source")
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:240] or type(err).__name__
+
+
+def _folder_error(folder: Path, err: Exception) -> str:
+    """One line naming the file of a local model folder that could not be loaded."""
+    first = _one_line(err)
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - any failure to open is the answer
+            return f"cannot load {weights}: it is damaged or truncated ({_one_line(e)})"
+    return (f"cannot load the model in {folder}: its config.json does not describe a model that can be built "
+            f"({type(err).__name__}: {first})")
 
 
 def _hub_error(name: str, err: Exception, local: bool) -> str:

@@ -50,8 +50,12 @@ class SweepTarget:
     variants: dict[str, str] = field(default_factory=dict)  # name -> model, run by configs with variant=name
 
     def __post_init__(self) -> None:
-        self.multiplexers = tuple(str(m) for m in self.multiplexers)  # a list when read back from the store
-        self.variants = {str(k): str(v) for k, v in (self.variants or {}).items()}
+        # paths that exist are recorded absolute: the store is read again from other folders
+        self.data = _absolute(self.data)
+        self.model = _absolute(self.model)
+        self.calibration = None if self.calibration is None else _absolute(self.calibration)
+        self.multiplexers = tuple(_absolute(m) for m in self.multiplexers)  # a list when read back from the store
+        self.variants = {str(k): _absolute(v) for k, v in (self.variants or {}).items()}
 
     def load_model(self) -> Any:
         """The model this target measures: its source with calibration, multiplexed models and variants."""
@@ -71,6 +75,9 @@ class SweepTarget:
 
         ``dm`` is the model as the sweep measured it (``load_model``; ``Menu.images`` passes the menu's).
         """
+        if not Path(self.data).exists():
+            raise DynavitError(f"the sweep's images are no longer at {self.data}; pass --data with the folder "
+                               "they are in now")
         dataset, excluded = open_dataset(self.data, layout=self.layout), 0
         calib = dm.calibration
         if self.calibration and calib is not None and self.exclude_calibration_images and calib.image_hashes:
@@ -81,6 +88,12 @@ class SweepTarget:
         dataset = dataset.limit(self.limit)
         return cache_dataset(dm, dataset, batch_size=self.batch_size, skip_bad=self.skip_bad,
                              progress=progress), excluded
+
+
+def _absolute(path: str | Path) -> str:
+    """``path`` made absolute when it names something on disk (a hub id or preset stays as it is)."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else str(path)
 
 
 def identity(target: SweepTarget, dm: Any, data: CachedData) -> dict[str, Any]:
@@ -203,12 +216,13 @@ def run_sweep(target: SweepTarget, *, space: str | Path | dict = "default", stra
     if backend not in ("local", "ray"):
         raise DynavitError(f"unknown backend {backend!r} (choose local or ray)")
     t0 = time.perf_counter()
-    dm, data, evaluator, excluded = target.build(progress=progress)
-    search: SearchSpace = load_space(space, dm.space, calibrated_block_order(dm.calibration))
-    strat = make(strategy, search.shape, budget, seed)
-    summary = SweepSummary(Path(store), excluded_calibration_images=excluded, n_images=data.n)
-    rs = ResultStore(store)
+    rs = ResultStore(store)  # before any work: an unusable or busy store is refused at once
     try:
+        rs.acquire()
+        dm, data, evaluator, excluded = target.build(progress=progress)
+        search: SearchSpace = load_space(space, dm.space, calibrated_block_order(dm.calibration))
+        strat = make(strategy, search.shape, budget, seed)
+        summary = SweepSummary(Path(store), excluded_calibration_images=excluded, n_images=data.n)
         rs.bind(identity(target, dm, data))
         if target.measure_latency:
             _profile_default(rs, dm, target.device)
@@ -348,9 +362,10 @@ def measure_configs(store: str | Path, cfgs: Sequence[ExecConfig], labels: Seque
     """
     with ResultStore(store, readonly=True) as rs:
         target = SweepTarget(**{**rs.last_target(), **({} if latency else {"measure_latency": False})})
-    dm, data, evaluator, _ = target.build(progress=progress)
     rs = ResultStore(store)
     try:
+        rs.acquire()
+        dm, data, evaluator, _ = target.build(progress=progress)
         rs.bind(identity(target, dm, data))
         default_row = rs.get(ExecConfig())
         if default_row is None:

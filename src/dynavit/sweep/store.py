@@ -4,7 +4,9 @@ Each measured config is one row written in its own transaction, so a sweep kille
 moment (even ``kill -9``) leaves every finished row intact and no half row; rerunning the
 same command skips the configs already stored. The ``meta`` table pins the model weights,
 calibration, dataset and evaluation protocol: a store refuses rows from anything else and
-names what differs, so rows of different experiments are never mixed.
+names what differs, so rows of different experiments are never mixed. A database that is
+neither empty nor a store is refused before anything is written to it, one writer at a time
+holds a store's lease (``lease.py``), and a damaged file is a one-line ``StoreError``.
 
 Schema (version 1)::
 
@@ -21,95 +23,41 @@ Schema (version 1)::
             energy_mj, device, versions, per_image (npy bytes), seconds, created)
     accel(config_key, design, design_key, cost, created)  -- modelled accelerator cost per design
                                                          -- (``dynavit accel``; created on first write)
+    lease(id = 1, pid, host, started, heartbeat)        -- the one writer (``lease.py``; created on first use)
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
 import json
 import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
+from dynavit.sweep import lease
+from dynavit.sweep.row import COLUMN_TYPES, COLUMNS, JSON_COLUMNS, Row, config_key, pack, unpack
 
 SCHEMA_VERSION = 1
 IDENTITY = ("model", "model_fingerprint", "calibration", "dataset_fingerprint", "task", "metric", "protocol")
 
-_COLUMNS = [
-    ("config_key", "TEXT NOT NULL UNIQUE"), ("config", "TEXT NOT NULL"), ("label", "TEXT"),
-    ("strategy", "TEXT"), ("run_id", "INTEGER"),
-    ("quality", "REAL"), ("quality_lo", "REAL"), ("quality_hi", "REAL"),
-    ("delta", "REAL"), ("delta_lo", "REAL"), ("delta_hi", "REAL"),
-    ("metrics", "TEXT"), ("macs", "REAL"), ("macs_by_class", "TEXT"),
-    ("latency_p50_ms", "REAL"), ("latency_p95_ms", "REAL"),
-    ("batch", "INTEGER"), ("batch_p50_ms", "REAL"), ("batch_p95_ms", "REAL"), ("images_per_s", "REAL"),
-    ("energy_mj", "REAL"), ("device", "TEXT"), ("versions", "TEXT"), ("per_image", "BLOB"),
-    ("seconds", "REAL"), ("created", "REAL"),
-]
-COLUMNS = [c for c, _ in _COLUMNS]
-_JSON_COLUMNS = ("metrics", "macs_by_class", "versions")
+_images_at: ContextVar[str | None] = ContextVar("images_at", default=None)
 
 
-def config_key(cfg: ExecConfig) -> str:
-    """Canonical text of a config: equal configs, equal keys."""
-    return json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
-
-
-def _pack(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _unpack(b: bytes | None) -> np.ndarray | None:
-    return None if b is None else np.load(io.BytesIO(b), allow_pickle=False)
-
-
-@dataclass
-class Row:
-    """One measured config. ``per_image``: classification (n, 2) top-1/top-5 hits; segmentation
-    (n, 3, C) intersection / ground-truth / predicted pixel counts per class."""
-
-    config: ExecConfig
-    quality: float
-    quality_lo: float
-    quality_hi: float
-    metrics: dict[str, Any]
-    macs: float
-    macs_by_class: dict[str, float]
-    latency_p50_ms: float
-    latency_p95_ms: float
-    batch: int
-    batch_p50_ms: float | None
-    batch_p95_ms: float | None
-    images_per_s: float | None
-    per_image: np.ndarray
-    device: str
-    versions: dict[str, str]
-    energy_mj: float | None = None
-    label: str = ""
-    strategy: str = ""
-    seconds: float = 0.0
-    delta: float | None = None
-    delta_lo: float | None = None
-    delta_hi: float | None = None
-    id: int | None = None
-    run_id: int | None = None
-    created: float = field(default_factory=time.time)
-    accel: dict[str, dict[str, Any]] = field(default_factory=dict)  # design -> modelled energy_uj, latency_ms...
-
-    @property
-    def key(self) -> str:
-        return config_key(self.config)
+@contextlib.contextmanager
+def images_at(folder: str | Path | None) -> Iterator[None]:
+    """Within this block, stores name ``folder`` as their sweep's images (moved since the sweep; None: as recorded)."""
+    token = _images_at.set(None if folder is None else str(Path(folder).resolve()))
+    try:
+        yield
+    finally:
+        _images_at.reset(token)
 
 
 class StoreError(DynavitError):
@@ -123,7 +71,10 @@ def _explain(err: sqlite3.Error, path: Path) -> str:
                 "(check its permissions or pick another --store)")
     if "full" in msg:
         return f"cannot write to the result store {path}: the disk is full (free space, then rerun to resume)"
-    if "not a database" in msg or "malformed" in msg:
+    if "malformed" in msg:
+        return (f"the result store {path} is damaged (SQLite says: {err}); restore it from a copy, or start a "
+                "new --store")
+    if "not a database" in msg:
         return f"{path} is not a dynavit result store (SQLite says: {err})"
     if "unable to open" in msg:
         folder = path.parent
@@ -143,11 +94,13 @@ class ResultStore:
         self.path = Path(path)
         if readonly and not self.path.is_file():
             raise StoreError(f"no result store at {self.path}")
+        self._leased = False
         try:
             if readonly:
                 self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
             else:
                 self.conn = sqlite3.connect(self.path, timeout=30)
+                self._refuse_foreign()
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=NORMAL")
                 self._create()
@@ -155,8 +108,17 @@ class ResultStore:
         except sqlite3.Error as e:
             raise StoreError(_explain(e, self.path)) from None
 
+    def _refuse_foreign(self) -> None:
+        """Refuse, before writing anything, a database that holds tables and is not a result store."""
+        tables = [t for (t,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        if tables and "meta" not in tables:
+            self.conn.close()
+            shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+            raise StoreError(f"{self.path} is an SQLite database but not a dynavit result store (its tables: "
+                             f"{shown}); it was left untouched: give --store a new file")
+
     def _create(self) -> None:
-        cols = ",\n".join(f"{c} {t}" for c, t in _COLUMNS)
+        cols = ",\n".join(f"{c} {t}" for c, t in COLUMN_TYPES)
         with self.conn:
             self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self.conn.execute("CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started REAL, "
@@ -169,7 +131,9 @@ class ResultStore:
     def _check_version(self) -> None:
         try:
             row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        except sqlite3.OperationalError:
+        except sqlite3.OperationalError as e:
+            if "no such table" not in str(e):
+                raise
             raise StoreError(f"{self.path} is not a dynavit result store (no meta table)") from None
         if row is None or int(row[0]) != SCHEMA_VERSION:
             found = row[0] if row else "none"
@@ -177,7 +141,29 @@ class ResultStore:
                              f"{SCHEMA_VERSION} (use the dynavit version that wrote it, or start a new store)")
 
     def close(self) -> None:
+        if self._leased:
+            with contextlib.suppress(sqlite3.Error):
+                lease.release(self.conn)
+            self._leased = False
         self.conn.close()
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Rows of a query; a damaged file is a StoreError that names it, not an SQLite traceback."""
+        try:
+            return self.conn.execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(_explain(e, self.path)) from None
+
+    def acquire(self) -> None:
+        """Become the store's one writer, or refuse while another live sweep is (see ``lease``)."""
+        try:
+            owner = lease.acquire(self.conn)
+        except sqlite3.Error as e:
+            raise StoreError(_explain(e, self.path)) from None
+        if owner is not None:
+            raise StoreError(f"{self.path} is being written by another sweep ({owner.describe()}); wait for it "
+                             "to finish (then rerun to reuse its rows) or give this one another --store")
+        self._leased = True
 
     def __enter__(self) -> ResultStore:
         return self
@@ -188,6 +174,8 @@ class ResultStore:
     def _write(self, sql: str, args: tuple = ()) -> int:
         try:
             with self.conn:
+                if self._leased:
+                    lease.heartbeat(self.conn)
                 return self.conn.execute(sql, args).lastrowid or 0
         except sqlite3.Error as e:
             raise StoreError(_explain(e, self.path)) from None
@@ -195,7 +183,7 @@ class ResultStore:
     # ---- identity ------------------------------------------------------------------------------
     @property
     def meta(self) -> dict[str, str]:
-        return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        return dict(self._read("SELECT key, value FROM meta"))
 
     def bind(self, identity: dict[str, Any]) -> None:
         """Pin the store to one experiment; refuse a different one, naming each mismatch."""
@@ -203,20 +191,19 @@ class ResultStore:
         missing = [k for k in IDENTITY if k not in identity]
         if missing:
             raise ValueError(f"identity lacks {missing}")
+        if "model" not in self.meta:  # a new store: pinned to this experiment
+            rows = [(k, identity[k]) for k in IDENTITY] + [("created", str(time.time()))]
+            try:
+                with self.conn:  # OR IGNORE: of two first writers, the first pins the store
+                    self.conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", rows)
+            except sqlite3.Error as e:
+                raise StoreError(_explain(e, self.path)) from None
         meta = self.meta
-        if "model" in meta:
-            diffs = [f"{k}: store has {_clip(meta.get(k))}, this sweep {_clip(identity[k])}"
-                     for k in IDENTITY if meta.get(k) != identity[k]]
-            if diffs:
-                raise StoreError(f"{self.path} holds results of another experiment; refusing to mix rows "
-                                 f"({'; '.join(diffs)}). Use a new --store for this one.")
-            return
-        rows = [(k, identity[k]) for k in IDENTITY] + [("created", str(time.time()))]
-        try:
-            with self.conn:
-                self.conn.executemany("INSERT INTO meta VALUES (?, ?)", rows)
-        except sqlite3.Error as e:
-            raise StoreError(_explain(e, self.path)) from None
+        diffs = [f"{k}: store has {_clip(meta.get(k))}, this sweep {_clip(identity[k])}"
+                 for k in IDENTITY if meta.get(k) != identity[k]]
+        if diffs:
+            raise StoreError(f"{self.path} holds results of another experiment; refusing to mix rows "
+                             f"({'; '.join(diffs)}). Use a new --store for this one.")
 
     # ---- runs ----------------------------------------------------------------------------------
     def start_run(self, args: dict[str, Any]) -> int:
@@ -225,10 +212,12 @@ class ResultStore:
 
     def last_target(self) -> dict[str, Any]:
         """The ``SweepTarget`` fields of the latest sweep run, to rebuild its model and data."""
-        row = self.conn.execute("SELECT args FROM runs ORDER BY id DESC LIMIT 1").fetchone()
-        if row is None:
+        rows = self._read("SELECT args FROM runs ORDER BY id DESC LIMIT 1")
+        if not rows:
             raise StoreError(f"{self.path} records no sweep run")
-        return json.loads(row[0])["target"]
+        target = json.loads(rows[0][0])["target"]
+        moved = _images_at.get()
+        return target if moved is None else {**target, "data": moved}
 
     def finish_run(self, run_id: int, status: str) -> None:
         self._write("UPDATE runs SET finished=?, status=? WHERE id=?", (time.time(), status, run_id))
@@ -237,8 +226,8 @@ class ResultStore:
     def add(self, row: Row) -> int:
         """Write one row atomically; a config already stored is left as it is (returns its id)."""
         values = {c: getattr(row, c, None) for c in COLUMNS}
-        values.update(config_key=row.key, config=row.config.to_json(), per_image=_pack(row.per_image))
-        for c in _JSON_COLUMNS:
+        values.update(config_key=row.key, config=row.config.to_json(), per_image=pack(row.per_image))
+        for c in JSON_COLUMNS:
             values[c] = json.dumps(values[c], sort_keys=True)
         marks = ", ".join("?" for _ in COLUMNS)
         rid = self._write(f"INSERT OR IGNORE INTO results ({', '.join(COLUMNS)}) VALUES ({marks})",
@@ -252,7 +241,7 @@ class ResultStore:
 
     def profiles(self) -> dict[ExecConfig, dict[str, Any]]:
         return {ExecConfig.from_dict(json.loads(k)): json.loads(v)
-                for k, v in self.conn.execute("SELECT config_key, profile FROM profiles")}
+                for k, v in self._read("SELECT config_key, profile FROM profiles")}
 
     def add_accel(self, cfg: ExecConfig, design: str, design_key: str, cost: dict[str, Any]) -> None:
         """The modelled cost of a stored config on one accelerator design (replaces an older one)."""
@@ -265,43 +254,47 @@ class ResultStore:
 
     def accel(self, key: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
         """config key -> design -> modelled cost, for every config or one (empty when none was costed)."""
-        if not self.conn.execute("SELECT name FROM sqlite_master WHERE name='accel'").fetchone():
+        if not self._read("SELECT name FROM sqlite_master WHERE name='accel'"):
             return {}
         sql, args = "SELECT config_key, design, design_key, cost FROM accel", ()
         if key is not None:
             sql, args = sql + " WHERE config_key=?", (key,)
         out: dict[str, dict[str, dict[str, Any]]] = {}
-        for k, design, dkey, cost in self.conn.execute(sql, args):
+        for k, design, dkey, cost in self._read(sql, args):
             out.setdefault(k, {})[design] = {**json.loads(cost), "design_key": dkey}
         return out
 
     def _id(self, key: str) -> int:
-        return self.conn.execute("SELECT id FROM results WHERE config_key=?", (key,)).fetchone()[0]
+        return self._read("SELECT id FROM results WHERE config_key=?", (key,))[0][0]
 
     def keys(self) -> set[str]:
-        return {k for (k,) in self.conn.execute("SELECT config_key FROM results")}
+        return {k for (k,) in self._read("SELECT config_key FROM results")}
 
     def __len__(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        return self._read("SELECT COUNT(*) FROM results")[0][0]
 
     def get(self, cfg: ExecConfig) -> Row | None:
-        cur = self.conn.execute(f"SELECT id, {', '.join(COLUMNS)} FROM results WHERE config_key=?",
-                                (config_key(cfg),))
-        r = cur.fetchone()
-        if r is None:
+        found = self._read(f"SELECT id, {', '.join(COLUMNS)} FROM results WHERE config_key=?", (config_key(cfg),))
+        if not found:
             return None
-        row = _row(r)
+        row = self._row(found[0])
         row.accel = self.accel(row.key).get(row.key, {})
         return row
 
     def rows(self, *, per_image: bool = True) -> list[Row]:
         cols = COLUMNS if per_image else [c for c in COLUMNS if c != "per_image"]
-        cur = self.conn.execute(f"SELECT id, {', '.join(cols)} FROM results ORDER BY id")
-        rows = [_row(r, cols) for r in cur]
+        rows = [self._row(r, cols) for r in self._read(f"SELECT id, {', '.join(cols)} FROM results ORDER BY id")]
         accel = self.accel()
         for r in rows:
             r.accel = accel.get(r.key, {})
         return rows
+
+    def _row(self, r: tuple, cols: list[str] | None = None) -> Row:
+        try:
+            return _row(r, cols)
+        except (ValueError, TypeError, KeyError) as e:  # bytes changed inside a row's JSON or array
+            raise StoreError(f"row {r[0]} of the result store {self.path} is damaged ({e}); restore the store "
+                             "from a copy, or start a new --store") from None
 
     def __iter__(self) -> Iterator[Row]:
         return iter(self.rows())
@@ -360,9 +353,9 @@ def _clip(v: str | None, n: int = 80) -> str:
 def _row(r: tuple, cols: list[str] | None = None) -> Row:
     cols = cols or COLUMNS
     d = dict(zip(["id", *cols], r, strict=True))
-    for c in _JSON_COLUMNS:
+    for c in JSON_COLUMNS:
         d[c] = json.loads(d[c]) if d.get(c) else {}
-    d["per_image"] = _unpack(d.get("per_image"))
+    d["per_image"] = unpack(d.get("per_image"))
     d["config"] = ExecConfig.from_json(d["config"])
     d.pop("config_key")
     return Row(**d)

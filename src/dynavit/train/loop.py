@@ -4,7 +4,8 @@ A trainer supplies two functions: ``sample(step, slot, index)`` (one augmented e
 its randomness from ``sample_rng(seed, step, slot)``) and ``loss(x, y, step)``. Everything random
 in step ``s`` (batch order, augmentation, dropout, slot order) is derived from ``(seed, s)``, so a
 run resumed from its checkpoint at step ``k`` computes the same losses for steps ``k+1...`` as a
-run that was never interrupted. Checkpoints are atomic (see ``checkpoint.py``).
+run that was never interrupted. A run killed at any point, even in the middle of saving a checkpoint,
+resumes from the newest complete checkpoint (see ``checkpoint.py``).
 """
 
 from __future__ import annotations
