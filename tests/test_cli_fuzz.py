@@ -51,7 +51,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("demo-limit-text", ["demo", "--limit", "abc"], "--limit"),
     ("accel-cost-no-arch", ["accel", "cost", "-"], "--arch"),
     ("accel-unknown", ["accel", "dse"], "Missing argument"),
-    ("export-no-out", ["export", "{store}"], "Missing argument"),
+    ("export-no-out", ["export", "{model}"], "Missing option"),
+    ("predict-no-images", ["predict", "{model}"], "--images"),
     # models that cannot be opened
     ("hub-id-offline", ["profile", "someone/not-a-real-model-xyz"], "not-a-real-model-xyz"),
     ("missing-folder", ["profile", "./no/such/model"], "does not exist"),
@@ -93,7 +94,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("calibrate-out-nope", ["calibrate", "{model}", "--images", "{images}", "--out", NOPE + "/cal"], NOPE),
     ("calibrate-out-file", ["calibrate", "{model}", "--images", "{images}", "--out", "{png}"], "not a folder"),
     ("simulate-json-nope", ["simulate", "--store", "{store}", "--json", NOPE + "/s.json"], NOPE),
-    ("export-nope", ["export", "{store}", NOPE + "/rows.csv"], NOPE),
+    ("pareto-export-nope", ["pareto", "{store}", "--export", NOPE + "/rows.csv"], NOPE),
+    ("export-out-nope", ["export", "{model}", "--out", NOPE + "/m.onnx"], NOPE),
+    ("export-menu-out-file", ["export", "{model}", "--store", "{store}", "--out", "{png}"], "not a folder"),
+    ("predict-out-nope", ["predict", "{model}", "--images", "{images}", "--out", NOPE + "/p.jsonl"], NOPE),
     ("report-out-nope", ["report", "{store}", "--out", NOPE + "/rep"], NOPE),
     ("train-out-nope", ["train", "{model}", "--data", "{labelled}", "--out", NOPE + "/run"], NOPE),
     ("demo-out-nope", ["demo", "--out", NOPE + "/demo"], NOPE),
@@ -132,9 +136,21 @@ CASES: list[tuple[str, list[str], str]] = [
     ("pareto-damaged", ["pareto", "{damaged}"], "damaged"),
     ("pareto-cost", ["pareto", "{store}", "--cost", "nope"], "nope"),
     ("pareto-empty", ["pareto", "{empty_store}"], "no results"),
-    ("export-suffix", ["export", "{store}", "{tmp}/rows.xlsx"], "rows.xlsx"),
-    ("export-missing", ["export", "{tmp}/none.db", "{tmp}/rows.csv"], "no result store"),
-    ("export-foreign", ["export", "{foreign}", "{tmp}/rows.csv"], "not a dynavit result store"),
+    ("pareto-export-suffix", ["pareto", "{store}", "--export", "{tmp}/rows.xlsx"], "rows.xlsx"),
+    ("pareto-export-missing", ["pareto", "{tmp}/none.db", "--export", "{tmp}/rows.csv"], "no result store"),
+    ("pareto-export-foreign", ["pareto", "{foreign}", "--export", "{tmp}/rows.csv"], "not a dynavit result store"),
+    ("export-format", ["export", "{model}", "--out", "{tmp}/m.onnx", "--format", "tflite"], "tflite"),
+    ("export-config-json", ["export", "{model}", "--out", "{tmp}/m.onnx", "--config", "{{"], "JSON"),
+    ("export-config-knob", ["export", "{model}", "--out", "{tmp}/m.onnx", "--config", '{"wings": 2}'], "wings"),
+    ("export-threshold", ["export", "{model}", "--out", "{tmp}/m.onnx", "--config",
+                          '{"token_threshold": 0.5}'], "token_threshold"),
+    ("export-store-and-config", ["export", "{model}", "--store", "{store}", "--out", "{tmp}/menu", "--config",
+                                 '{"heads": 1}'], "--config"),
+    ("export-missing-model", ["export", "./no/such/model", "--out", "{tmp}/m.onnx"], "does not exist"),
+    ("predict-missing-images", ["predict", "{model}", "--images", "{tmp}/none"], "none"),
+    ("predict-budget-no-store", ["predict", "{model}", "--images", "{images}", "--budget-ms", "5"], "give a store"),
+    ("predict-config-heads", ["predict", "{model}", "--images", "{images}", "--config", '{"heads": 2.5}'], "heads"),
+    ("predict-topk", ["predict", "{model}", "--images", "{images}", "--topk", "0"], "topk"),
     ("report-missing", ["report", "{tmp}/none.db", "--out", "{tmp}/rep"], "no result store"),
     ("report-damaged", ["report", "{damaged}", "--out", "{tmp}/rep"], "damaged"),
     ("report-foreign", ["report", "{foreign}", "--out", "{tmp}/rep"], "not a dynavit result store"),
@@ -239,7 +255,7 @@ def _args(args: list[str], world: dict[str, str]) -> list[str]:
 def test_there_are_enough_cases_and_every_command_has_some() -> None:
     assert len(CASES) >= 80
     commands = {args[0] if args[0] != "accel" else f"accel {args[1]}" for _, args, _ in CASES}
-    assert commands >= {"profile", "eval", "calibrate", "sweep", "pareto", "export", "report", "simulate", "serve",
+    assert commands >= {"profile", "eval", "calibrate", "sweep", "pareto", "export", "predict", "report", "simulate", "serve",
                         "infer", "train", "demo", "accel cost", "accel dse"}
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dynavit.cli.kit import CalibOpt, ConfigOpt, DeviceOpt, ModelArg, console, interactive, user_errors
+from dynavit.cli.kit import CalibOpt, ConfigOpt, DeviceOpt, ModelArg, console, interactive, outputs, user_errors
 from dynavit.configured import load_configured, parse_config
 from dynavit.deploy.export import FORMATS, check_format, write
 from dynavit.deploy.folder import export_menu
@@ -29,6 +29,7 @@ def export_cmd(model: ModelArg, out: Annotated[Path, typer.Option("--out", help=
                config: ConfigOpt = None, store: ExportStoreOpt = None, format: FormatOpt = "onnx",
                calibration: CalibOpt = None, device: DeviceOpt = "cpu") -> None:
     """One path (or a store's whole menu) as files with only the weights each path reads: ONNX or torch.export."""
+    outputs((out, store is not None, "--out"))
     if store is not None:
         if config is not None:
             raise DynavitError("--store exports every path of the menu; leave out --config")
@@ -59,6 +60,7 @@ def predict_cmd(model: ModelArg, images: ImagesOpt,
                 store: StorePickOpt = None, masks: MasksOpt = None, topk: TopkOpt = 5, batch_size: BatchOpt = 16,
                 calibration: CalibOpt = None) -> None:
     """Top-k labels (or a PNG mask) for every image in a folder; unreadable files are counted, not fatal."""
+    outputs((out, False, "--out"), (masks, True, "--masks"))
     target = model if budget_ms is not None else load_configured(model, calibration=calibration)
     res = predict(target, images, config=None if config is None else parse_config(config), budget_ms=budget_ms,
                   store=store, topk=topk, batch_size=batch_size, masks=masks or out.with_name(out.stem + "-masks"),

@@ -105,9 +105,9 @@ RowsOpt = Annotated[Path | None, typer.Option("--export", help="Also write the s
 def pareto_cmd(store: StoreArg, cost: CostOpt = "macs", top: TopOpt = 50, show_all: AllOpt = False,
                export: RowsOpt = None) -> None:
     """The menu: configs not dominated in quality and cost, with CIs and paired deltas."""
+    outputs((export, False, "--export"))
     print_front(store, cost, top, show_all)
     if export is not None:
-        outputs((export, False, "--export"))
         with ResultStore(store, readonly=True) as rs:
             console.print(f"wrote {rs.export(export)} ({len(rs)} rows)")
 

@@ -75,6 +75,8 @@ def predict(model: DynamicModel | str, images: str | Path, *, config: ExecConfig
     Segmentation: each mask is written as ``<masks>/<relative path>.png`` (class index per pixel, at
     the model's input size) and the record is ``{"file", "mask", "classes"}``.
     """
+    if topk < 1 or batch_size < 1:
+        raise DynavitError(f"topk and batch_size must be at least 1 (got topk={topk}, batch_size={batch_size})")
     dm, cfg = choose_path(model, config=config, budget_ms=budget_ms, store=store)
     dataset = UnlabelledImages(require_dir(Path(images), "image folder"))
     if dm.task == "segmentation" and masks is None:
