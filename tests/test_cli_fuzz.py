@@ -255,8 +255,8 @@ def _args(args: list[str], world: dict[str, str]) -> list[str]:
 def test_there_are_enough_cases_and_every_command_has_some() -> None:
     assert len(CASES) >= 80
     commands = {args[0] if args[0] != "accel" else f"accel {args[1]}" for _, args, _ in CASES}
-    assert commands >= {"profile", "eval", "calibrate", "sweep", "pareto", "export", "predict", "report", "simulate", "serve",
-                        "infer", "train", "demo", "accel cost", "accel dse"}
+    assert commands >= {"profile", "eval", "calibrate", "sweep", "pareto", "export", "predict", "report", "simulate",
+                        "serve", "infer", "train", "demo", "accel cost", "accel dse"}
 
 
 @pytest.mark.parametrize("args, needle", [(a, n) for _, a, n in CASES], ids=[c for c, _, _ in CASES])
