@@ -133,7 +133,9 @@ def serve_cmd(model: ModelOpt = None, store: ServeStoreOpt = Path("results.db"),
               port: Annotated[int, typer.Option(help="TCP port.")] = 8000, token: ServeTokenOpt = None,
               max_batch: MaxBatchOpt = 8, max_wait_ms: MaxWaitOpt = 5.0, max_body_mb: MaxBodyOpt = 20.0,
               max_megapixels: MaxPixelsOpt = 40.0, device: DeviceOpt = "cpu", profile_runs: ServeProfileOpt = 20,
-              rule: RuleOpt = "priced", target_miss: TargetMissOpt = 0.01, rescue: ServeRescueOpt = False) -> None:
+              rule: RuleOpt = "priced", target_miss: TargetMissOpt = 0.01, rescue: ServeRescueOpt = False,
+              dtype: Annotated[str, typer.Option(help="Serve only the paths measured at these precisions "
+                                                      "(comma list, e.g. int8); default: all.")] = "") -> None:
     """Serve /v1/infer: each request gets the most accurate path within its budget."""
     try:  # the serve extra (fastapi, uvicorn) is optional
         import uvicorn
@@ -145,7 +147,8 @@ def serve_cmd(model: ModelOpt = None, store: ServeStoreOpt = Path("results.db"),
     if max_batch < 1 or max_wait_ms < 0:
         raise DynavitError("--max-batch must be >= 1 and --max-wait-ms >= 0")
     dm, ctrl = load_for_store(model, store, device, profile_runs, rescue=rescue, progress=interactive(),
-                              rule=rule, target_miss=target_miss)
+                              rule=rule, target_miss=target_miss,
+                              precisions=[d.strip() for d in dtype.split(",") if d.strip()])
     app = create_app(dm, ctrl, token=token, max_body_bytes=int(max_body_mb * 2**20),
                      max_pixels=int(max_megapixels * 1e6), max_batch=max_batch, max_wait_ms=max_wait_ms)
     rescuing = sum(bool(e.ladder) for e in ctrl.entries)

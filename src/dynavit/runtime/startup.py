@@ -8,7 +8,7 @@ deadline costs each path, measured on the sweep's own images. ``start`` is that 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,19 +37,19 @@ class Started:
 
 def start(store: str | Path, model: str | DynamicModel | None = None, *, device: str | None = None,
           profile_runs: int = 30, rescue: bool | Literal["auto"] = "auto", images: bool = False,
-          progress: bool = False, **options: Any) -> Started:
+          progress: bool = False, precisions: Sequence[str] = (), **options: Any) -> Started:
     """The store's menu and a controller on it, ready to run.
 
     ``profile_runs`` > 0 widens the candidates to the fronts by MACs and by stored latency and keeps
     the front by what is measured here (on the first of the sweep's images when they are loaded);
     ``rescue``: measure the rescue ladders (True: required, "auto": when the model can drop blocks);
     ``images``: load the sweep's images even when no ladder needs them. ``options``: ``Controller``
-    options (``rule``, ``target_miss``, ``margin``, ...).
+    options (``rule``, ``target_miss``, ``margin``, ...). ``precisions``: only paths measured at these.
     """
     if rescue is True and not profile_runs:
         raise DynavitError("rescue needs the menu profiled at start-up (profile runs > 0): a deadline needs "
                            "each block's share of the path's time")
-    menu = Menu.from_store(store, model, device=device, wide=profile_runs > 0)
+    menu = Menu.from_store(store, model, device=device, wide=profile_runs > 0, precisions=precisions)
     ctrl = Controller(menu, rescue=rescue is not False, **options)
     if rescue is True and not ctrl.can_rescue:
         raise DynavitError(f"{menu.model.source} cannot drop blocks under a deadline: that takes a calibrated ViT")
