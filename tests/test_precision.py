@@ -133,7 +133,7 @@ def test_sweep_writes_rows_for_both_precisions(assets, deit_tiny_path, tmp_path)
     from dynavit.sweep.run import SweepTarget, run_sweep
 
     target = SweepTarget(model=str(deit_tiny_path), data=str(assets / "imagenet-samples"), limit=8, batch_size=8,
-                         n_boot=50, latency_repeats=1)
+                         n_boot=50, latency_repeats=1, measure_latency=False)
     s = run_sweep(target, space={"mlp_width": [1.0, 0.5]}, strategy="grid", store=tmp_path / "r.db",
                   progress=False, precisions=["int8"])
     by_cfg = {r.config: r for r in s.rows}
@@ -144,6 +144,18 @@ def test_sweep_writes_rows_for_both_precisions(assets, deit_tiny_path, tmp_path)
 
     with ResultStore(tmp_path / "r.db", readonly=True) as rs:  # the stored config JSON carries the precision
         assert INT8 in {r.config for r in rs.rows()}
+    from dynavit.runtime.menu import Menu
+
+    assert {e.config.precision for e in Menu.read(tmp_path / "r.db", cost="macs", precisions=["int8"])} == {"int8"}
+    with pytest.raises(dynavit.DynavitError, match="no rows at precision fp16"):
+        Menu.read(tmp_path / "r.db", precisions=["fp16"])
+
+
+def test_load_configured_applies_the_dtype_to_a_config(deit_tiny_path) -> None:
+    from dynavit.configured import load_configured
+
+    dm = load_configured(str(deit_tiny_path), config='{"mlp_width": 0.5}', dtype="int8")
+    assert dm.exec_config == ExecConfig(mlp_width=0.5, precision="int8")
 
 
 def test_int8_agrees_with_fp32_on_real_photographs(deit_tiny_path, assets) -> None:
