@@ -167,3 +167,20 @@ def test_int8_agrees_with_fp32_on_real_photographs(deit_tiny_path, assets) -> No
     int8 = run(dm, INT8, x)
     agree = (fp32.argmax(1) == int8.argmax(1)).float().mean().item()
     assert agree >= 0.9, agree
+
+
+@pytest.mark.parametrize("family", ["swin", "segformer"])
+def test_int8_runs_every_family(family) -> None:
+    from transformers import SwinConfig
+
+    from dynavit.models.configs import segformer_config
+
+    cfg = (SwinConfig(embed_dim=48, depths=[2, 2], num_heads=[2, 4], image_size=64, num_labels=10)
+           if family == "swin" else segformer_config("b0", num_labels=5))
+    dm = dynavit.from_config(cfg).eval()
+    x = dm.example_input(2, (64, 64))
+    changes = {"mlp_width": 0.5, "heads": 1 if family == "swin" else None}
+    ref = run(dm, ExecConfig(**changes), x)
+    q = run(dm, ExecConfig(precision="int8", **changes), x)
+    assert q.shape == ref.shape and not torch.equal(q, ref) and rel_err(q, ref) < 0.08
+    assert torch.equal(run(dm, ExecConfig(**changes), x), ref)
