@@ -31,7 +31,7 @@ from sweep_deit import calibrate
 from dynavit.assets import assets_dir, deit_tiny_source
 from dynavit.config import ExecConfig
 from dynavit.knobs import quant
-from dynavit.sweep import SweepTarget
+from dynavit.sweep import SweepTarget, stats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = {
@@ -70,12 +70,14 @@ def kernels(reps: int) -> dict[str, dict[str, float]]:
 
 
 def accuracy(ev, cfgs: dict[str, ExecConfig]) -> dict[str, dict]:
+    """Top-1 on the scored images, and the paired delta (bootstrap CI) against the first config."""
+    measured = {label: ev.measure(cfg) for label, cfg in cfgs.items()}
+    base = next(iter(measured.values()))
     rows = {}
-    for label, cfg in cfgs.items():
-        r = ev.measure(cfg)
-        rows[label] = {"config": cfg.to_dict(), "top1": round(100 * r.quality, 2),
-                       "delta_pts": round(100 * r.delta, 2),
-                       "delta_ci": [round(100 * r.delta_lo, 2), round(100 * r.delta_hi, 2)],
+    for label, r in measured.items():
+        d, lo, hi = stats.paired_delta(r.per_image, base.per_image, "classification")
+        rows[label] = {"config": cfgs[label].to_dict(), "top1": round(100 * r.quality, 2),
+                       "delta_pts": round(100 * d, 2), "delta_ci": [round(100 * lo, 2), round(100 * hi, 2)],
                        "gmacs": round(r.macs / 1e9, 4)}
     return rows
 

@@ -184,3 +184,17 @@ def test_int8_runs_every_family(family) -> None:
     q = run(dm, ExecConfig(precision="int8", **changes), x)
     assert q.shape == ref.shape and not torch.equal(q, ref) and rel_err(q, ref) < 0.08
     assert torch.equal(run(dm, ExecConfig(**changes), x), ref)
+
+
+def test_accelerator_lowering_of_an_int8_path(vit) -> None:
+    from dynavit.accel.lower import lower
+    from dynavit.cost import total_macs
+
+    cfg = ExecConfig(precision="int8", mlp_width=0.5, heads=1)
+    low, fp32 = lower(vit, cfg, bits=16), lower(vit, cfg.replace(precision="fp32"), bits=16)
+    vit.configure(cfg)
+    x = vit.example_input(1)
+    assert low.macs == fp32.macs == total_macs(vit.module, lambda: vit(x))
+    int8_ops = [op for op in low.mac_ops if op.bits == 8]
+    assert len(int8_ops) == len(quant.linears(vit.module)) and {op.kind for op in int8_ops} == {"linear"}
+    assert {op.bits for op in fp32.mac_ops} == {16}
