@@ -6,16 +6,18 @@ are made once (on the first int8 configure, at ``load(..., dtype="int8")``, or o
 and kept beside the fp32 ones; switching precision is a plan switch like any other knob.
 
 Why this kernel (2-core AMD EPYC Zen 3, AVX2+FMA, no VNNI, torch 2.13 CPU, 2 threads, DeiT-tiny
-layer shapes at batch 32; fp32 ``F.linear`` 150-175 GFLOP/s):
+layer shapes at batch 32, whole layer including activation quantization; the machine was shared,
+so ranges are given; ``benchmarks/int8_deit.py`` repeats the last three):
 
 - torchao 0.18 (``Int8DynamicActivationInt8WeightConfig``; installs with ``--no-deps`` and runs
-  on torch 2.13 CPU, and its ``Int8Tensor`` slices by rows and columns): 56 GOP/s, 2.7x *slower*
-  than fp32: its CPU path is not a fused int8 GEMM. Not used.
-- ``torch._int_mm`` with per-row activation quantization written in PyTorch: ~460 GOP/s whole
-  layer; it takes strided weight views, but the quantize/rescale passes around the GEMM cost
-  more than half its time at these sizes.
+  on torch 2.13 CPU, and its ``Int8Tensor`` slices by rows and columns): 56 GOP/s against 148
+  GFLOP/s for fp32 in the same run, 2.6x *slower*: its CPU path is not a fused int8 GEMM. Not
+  used (and importing it makes transformers load its CUDA extensions at every start).
+- ``torch._int_mm`` with per-row activation quantization written in PyTorch: 460-600 GOP/s on
+  fc1 (192->768) but 25 on fc2 (768->192): the quantize/rescale passes around the GEMM dominate.
 - ``quantized::linear_dynamic`` (fbgemm, prepacked per-channel int8 weights, activation
-  quantization fused in the kernel): ~1000 GOP/s whole layer. Used.
+  quantization fused in the kernel): 775-1070 GOP/s on fc1, 230 on fc2, against 150-190 and 58
+  GFLOP/s for fp32 ``F.linear``. Used.
 
 fbgemm multiplies prepacked weights only, so a width-sliced layer (the first k output rows of
 ``fc1``/q/k/v, the first k input columns of ``fc2``/the output projection) is packed once per
