@@ -120,7 +120,7 @@ def main() -> None:
                       "int8_vs_fp32_default_batch32": round(b32["fp32 default"] / b32[q], 2)})
     result = {
         "machine": f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__,
-        "date": str(dt.date.today()), "reps": args.reps,
+        "date": str(dt.date.today()), "reps": args.reps, "reduce_range": quant.REDUCE_RANGE,
         "calibration_images": excluded, "scored_images": data.n,
         "kernels_gops_batch32": kernels(args.reps),
         "paths": paths,

@@ -32,7 +32,7 @@ def test_int8_is_close_to_fp32_and_fp32_stays_bit_identical(vit) -> None:
     ref = run(vit, ExecConfig(), x)
     q = run(vit, INT8, x)
     assert not torch.equal(q, ref)  # it does run int8
-    assert rel_err(q, ref) < 0.06  # random weights; 8-bit weights per channel, 7-bit activations per tensor
+    assert rel_err(q, ref) < 0.06  # random weights; int8 weights per channel, activations per tensor
     assert torch.equal(run(vit, ExecConfig(), x), ref)  # back to fp32: bit for bit the weights as loaded
 
 
