@@ -26,6 +26,10 @@ Knob semantics (block indices count blocks across all stages, from 0):
 - ``mux``: images per forward pass of a multiplexed model (ConcatPlexer / Image Multiplexer,
   ``dynavit.multiplex``) attached to the model; 1 is the ordinary model. It cannot exceed the
   N the multiplexed model was trained for, and is not combined with other knobs.
+- ``precision``: the arithmetic of the blocks' linear layers (the width-sliced projections and
+  MLPs, most of a ViT's MACs): ``"fp32"``; ``"int8"`` (int8 weights per output channel,
+  activations quantized at run time, ``dynavit.knobs.quant``); ``"fp16"`` / ``"bf16"`` (where the
+  device has the arithmetic). Attention products, norms, convolutions and heads stay fp32.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from dynavit.errors import DynavitError
+
+PRECISIONS = ("fp32", "int8", "fp16", "bf16")  # ExecConfig.precision values; fp32 is the model as loaded
 
 
 class ConfigError(DynavitError, ValueError):
@@ -138,6 +144,7 @@ class ExecConfig:
     decoder_branches: tuple[int, ...] | None = None
     variant: str | None = None
     mux: int = 1
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for name, value in _normalised(self).items():
@@ -226,6 +233,8 @@ def _normalised(cfg: ExecConfig) -> dict[str, Any]:
         raise ConfigError(f"granularity={v['granularity']!r} must be a positive integer")
     if not _is_int(v["mux"]) or v["mux"] < 1:
         raise ConfigError(f"mux={v['mux']!r} must be a positive integer (images per forward pass)")
+    if v["precision"] not in PRECISIONS:
+        raise ConfigError(f"precision={v['precision']!r} must be one of {', '.join(PRECISIONS)}")
     return v
 
 
@@ -249,6 +258,7 @@ class BlockPlan:
     heads: int
     mlp_dim: int
     token_op: str | None = None  # "prune" | "merge" | "threshold" after this block's attention
+    precision: str = "fp32"  # the block's linear layers (so a prefix computed in fp32 never serves int8)
 
 
 @dataclass(frozen=True)
@@ -305,6 +315,7 @@ def resolve(cfg: ExecConfig, space: Space) -> Plan:
             heads=space.heads[i] if heads[i] is None else heads[i],
             mlp_dim=keep_count(space.mlp_hidden[i], widths[i], cfg.granularity),
             token_op=token_op if (i in layers and i not in skip_all and i not in cfg.skip_attn) else None,
+            precision=cfg.precision,
         )
         for i in range(n)
     )

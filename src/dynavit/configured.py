@@ -45,9 +45,13 @@ def parse_configs(spec: str) -> list[ExecConfig]:
 
 
 def load_configured(model: str, *, config: ExecConfig | str | None = None, calibration: str | Path | None = None,
-                    device: str = "cpu") -> DynamicModel:
-    """Load ``model``, apply ``calibration`` (a ``dynavit calibrate`` folder), then switch to ``config``."""
-    dm = load(model, device=device)
+                    device: str = "cpu", dtype: str = "fp32") -> DynamicModel:
+    """Load ``model``, apply ``calibration`` (a ``dynavit calibrate`` folder), then switch to ``config``
+    (at precision ``dtype`` unless the config names one)."""
+    dm = load(model, device=device, dtype=dtype)
+    if config is not None and dtype != "fp32":
+        config = parse_config(config) if isinstance(config, str) else config
+        config = config if config.precision != "fp32" else config.replace(precision=dtype)
     if config is None and calibration is None:
         return dm
     if not dm.dynamic:

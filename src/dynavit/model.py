@@ -12,6 +12,8 @@ resolved ``Plan`` by config, and hands it to the family model: no weight copies,
 allocation of parameter memory, no recompilation. A rejected config leaves the model in its
 previous configuration. Multiplexed models (``dynavit.multiplex``) and variants attach beside
 the base model and are selected by ``ExecConfig(mux=N)`` and ``ExecConfig(variant=name)``.
+``ExecConfig(precision="int8")`` runs the blocks' linear layers on int8 weights made once, on the
+first configure that asks for them (``dynavit.knobs.quant``), and kept beside the fp32 ones.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dynavit.data.transforms import ClassificationTransform, SegmentationTransfo
 from dynavit.deploy import compiled as deploy_compiled
 from dynavit.deploy import export as deploy_export
 from dynavit.errors import DynavitError
+from dynavit.knobs import quant
 from dynavit.models import hub
 from dynavit.models.base import FamilyModel
 from dynavit.models.registry import family_class
@@ -40,6 +43,8 @@ from dynavit.packaging import read_extras, write_pretrained
 
 class DynamicModel(nn.Module):
     """A model ready for inference on any of its execution paths, with what evaluation needs."""
+
+    allow_cpu_half = False  # fp16/bf16 on a CPU without their arithmetic is refused unless set
 
     def __init__(self, src: hub.Source) -> None:
         super().__init__()
@@ -144,6 +149,7 @@ class DynamicModel(nn.Module):
         if hit is None:
             impl = self._impl_for(cfg)
             hit = (impl, resolve(cfg, impl.space))  # raises before anything changes
+            self._prepare_precision(impl, cfg.precision)
             self._plans[key] = hit
         impl, plan = hit
         impl.plan = plan
@@ -151,6 +157,17 @@ class DynamicModel(nn.Module):
         object.__setattr__(self, "_active", impl)
         object.__setattr__(self, "_config", cfg)
         return self
+
+    def _prepare_precision(self, impl: FamilyModel, precision: str) -> None:
+        """Refuse a precision the device cannot run; make int8 weights once (a later configure finds them)."""
+        if precision == "fp32":
+            return
+        if not self.dynamic:
+            raise ConfigError(f"precision={precision!r} needs execution paths; {self.source} ({self.family}) "
+                              "runs its own forward in fp32")
+        device = next(self.model.parameters()).device
+        quant.check_device(precision, device, allow_cpu_half=self.allow_cpu_half)
+        quant.prepare(impl, precision)
 
     def _impl_for(self, cfg: ExecConfig) -> FamilyModel:
         if cfg.mux > 1:
@@ -261,11 +278,15 @@ def eval_transform(task: str, input_size: tuple[int, int], mean: tuple[float, ..
 LoadedModel = DynamicModel  # the name earlier releases gave models without execution paths
 
 
-def load(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu") -> DynamicModel:
+def load(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str = "fp32",
+         ) -> DynamicModel:
     """Load a model: a local HF folder (one ``save_pretrained`` wrote, too), a hub id, ``timm:<name>``
-    or ``config:<preset>`` (random weights, for cost studies). Errors say how to fix them."""
+    or ``config:<preset>`` (random weights, for cost studies). Errors say how to fix them.
+    ``dtype`` (fp32, int8, fp16, bf16) is the precision of the default path: made now, O(1) to switch later."""
     dm = DynamicModel(hub.open_source(name_or_path)).to(device)
     read_extras(dm, Path(str(name_or_path)))
+    if dtype != "fp32":
+        dm.configure(precision=dtype)
     return dm
 
 

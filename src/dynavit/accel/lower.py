@@ -70,6 +70,10 @@ def _mac_ops(name: str, args: tuple, kwargs: dict, out: Any, is_param: Any, bits
         if (iy, ix) != op.input_hw:  # zero padding: the input read is the real one
             op = dataclasses.replace(op, IY=iy, IX=ix)
         return [op]
+    if name in flops._QUANTIZED_LINEAR:  # precision="int8": int8 weights and activations
+        x, o = args[0], out[0] if isinstance(out, (tuple, list)) else out
+        return [MacOp("linear", B=int(x.numel() // x.shape[-1]), K=int(o.shape[-1]), C=int(x.shape[-1]),
+                      bits=min(bits, 8))]
     if name in flops._MM:
         macs, a, b = flops._mm_cost(name, args)
         if name == "linear":

@@ -64,12 +64,14 @@ def profile_cmd(model: ModelArg, input_size: SizeOpt = None,
 def eval_cmd(model: ModelArg, data: DataOpt, layout: LayoutOpt = None,
              batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
              limit: LimitOpt = None, skip_bad: SkipBadOpt = False, device: DeviceOpt = "cpu",
-             json_out: JsonOpt = None, config: ConfigOpt = None, calibration: CalibOpt = None) -> None:
+             json_out: JsonOpt = None, config: ConfigOpt = None, calibration: CalibOpt = None,
+             dtype: Annotated[str, typer.Option(help="Precision of the linear layers: fp32, int8, fp16 or bf16.")
+                              ] = "fp32") -> None:
     """Accuracy (top-1/top-5) or mIoU/pixel accuracy, each with a bootstrap 95% CI."""
     outputs((json_out, False, "--json"))
     cfg = parse_config(config) if config else None
     dataset = open_dataset(data, layout=layout)
-    dm = load_configured(model, config=cfg, calibration=calibration, device=device)
+    dm = load_configured(model, config=cfg, calibration=calibration, device=device, dtype=dtype)
     res = evaluate(dm, dataset, batch_size=batch_size, skip_bad=skip_bad, limit=limit, progress=interactive())
     for key in ("top1", "top5", "miou", "pix_acc"):
         if key in res.metrics:

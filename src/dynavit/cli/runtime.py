@@ -162,7 +162,9 @@ def serve_cmd(model: ModelOpt = None, store: ServeStoreOpt = Path("results.db"),
               max_batch: MaxBatchOpt = 8, max_wait_ms: MaxWaitOpt = 5.0, max_body_mb: MaxBodyOpt = 20.0,
               max_megapixels: MaxPixelsOpt = 40.0, device: DeviceOpt = "cpu", profile_runs: ServeProfileOpt = 20,
               rule: RuleOpt = "priced", target_miss: TargetMissOpt = 0.01, rescue: ServeRescueOpt = False,
-              runtime: RuntimeOpt = "torch", compile: CompileOpt = False, data: MovedDataOpt = None) -> None:
+              runtime: RuntimeOpt = "torch", compile: CompileOpt = False, data: MovedDataOpt = None,
+              dtype: Annotated[str, typer.Option(help="Serve only the paths measured at these precisions "
+                                                      "(comma list, e.g. int8); default: all.")] = "") -> None:
     """Serve /v1/infer: each request gets the most accurate path within its budget."""
     _profile_runs(profile_runs)
     try:  # the serve extra (fastapi, uvicorn) is optional
@@ -176,7 +178,8 @@ def serve_cmd(model: ModelOpt = None, store: ServeStoreOpt = Path("results.db"),
         raise DynavitError("--max-batch must be >= 1 and --max-wait-ms >= 0")
     with images_at(data):
         dm, ctrl = load_for_store(model, store, device, profile_runs, rescue=rescue, progress=interactive(),
-                                  rule=rule, target_miss=target_miss, runtime=runtime, compile=compile)
+                                  rule=rule, target_miss=target_miss, runtime=runtime, compile=compile,
+                                  precisions=[d.strip() for d in dtype.split(",") if d.strip()])
     app = create_app(dm, ctrl, token=token, max_body_bytes=int(max_body_mb * 2**20),
                      max_pixels=int(max_megapixels * 1e6), max_batch=max_batch, max_wait_ms=max_wait_ms)
     rescuing = sum(bool(e.ladder) for e in ctrl.entries)

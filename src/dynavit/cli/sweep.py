@@ -58,7 +58,9 @@ def sweep_cmd(model: ModelArg, data: DataOpt, store: StoreOpt = Path("results.db
               address: AddressOpt = None, workers: WorkersOpt = None, calibration: CalibOpt = None,
               layout: LayoutOpt = None, limit: LimitOpt = None, batch_size: BatchOpt = 32, device: DeviceOpt = "cpu",
               seed: SeedOpt = 0, latency_repeats: RepeatsOpt = 20, reuse_prefix: ReuseOpt = True,
-              skip_bad: SkipBadOpt = False, multiplexer: MuxOpt = None) -> None:
+              skip_bad: SkipBadOpt = False, multiplexer: MuxOpt = None,
+              dtype: Annotated[str, typer.Option(help="Also measure every config at these precisions "
+                                                      "(comma list, e.g. int8).")] = "fp32") -> None:
     """Measure quality and cost of many execution paths; store each row; print the Pareto front."""
     target = SweepTarget(model=model, data=str(data), layout=layout,
                          calibration=str(calibration) if calibration else None, limit=limit, skip_bad=skip_bad,
@@ -66,7 +68,7 @@ def sweep_cmd(model: ModelArg, data: DataOpt, store: StoreOpt = Path("results.db
                          reuse_prefix=reuse_prefix, multiplexers=tuple(multiplexer or ()))
     s = run_sweep(target, space=space if not Path(space).is_file() else Path(space), strategy=strategy,
                   budget=budget, store=store, backend=backend, address=address, workers=workers, seed=seed,
-                  progress=interactive())
+                  progress=interactive(), precisions=[d.strip() for d in dtype.split(",") if d.strip()])
     if s.excluded_calibration_images:
         console.print(f"left out {s.excluded_calibration_images} calibration images; evaluated {s.n_images}")
     console.print(f"measured {s.measured} configs, {s.reused} already in {store}, {s.invalid} invalid; "

@@ -53,6 +53,7 @@ _CONV = _names(
     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "cudnn_convolution_transpose",
 )
 _MM = _names("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "addbmm", "_addmm_activation")
+_QUANTIZED_LINEAR = _names("linear_dynamic", "linear_dynamic_fp16")  # quantized:: ops (int8 precision)
 _SDPA = _names(
     "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -155,6 +156,10 @@ def op_costs(func: object, args: tuple, kwargs: dict, out: object, is_param: Cal
     if name in _CONV:
         macs = _conv_cost(args, kwargs, first_out, name)
         return [Cost("conv", macs, 2 * macs)]
+    if name in _QUANTIZED_LINEAR:  # (input, packed weights, ...): the weights are a layer's, not an activation
+        x = args[0]
+        macs = _numel(x.shape[:-1]) * int(x.shape[-1]) * int(first_out.shape[-1])
+        return [Cost("linear", macs, 2 * macs)]
     if name in _MM:
         macs, a, b = _mm_cost(name, args)
         cls = "linear" if (is_param(a) or is_param(b)) else "attention"

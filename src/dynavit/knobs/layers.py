@@ -32,5 +32,5 @@ class MLP(nn.Module):
         self.fc1, self.fc2 = src.fc1, src.fc2
         self.act = activation(act)
 
-    def forward(self, x: torch.Tensor, hidden: int) -> torch.Tensor:
-        return mlp(x, self.fc1, self.fc2, hidden, self.act)
+    def forward(self, x: torch.Tensor, hidden: int, precision: str = "fp32") -> torch.Tensor:
+        return mlp(x, self.fc1, self.fc2, hidden, self.act, precision)

@@ -4,6 +4,9 @@ Calibration orders channels and heads by importance once, so every slice here is
 the shared parameter (no copy, no gather, no allocation). Output-channel slices
 (``weight[:k]``) are contiguous; input-channel slices (``weight[:, :k]``) are strided views
 that BLAS reads with a leading dimension, also without a copy.
+
+Every helper takes the block's ``precision``: fp32 runs the lines below unchanged, any other
+precision runs the same slice of the layer's low-precision weights (``knobs.quant``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dynavit.knobs import quant
 
 # Calibration observes the inputs of the width-sliced layers: the MLP hidden activation (input
 # of ``linear_in``) and the per-head attention output (input of ``merge_heads``). A module-level
@@ -43,17 +48,21 @@ def observe(layer: nn.Module, x: torch.Tensor) -> None:
         _recorder(layer, x)
 
 
-def linear_out(x: torch.Tensor, lin: nn.Linear, k: int, offset: int = 0) -> torch.Tensor:
+def linear_out(x: torch.Tensor, lin: nn.Linear, k: int, offset: int = 0, precision: str = "fp32") -> torch.Tensor:
     """``lin`` restricted to ``k`` output features from ``offset`` (a fused qkv keeps q, k, v at offsets)."""
+    if precision != "fp32":
+        return quant.linear(x, lin, precision, offset, k, lin.in_features)
     if k == lin.out_features:
         return F.linear(x, lin.weight, lin.bias)
     rows = slice(offset, offset + k)
     return F.linear(x, lin.weight[rows], None if lin.bias is None else lin.bias[rows])
 
 
-def linear_in(x: torch.Tensor, lin: nn.Linear, k: int) -> torch.Tensor:
+def linear_in(x: torch.Tensor, lin: nn.Linear, k: int, precision: str = "fp32") -> torch.Tensor:
     """``lin`` reading only its first ``k`` input features (x has k features)."""
     observe(lin, x)
+    if precision != "fp32":
+        return quant.linear(x, lin, precision, 0, lin.out_features, k)
     return F.linear(x, _columns(lin, k), lin.bias)
 
 
@@ -62,20 +71,23 @@ def _columns(lin: nn.Linear, k: int) -> torch.Tensor:
 
 
 def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, k: int,
-        act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        act: Callable[[torch.Tensor], torch.Tensor], precision: str = "fp32") -> torch.Tensor:
     """Two-layer MLP with ``k`` hidden channels."""
-    return linear_in(act(linear_out(x, fc1, k)), fc2, k)
+    return linear_in(act(linear_out(x, fc1, k, precision=precision)), fc2, k, precision)
 
 
-def heads_of(x: torch.Tensor, lin: nn.Linear, heads: int, head_dim: int, offset: int = 0) -> torch.Tensor:
+def heads_of(x: torch.Tensor, lin: nn.Linear, heads: int, head_dim: int, offset: int = 0,
+             precision: str = "fp32") -> torch.Tensor:
     """Project (B, N, C) to (B, heads, N, head_dim) with the first ``heads`` heads of ``lin`` (from ``offset``)."""
     b, n, _ = x.shape
-    return linear_out(x, lin, heads * head_dim, offset).view(b, n, heads, head_dim).transpose(1, 2)
+    return linear_out(x, lin, heads * head_dim, offset, precision).view(b, n, heads, head_dim).transpose(1, 2)
 
 
-def merge_heads(out: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+def merge_heads(out: torch.Tensor, proj: nn.Linear, precision: str = "fp32") -> torch.Tensor:
     """(B, h, N, d) attention output through the output projection's first h*d input columns."""
     b, h, n, d = out.shape
     observe(proj, out)
     merged = out.transpose(1, 2).reshape(b, n, h * d)
+    if precision != "fp32":
+        return quant.linear(merged, proj, precision, 0, proj.out_features, h * d)
     return F.linear(merged, _columns(proj, h * d), proj.bias)

@@ -86,12 +86,12 @@ class Attention(nn.Module):
         if self.sr_ratio > 1:
             self.sr, self.sr_norm = src.sequence_reduction.sequence_reduction, src.sequence_reduction.layer_norm
 
-    def forward(self, x: torch.Tensor, h: int, w: int, heads: int) -> torch.Tensor:
-        q = heads_of(x, self.q, heads, self.head_dim)
+    def forward(self, x: torch.Tensor, h: int, w: int, heads: int, precision: str = "fp32") -> torch.Tensor:
+        q = heads_of(x, self.q, heads, self.head_dim, precision=precision)
         kv = self.sr_norm(_tokens(self.sr(_spatial(x, h, w)))) if self.sr_ratio > 1 else x
-        k = heads_of(kv, self.k, heads, self.head_dim)
-        v = heads_of(kv, self.v, heads, self.head_dim)
-        return merge_heads(F.scaled_dot_product_attention(q, k, v), self.o)
+        k = heads_of(kv, self.k, heads, self.head_dim, precision=precision)
+        v = heads_of(kv, self.v, heads, self.head_dim, precision=precision)
+        return merge_heads(F.scaled_dot_product_attention(q, k, v), self.o, precision)
 
 
 class MixFFN(nn.Module):
@@ -102,7 +102,7 @@ class MixFFN(nn.Module):
         self.fc1, self.fc2, self.dwconv = src.fc1, src.fc2, src.dwconv.dwconv
         self.act = activation(act)
 
-    def forward(self, x: torch.Tensor, h: int, w: int, hidden: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: int, w: int, hidden: int, precision: str = "fp32") -> torch.Tensor:
         c = self.dwconv
 
         def mid(y: torch.Tensor) -> torch.Tensor:  # depthwise conv on the first `hidden` channels: contiguous views
@@ -110,7 +110,7 @@ class MixFFN(nn.Module):
             y = F.conv2d(_spatial(y, h, w), c.weight[:hidden], b, c.stride, c.padding, c.dilation, hidden)
             return self.act(_tokens(y))
 
-        return mlp(x, self.fc1, self.fc2, hidden, mid)
+        return mlp(x, self.fc1, self.fc2, hidden, mid, precision)
 
 
 class Block(nn.Module):
@@ -122,9 +122,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, h: int, w: int, p: BlockPlan) -> torch.Tensor:
         if p.attn:
-            x = x + self.attn(self.norm1(x), h, w, p.heads)
+            x = x + self.attn(self.norm1(x), h, w, p.heads, p.precision)
         if p.mlp:
-            x = x + self.mlp(self.norm2(x), h, w, p.mlp_dim)
+            x = x + self.mlp(self.norm2(x), h, w, p.mlp_dim, p.precision)
         return x
 
     def permute(self, mlp_perm: torch.Tensor, head_perm: torch.Tensor) -> None:

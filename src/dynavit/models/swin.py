@@ -95,7 +95,7 @@ class Attention(nn.Module):
         self.window = window
         self._bias_cache = DerivedCache()
 
-    def forward(self, x: torch.Tensor, heads: int, win: Windows) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, heads: int, win: Windows, precision: str = "fp32") -> torch.Tensor:
         """(B, L, C) normed tokens -> (B, L, C) window attention output of the first ``heads`` heads."""
         b, n, hd = x.shape[0], win.size * win.size, heads * self.head_dim
         if win.pad:
@@ -103,7 +103,8 @@ class Attention(nn.Module):
         x = x.index_select(1, win.gather)  # (B, n * windows, C)
 
         def project(lin: nn.Linear) -> torch.Tensor:
-            return linear_out(x, lin, hd).view(b, n, win.num * heads, self.head_dim).transpose(1, 2)
+            y = linear_out(x, lin, hd, precision=precision)
+            return y.view(b, n, win.num * heads, self.head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(project(self.q), project(self.k), project(self.v),
                                              attn_mask=self.bias(win, heads, x.dtype))
@@ -111,7 +112,7 @@ class Attention(nn.Module):
             per_head = out.reshape(b * win.num, heads, n, self.head_dim)
             observe(self.o, per_head)
             out = per_head.view(b, win.num * heads, n, self.head_dim)
-        out = linear_in(out.transpose(1, 2).reshape(b, -1, hd), self.o, hd)
+        out = linear_in(out.transpose(1, 2).reshape(b, -1, hd), self.o, hd, precision)
         return out.index_select(1, win.scatter)
 
     def bias(self, win: Windows, heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -142,10 +143,10 @@ class Block(nn.Module):
         # into the attention's fresh sum when no autograd records (no second activation buffer)
         owned = False
         if p.attn:
-            x = x + self.attn(self.norm1(x), p.heads, win)
+            x = x + self.attn(self.norm1(x), p.heads, win, p.precision)
             owned = not torch.is_grad_enabled()
         if p.mlp:
-            out = self.mlp(self.norm2(x), p.mlp_dim)
+            out = self.mlp(self.norm2(x), p.mlp_dim, p.precision)
             x = x.add_(out) if owned else x + out
         return x
 

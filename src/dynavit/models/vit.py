@@ -45,14 +45,15 @@ class Attention(nn.Module):
             return [(self.qkv, 0), (self.qkv, c), (self.qkv, 2 * c)]
         return [(self.q, 0), (self.k, 0), (self.v, 0)]
 
-    def forward(self, x: torch.Tensor, heads: int, bias: torch.Tensor | None, token_op: str | None):
+    def forward(self, x: torch.Tensor, heads: int, bias: torch.Tensor | None, token_op: str | None,
+                precision: str = "fp32"):
         """Attention output, plus what the following token op reads: keys (merge) or CLS attention."""
-        q, k, v = (heads_of(x, lin, heads, self.head_dim, off) for lin, off in self.qkv_parts())
+        q, k, v = (heads_of(x, lin, heads, self.head_dim, off, precision) for lin, off in self.qkv_parts())
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         extra = None if token_op is None else k if token_op == "merge" else tokens.cls_attention(q, k, bias)
         if self.record is not None:
             self.record.append(extra if token_op in ("prune", "threshold") else tokens.cls_attention(q, k, bias))
-        return merge_heads(out, self.o), extra
+        return merge_heads(out, self.o, precision), extra
 
 
 class Block(nn.Module):
@@ -73,7 +74,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, p: BlockPlan, plan: Plan, state: tokens.TokenState):
         if p.attn:
             bias = state.attn_bias(x.dtype)
-            out, extra = self.attn(self.norm1(x), p.heads, bias, p.token_op)
+            out, extra = self.attn(self.norm1(x), p.heads, bias, p.token_op, p.precision)
             x = x + (out if self.ls1 is None else out * self.ls1)
             if p.token_op == "prune":
                 x = tokens.prune(x, extra, plan.token_keep, plan.token_fuse)
@@ -82,7 +83,7 @@ class Block(nn.Module):
             elif p.token_op == "threshold":
                 x, state = tokens.threshold(x, extra, plan.token_threshold, state)
         if p.mlp:
-            out = self.mlp(self.norm2(x), p.mlp_dim)
+            out = self.mlp(self.norm2(x), p.mlp_dim, p.precision)
             x = x + (out if self.ls2 is None else out * self.ls2)
         return x, state
 

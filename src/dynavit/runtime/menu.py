@@ -77,17 +77,21 @@ class Menu:
         return len(self.entries)
 
     @classmethod
-    def read(cls, path: str | Path, *, cost: str = "latency_p95_ms", wide: bool = False) -> Menu:
+    def read(cls, path: str | Path, *, cost: str = "latency_p95_ms", wide: bool = False,
+             precisions: Sequence[str] = ()) -> Menu:
         """The store's Pareto front by ``cost``, without a model (to select, not to run).
 
         ``cost="accel_energy_uj:<design>"`` (after ``dynavit accel``): the front by modelled accelerator
         energy, which becomes the entries' ``energy_mj``. Without any measured ``cost`` the front is by
         MACs. ``wide``: the candidates a re-measurement chooses from, the fronts by MACs and by both
         stored latencies together (``Controller.profile`` then keeps the front by what it measured).
+        ``precisions``: only the rows measured at these precisions (empty: all).
         """
         _, target = read_store(path)
         with ResultStore(path, readonly=True) as rs:
-            rows = rs.rows(per_image=False)
+            rows = [r for r in rs.rows(per_image=False) if not precisions or r.config.precision in precisions]
+        if not rows:
+            raise DynavitError(f"{path} has no rows at precision {', '.join(precisions)}")
         try:
             measured = any(cost_of(r, cost) is not None for r in rows)
         except ValueError as e:
@@ -103,12 +107,12 @@ class Menu:
 
     @classmethod
     def from_store(cls, path: str | Path, model: str | DynamicModel | None = None, *, device: str | None = None,
-                   cost: str = "latency_p95_ms", wide: bool = False) -> Menu:
+                   cost: str = "latency_p95_ms", wide: bool = False, precisions: Sequence[str] = ()) -> Menu:
         """The store's front (``read``) with the model as the sweep measured it (``model``: another name
         or a loaded model; ``device``: default where the sweep ran); refused when the model's weights
         fingerprint is not the store's."""
         dm, _ = load_measured(path, model, device=device)
-        menu = cls.read(path, cost=cost, wide=wide)
+        menu = cls.read(path, cost=cost, wide=wide, precisions=precisions)
         menu.model = dm
         return menu
 

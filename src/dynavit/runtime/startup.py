@@ -14,7 +14,7 @@ another folder. A choice scored on the images that made it looks better than it 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +56,8 @@ class Started:
 def start(store: str | Path, model: str | DynamicModel | None = None, *, device: str | None = None,
           profile_runs: int = 50, rescue: bool | Literal["auto"] = "auto", images: bool = False,
           frames: str | Path | None = None, menu_share: float = 0.5, seed: int = 0, progress: bool = False,
-          runtime: str = "torch", compile: bool | str = False, **options: Any) -> Started:
+          runtime: str = "torch", compile: bool | str = False, precisions: Sequence[str] = (),
+          **options: Any) -> Started:
     """The store's menu and a controller on it, ready to run.
 
     ``profile_runs`` > 0 widens the candidates to the fronts by MACs and by stored latency and keeps
@@ -68,18 +69,19 @@ def start(store: str | Path, model: str | DynamicModel | None = None, *, device:
     ``options``: ``Controller`` options (``rule``, ``target_miss``, ``margin``, ...). ``runtime="onnxruntime"``:
     ``model`` is a folder ``dynavit export --store`` wrote, run by ONNX Runtime (no store, no rescue);
     ``compile``: every candidate path compiled and warmed before it is timed (no rescue: a compiled graph
-    runs whole; a string names the ``torch.compile`` backend, default inductor).
+    runs whole; a string names the ``torch.compile`` backend, default inductor). ``precisions``: only paths
+    measured at these.
     """
     if runtime not in RUNTIMES:
         raise DynavitError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime != "torch" or compile:
         return _start_deployed(store, model, device=device, profile_runs=profile_runs, rescue=rescue, images=images,
                                frames=frames, menu_share=menu_share, seed=seed, progress=progress, runtime=runtime,
-                               compile=compile, **options)
+                               compile=compile, precisions=precisions, **options)
     if rescue is True and not profile_runs:
         raise DynavitError("rescue needs the menu profiled at start-up (profile runs > 0): a deadline needs "
                            "each block's share of the path's time")
-    menu = Menu.from_store(store, model, device=device, wide=profile_runs > 0)
+    menu = Menu.from_store(store, model, device=device, wide=profile_runs > 0, precisions=precisions)
     ctrl = Controller(menu, rescue=rescue is not False, **options)
     if rescue is True and not ctrl.can_rescue:
         raise DynavitError(f"{menu.model.source} cannot drop blocks under a deadline: that takes a calibrated ViT")
@@ -136,7 +138,8 @@ def _rescored(e: Any, per_image: np.ndarray | None, idx: np.ndarray, task: str) 
 
 def _start_deployed(store: str | Path, model: Any, *, device: str | None, profile_runs: int,
                     rescue: bool | Literal["auto"], images: bool, frames: str | Path | None, menu_share: float,
-                    seed: int, progress: bool, runtime: str, compile: bool | str, **options: Any) -> Started:
+                    seed: int, progress: bool, runtime: str, compile: bool | str, precisions: Sequence[str],
+                    **options: Any) -> Started:
     """``start`` on exported ONNX files or on compiled paths: the same controller, no deadlines."""
     if rescue is True:
         raise DynavitError(f"{'compiled paths' if compile else runtime} cannot drop blocks under a deadline: "
@@ -149,7 +152,7 @@ def _start_deployed(store: str | Path, model: Any, *, device: str | None, profil
         menu = OnnxPaths(model).menu()
         s = Started(menu, Controller(menu, rescue=False, **options))
     else:
-        menu = Menu.from_store(store, model, device=device, wide=profile_runs > 0)
+        menu = Menu.from_store(store, model, device=device, wide=profile_runs > 0, precisions=precisions)
         s = Started(menu, Controller(menu, rescue=False, **options))
         if images or frames is not None:  # split and score with the eager model: quality as the sweep measures it
             _split(s, store, frames, menu_share, seed, progress)

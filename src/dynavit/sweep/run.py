@@ -211,8 +211,9 @@ class SweepSummary:
 def run_sweep(target: SweepTarget, *, space: str | Path | dict = "default", strategy: str = "random",
               budget: int | None = None, store: str | Path = "results.db", backend: str = "local",
               address: str | None = None, workers: int | None = None, seed: int = 0, progress: bool = True,
-              on_row: Callable[[Row], None] | None = None) -> SweepSummary:
-    """Run (or resume) a sweep; every measured row is in the store before the next one starts."""
+              on_row: Callable[[Row], None] | None = None, precisions: Sequence[str] = ()) -> SweepSummary:
+    """Run (or resume) a sweep; every measured row is in the store before the next one starts.
+    ``precisions``: also measure every config at these precisions (``sweep.space.load_space``)."""
     if backend not in ("local", "ray"):
         raise DynavitError(f"unknown backend {backend!r} (choose local or ray)")
     t0 = time.perf_counter()

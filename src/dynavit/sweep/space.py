@@ -16,6 +16,10 @@ A level is a value of the field named like the knob, or a dict of field changes.
 ``skip_blocks``/``skip_attn``/``skip_mlp`` given as an integer k mean "the k least
 important blocks" by the model's calibration (the last k blocks when uncalibrated);
 ``token_layers: "all"`` means every block.
+
+``precision`` is a knob like the others (levels ``"fp32"``, ``"int8"``, ...): the ``precision``
+preset is ``small`` composed with fp32 and int8, and ``load_space(..., precisions=...)`` (``sweep
+--dtype``) adds the knob to any space. Level 0 stays fp32, the reference every delta is paired with.
 """
 
 from __future__ import annotations
@@ -174,11 +178,17 @@ def _resolutions(space: Space, scales: Sequence[float]) -> list[int]:
     return sorted({max(m, round(h * s / m) * m) for s in scales}, reverse=True)
 
 
+PRESETS = ("default", "small", "precision")
+
+
 def preset(name: str, space: Space) -> dict[str, list[Any]]:
-    """Built-in spaces: ``default`` (per family) and ``small`` (a quick look, used by the demo)."""
+    """Built-in spaces: ``default`` (per family), ``small`` (a quick look, used by the demo) and
+    ``precision`` (``small`` in fp32 and int8: int8 runs on CPU)."""
     fam = space.family
-    if name not in ("default", "small"):
-        raise ConfigError(f"unknown space preset {name!r} (choose default or small, or give a JSON file)")
+    if name not in PRESETS:
+        raise ConfigError(f"unknown space preset {name!r} (choose {', '.join(PRESETS)}, or give a JSON file)")
+    if name == "precision":
+        return {**preset("small", space), "precision": ["fp32", "int8"]}
     small = name == "small"
     spec: dict[str, list[Any]] = {
         "resolution": _resolutions(space, (1.0, 0.857, 0.714) if small else (1.0, 0.929, 0.857, 0.786, 0.714)),
@@ -212,18 +222,22 @@ def calibrated_block_order(calibration: Any) -> dict[str, list[int]]:
 
 
 def load_space(spec: str | Path | dict[str, Any], space: Space, block_order: dict[str, list[int]] | None = None,
-               ) -> SearchSpace:
-    """A preset name, a JSON file, or a dict -> ``SearchSpace`` for a model with ``space``."""
+               precisions: Sequence[str] | None = None) -> SearchSpace:
+    """A preset name, a JSON file, or a dict -> ``SearchSpace`` for a model with ``space``;
+    ``precisions`` (e.g. ``["int8"]``) composes every config with those precisions besides fp32."""
     if isinstance(spec, dict):
         raw = spec
-    elif str(spec) in ("default", "small"):
+    elif str(spec) in PRESETS:
         raw = preset(str(spec), space)
     else:
         path = Path(spec)
         if not path.is_file():
-            raise DynavitError(f"space {spec!r} is neither a preset (default, small) nor a JSON file")
+            raise DynavitError(f"space {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
         try:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DynavitError(f"space file {path} is not valid JSON: {e}") from None
+    if precisions:
+        levels = list(dict.fromkeys(["fp32", *raw.get("precision", []), *precisions]))
+        raw = {**raw, "precision": levels}
     return build_space(raw, space, block_order)
