@@ -116,6 +116,9 @@ def test_torch_export_round_trip(vit, tmp_path) -> None:
 def test_unexportable_path_says_why(vit, tmp_path) -> None:
     with pytest.raises(DeployError, match="data-dependent shapes"):
         vit.export(tmp_path / "t.onnx", ExecConfig(token_threshold=0.9))
+    for fmt in ("onnx", "torch.export"):
+        with pytest.raises(DeployError, match="precision int8 runs PyTorch's own packed kernels"):
+            vit.export(tmp_path / "t.onnx", ExecConfig(precision="int8", mlp_width=0.5), format=fmt)
     with pytest.raises(DeployError, match="unknown export format"):
         vit.export(tmp_path / "t.onnx", format="tflite")
     assert not (tmp_path / "t.onnx").exists()
