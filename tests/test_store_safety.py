@@ -65,7 +65,7 @@ def test_a_foreign_database_is_refused_and_left_byte_for_byte(tmp_path) -> None:
     res = runner.invoke(app, ["sweep", "any-model", "--data", str(tmp_path), "--store", str(db)])
     assert res.exit_code == 2
     _one_line_error(res.stderr, "not a dynavit result store")
-    for cmd in (["pareto", str(db)], ["export", str(db), str(tmp_path / "x.csv")], ["report", str(db)]):
+    for cmd in (["pareto", str(db)], ["pareto", str(db), "--export", str(tmp_path / "x.csv")], ["report", str(db)]):
         res = runner.invoke(app, cmd)
         assert res.exit_code == 2, (cmd, res.output)
         _one_line_error(res.stderr, "not a dynavit result store")
@@ -159,7 +159,7 @@ def test_a_damaged_store_is_one_line_for_every_reader(tmp_path) -> None:
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     damage_sqlite(db)
     for cmd in (["report", str(db), "--out", str(tmp_path / "rep")], ["pareto", str(db)],
-                ["export", str(db), str(tmp_path / "x.csv")]):
+                ["pareto", str(db), "--export", str(tmp_path / "x.csv")]):
         res = runner.invoke(app, cmd)
         assert res.exit_code == 2, (cmd, res.output)
         _one_line_error(res.stderr, "is damaged")

@@ -221,7 +221,7 @@ def run_sweep(target: SweepTarget, *, space: str | Path | dict = "default", stra
     try:
         rs.acquire()
         dm, data, evaluator, excluded = target.build(progress=progress)
-        search: SearchSpace = load_space(space, dm.space, calibrated_block_order(dm.calibration))
+        search: SearchSpace = load_space(space, dm.space, calibrated_block_order(dm.calibration), precisions)
         strat = make(strategy, search.shape, budget, seed)
         summary = SweepSummary(Path(store), excluded_calibration_images=excluded, n_images=data.n)
         rs.bind(identity(target, dm, data))
