@@ -17,8 +17,14 @@ from helpers import tiny_vit
 from dynavit.config import ExecConfig
 from dynavit.deploy.compiled import compile_count
 
+# 16 paths, as many as a served menu holds
 PATHS = [ExecConfig(), ExecConfig(mlp_width=0.5), ExecConfig(heads=1, skip_blocks=(1,)),
-         ExecConfig(token_keep=0.5, token_layers=(1,)), ExecConfig(mlp_width=0.25, heads=1)]
+         ExecConfig(token_keep=0.5, token_layers=(1,)), ExecConfig(mlp_width=0.25, heads=1),
+         ExecConfig(mlp_width=0.75), ExecConfig(heads=1), ExecConfig(skip_blocks=(0,)), ExecConfig(skip_blocks=(2,)),
+         ExecConfig(skip_attn=(1,)), ExecConfig(skip_mlp=(2,)), ExecConfig(token_keep=0.75, token_layers=(0,)),
+         ExecConfig(token_keep=0.5, token_layers=(1,), token_method="merge"),
+         ExecConfig(mlp_width=0.5, skip_blocks=(2,)), ExecConfig(heads=1, mlp_width=0.75, skip_attn=(0,)),
+         ExecConfig(mlp_width=0.25, token_keep=0.5, token_layers=(2,))]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def test_cycling_warmed_paths_never_recompiles(compiled) -> None:
     assert warmed >= len(PATHS) * len(cp.warm_batches)  # each path was compiled, not run eagerly
     for _ in range(2):
         for cfg in reversed(PATHS):
-            for batch in (1, 3, 2, 5):
+            for batch in (1, 3, 5):
                 x = vit.example_input(batch)
                 with torch.inference_mode():  # callers pass inference tensors, too
                     out = cp.configure(cfg)(x)

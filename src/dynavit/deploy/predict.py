@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -28,6 +27,7 @@ from dynavit.errors import DynavitError
 from dynavit.model import DynamicModel, load
 from dynavit.pipeline import batches
 from dynavit.runtime.startup import start
+from dynavit.serve.predictions import label_map, top_labels
 
 
 @dataclass
@@ -103,16 +103,12 @@ def predict(model: DynamicModel | str, images: str | Path, *, config: ExecConfig
 def _record(dm: Any, logits: torch.Tensor, path: Path, root: Path, topk: int, masks: str | Path | None) -> dict:
     rel = path.relative_to(root)
     if dm.task == "segmentation":
-        size = tuple(dm.input_size)
-        up = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0] \
-            if tuple(logits.shape[-2:]) != size else logits
-        mask = up.argmax(0).to(torch.uint8 if up.shape[0] <= 256 else torch.int32).numpy()
+        h, w = dm.input_size
+        labels = label_map(logits, (w, h))
+        mask = labels.to(torch.uint8 if logits.shape[0] <= 256 else torch.int32).numpy()
         out = Path(masks) / rel.with_suffix(".png")
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask).save(out)
         present = [int(c) for c in np.unique(mask)]
         return {"file": str(rel), "mask": str(out), "classes": {str(c): dm.id2label.get(c, str(c)) for c in present}}
-    probs = logits.softmax(-1)
-    v, i = probs.topk(min(topk, probs.numel()))
-    return {"file": str(rel), "topk": [{"index": int(k), "label": dm.id2label.get(int(k), str(int(k))),
-                                        "probability": float(p)} for p, k in zip(v, i, strict=True)]}
+    return {"file": str(rel), "topk": top_labels(dm, logits, topk)}

@@ -64,8 +64,12 @@ def prediction(dm: Any, out: torch.Tensor, size: tuple[int, int], topk: int,
         return {"task": "segmentation", "mask_png_base64": base64.b64encode(buf.getvalue()).decode(),
                 "mask_size": list(msize), "image_size": list(size),
                 "classes": {str(c): dm.id2label.get(c, str(c)) for c in present}}
-    probs = out.float().softmax(-1)
+    return {"task": "classification", "topk": top_labels(dm, out, topk)}
+
+
+def top_labels(dm: Any, logits: torch.Tensor, topk: int) -> list[dict[str, Any]]:
+    """The ``topk`` most probable classes of one image's logits: index, label and probability."""
+    probs = logits.float().softmax(-1)
     p, idx = probs.topk(min(topk, probs.numel()))
-    return {"task": "classification", "topk": [
-        {"index": int(i), "label": dm.id2label.get(int(i), str(int(i))), "probability": float(v)}
-        for v, i in zip(p, idx, strict=True)]}
+    return [{"index": int(i), "label": dm.id2label.get(int(i), str(int(i))), "probability": float(v)}
+            for v, i in zip(p, idx, strict=True)]
