@@ -122,10 +122,14 @@ def test_round_robin_timing_flags_a_config_that_slows_down(monkeypatch) -> None:
         return timing(cfgs)
 
     def slowed(*a, **k):
-        if dm.exec_config == slow and calls["timing"]:
-            calls["n"] += 1
-            if calls["n"] > 12:  # after the warm-up and half of its timed runs: the machine got slower for it
-                time.sleep(0.01)
+        if calls["timing"]:
+            # every timed run takes at least 5 ms, so a shared machine's jitter on a sub-millisecond
+            # forward cannot reach the 1.5x spread on its own
+            time.sleep(0.005)
+            if dm.exec_config == slow:
+                calls["n"] += 1
+                if calls["n"] > 12:  # after the warm-up and half of its timed runs: the machine got slower for it
+                    time.sleep(0.02)
         return forward(*a, **k)
 
     monkeypatch.setattr(dm.module, "forward", slowed)
