@@ -47,10 +47,10 @@ def test_reordering_keeps_the_full_model(small_and_images, criterion):
     assert set(cal.block_kl) == {"block", "attn", "mlp"} and len(cal.block_order()) == 3
 
 
-def test_auto_compares_both_criteria_and_ranks_first_channels_first(small_and_images):
+def test_auto_compares_every_criterion_and_ranks_first_channels_first(small_and_images):
     dm, imgs = small_and_images
     cal = dm.calibrate(imgs, batch_size=8)
-    assert set(cal.comparison) == {"magnitude", "taylor"}
+    assert set(cal.comparison) == {"magnitude", "variance", "taylor"}
     assert cal.criterion == min(cal.comparison, key=cal.comparison.get)
 
 
@@ -142,7 +142,7 @@ def test_segformer_calibration_reorders_decoder_channels_too():
     assert set(cal.perms) == {"mlp", "heads", "branch", "fuse"} and len(cal.perms["branch"]) == 4
     assert not torch.equal(cal.perms["fuse"][0], torch.arange(256))
     # after reordering, the first decoder channels are the ones the criterion ranks highest
-    from dynavit.calibrate import _scores
+    from dynavit.importance import scores as _scores
 
     scores = _scores(dm, [torch.randn(4, 3, 64, 64)], "magnitude")
     assert scores["fuse"][0][:64].mean() > scores["fuse"][0][-64:].mean()

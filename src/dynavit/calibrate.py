@@ -6,14 +6,13 @@ rows, its depthwise conv channels if any, fc2 columns) or of a block's heads (q/
 output-projection columns, per-head position bias) leaves the full model's function
 unchanged, so the default path's output is the same after reordering.
 
-Criteria (both label-free; ``criterion="auto"`` measures both and keeps the better):
-- ``magnitude``: activation-weighted magnitude. MLP channel j: E|h_j| * ||W_fc2[:, j]||;
-  head h: E||o_h W_o[:, h]^T|| (the head's contribution to the block output).
-- ``taylor``: first-order Taylor estimate of the loss change when a unit is removed,
-  |E[sum a * dL/da]| over the unit's activations a, with L the cross-entropy against the
-  full model's own predictions (pseudo-labels), so no labels are needed.
+Criteria (``dynavit.importance``: magnitude, variance, taylor; ``criterion="auto"`` measures
+each and keeps the best).
 "Better" = lower mean KL(full || reduced) on held-out calibration images, averaged over
-reduced paths at 25/50/75 % MLP width and half the heads.
+reduced paths at 25/50/75 % MLP width and half the heads, each path run as it will be served
+(with the compensation, when one is made).
+Compensation (``compensate=True``, ``dynavit.compensation``): the full model's statistics that
+restore what removed units and skipped sub-layers contributed, the method chosen the same way.
 Blocks are ranked (not reordered) by KL(full || block skipped), for attention and MLP
 sub-layers separately: the sweep's greedy strategy skips where the model is resilient.
 """
@@ -24,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from dynavit.compensation import Compensation, choose, measure
 from dynavit.config import ExecConfig
 from dynavit.data.datasets import file_sha1, list_images, read_image
 from dynavit.errors import DynavitError
-from dynavit.knobs.width import recording
+from dynavit.importance import CRITERIA, counted, scores
+from dynavit.knobs import compensate as compensate_
 from dynavit.models.base import Perms
-
-CRITERIA = ("magnitude", "taylor")
 
 
 @dataclass
@@ -58,6 +57,7 @@ class Calibration:
     seconds: float = 0.0
     image_hashes: list[str] = field(default_factory=list)  # SHA-1 of the image files, when known
     pixel_hashes: list[str] = field(default_factory=list)  # of each preprocessed image (``pixel_hash``)
+    compensation: Compensation | None = None
 
     def identity(self) -> str:
         """Short hash of what calibration changes (the permutations) and how it ranked blocks."""
@@ -66,6 +66,8 @@ class Calibration:
             for t in self.perms[group]:
                 h.update(group.encode() + t.to(torch.int64).numpy().tobytes())
         h.update(json.dumps(self.block_kl, sort_keys=True).encode())
+        if self.compensation is not None:
+            h.update(self.compensation.identity().encode())
         return f"{self.criterion}:{h.hexdigest()[:16]}"
 
     def block_order(self, kind: str = "block") -> list[int]:
@@ -80,7 +82,10 @@ class Calibration:
         tmp = folder / "calibration.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         tmp.replace(folder / "calibration.safetensors")
-        meta = {k: v for k, v in asdict(self).items() if k != "perms"}
+        meta = {k: v for k, v in asdict(self).items() if k not in ("perms", "compensation")}
+        if self.compensation is not None:
+            self.compensation.save(folder)
+            meta["compensation"] = self.compensation.meta()
         (folder / "calibration.json").write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -95,7 +100,8 @@ class Calibration:
         perms: dict[str, list[torch.Tensor]] = {}
         for key in sorted(tensors, key=lambda k: (k.split(".")[0], int(k.split(".")[1]))):
             perms.setdefault(key.split(".")[0], []).append(tensors[key])
-        return cls(perms=perms, **meta)
+        comp = meta.pop("compensation", None)
+        return cls(perms=perms, compensation=None if comp is None else Compensation.load(folder, comp), **meta)
 
 
 def fingerprint(module: nn.Module, *, stored_as: torch.dtype | None = None) -> str:
@@ -131,106 +137,6 @@ def _same_weights(module: nn.Module, saved: str) -> bool:
     return any(saved == _param_hash(module, torch.float32, n) for n in counts)
 
 
-class _Stats:
-    """Importance accumulators fed by the width recorder (``knobs.width.observe``).
-
-    Groups: per block, MLP hidden channels (input of fc2) and heads (per-head attention output,
-    (B, h, N, d), before the output projection); for a decoder (SegFormer), each branch's
-    ``linear_c`` output channels and the fused channels entering the classifier.
-    """
-
-    def __init__(self, model: nn.Module, taylor: bool) -> None:
-        blocks = model.blocks
-        self.blocks, self.taylor = blocks, taylor
-        self.route: dict[int, tuple[str, int]] = {}
-        for i, b in enumerate(blocks):
-            self.route[id(b.mlp.fc2)] = ("mlp", i)
-            self.route[id(b.attn.o)] = ("heads", i)
-        self.scores: dict[str, list[torch.Tensor]] = {
-            "mlp": [torch.zeros(b.mlp.fc2.in_features) for b in blocks],
-            "heads": [torch.zeros(b.attn.num_heads) for b in blocks],
-        }
-        self.decoder = model.decoder
-        if self.decoder is not None:
-            for i, lin in enumerate(self.decoder.linear_c):
-                self.route[id(lin)] = ("branch", i)
-            self.route[id(self.decoder.classifier)] = ("fuse", 0)
-            self.scores["branch"] = [torch.zeros(lin.out_features) for lin in self.decoder.linear_c]
-            self.scores["fuse"] = [torch.zeros(self.decoder.width)]
-        self.saved: list[tuple[str, int, torch.Tensor]] = []
-
-    def __call__(self, layer: nn.Module, x: torch.Tensor) -> None:
-        hit = self.route.get(id(layer))
-        if hit is None or (hit[0] == "heads" and x.dim() != 4):
-            return
-        kind, i = hit
-        if self.taylor:
-            x.retain_grad()
-            self.saved.append((kind, i, x))
-            return
-        a = x.detach()
-        if kind == "heads":
-            b, nh, n, d = a.shape
-            w = self.blocks[i].attn.o.weight.detach()[:, : nh * d].reshape(-1, nh, d)  # (C, h, d)
-            contrib = torch.einsum("bhnd,chd->bhnc", a, w)
-            self.scores["heads"][i] += contrib.norm(dim=-1).mean(dim=(0, 2)).cpu()
-            return
-        self.scores[kind][i] += _channel_mean_abs(a, kind).cpu() * self._out_weight_norm(kind, i).cpu()
-
-    def _out_weight_norm(self, kind: str, i: int) -> torch.Tensor:
-        """Norm of the weights each channel feeds: how much a unit of it moves the next layer."""
-        if kind == "mlp":
-            return self.blocks[i].mlp.fc2.weight.detach().norm(dim=0)
-        dec = self.decoder
-        if kind == "branch":
-            return dec.fuse.weight.detach()[:, dec.branch_columns(i)].reshape(dec.width, -1).norm(dim=0)
-        return dec.classifier.weight.detach().reshape(dec.classifier.out_channels, -1).norm(dim=0)
-
-    def collect_taylor(self) -> None:
-        for kind, i, x in self.saved:
-            if x.grad is None:
-                continue
-            s = (x * x.grad).detach()
-            if kind == "heads":
-                self.scores["heads"][i] += s.sum(dim=(0, 2, 3)).abs().cpu()
-            else:
-                self.scores[kind][i] += _channel_sum(s, kind).abs().cpu()
-        self.saved.clear()
-
-
-def _channel_mean_abs(a: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean |activation| per channel: last dim for tokens (B, N, C), dim 1 for maps (B, C, H, W)."""
-    if kind == "mlp":
-        return a.abs().reshape(-1, a.shape[-1]).mean(0)
-    return a.abs().transpose(0, 1).reshape(a.shape[1], -1).mean(1)
-
-
-def _channel_sum(a: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "mlp":
-        return a.reshape(-1, a.shape[-1]).sum(0)
-    return a.transpose(0, 1).reshape(a.shape[1], -1).sum(1)
-
-
-def _pseudo_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against the model's own argmax (per pixel for segmentation)."""
-    return F.cross_entropy(logits, logits.detach().argmax(1))
-
-
-def _scores(dm: Any, batches: Sequence[torch.Tensor], criterion: str, bar: Any = None
-            ) -> dict[str, list[torch.Tensor]]:
-    stats = _Stats(dm.module, taylor=criterion == "taylor")
-    for x in _counted(batches, bar):
-        if criterion == "taylor":
-            with torch.enable_grad(), recording(stats):
-                _pseudo_loss(dm(x)).backward()
-            stats.collect_taylor()
-        else:
-            with torch.no_grad(), recording(stats):
-                dm(x)
-    dm.module.zero_grad(set_to_none=True)
-    return stats.scores
-
-
 def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
     """Mean KL(ref || out) over images (and pixels for segmentation)."""
     return float(F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="none").sum(1).mean())
@@ -239,21 +145,14 @@ def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
 def _outputs(dm: Any, batches: Sequence[torch.Tensor], cfg: ExecConfig, bar: Any = None) -> torch.Tensor:
     dm.configure(cfg)
     with torch.no_grad():
-        return torch.cat([dm(x) for x in _counted(batches, bar)])
+        return torch.cat([dm(x) for x in counted(batches, bar)])
 
 
-def _counted(batches: Sequence[torch.Tensor], bar: Any) -> Iterator[torch.Tensor]:
-    """The batches, each counted on the progress bar once its forward pass is done."""
-    for x in batches:
-        yield x
-        if bar is not None:
-            bar.update(len(x))
-
-
-def _passes(n_fit: int, n_held: int, n_all: int, candidates: int, probes: int, blocks: int) -> int:
+def _passes(n_fit: int, n_held: int, n_all: int, candidates: int, probes: int, blocks: int, compensate: bool) -> int:
     """Images run through the model by a calibration: the progress bar's total."""
-    compare = n_held * (1 + candidates * probes) if candidates > 1 else 0
-    return candidates * n_fit + compare + n_all * (1 + 3 * blocks)
+    compare = n_held * candidates * probes + (candidates * n_fit if compensate else 0) if candidates > 1 else 0
+    fit_comp = n_fit + n_held * (3 * probes + 6) if compensate else 0
+    return candidates * n_fit + n_held + compare + fit_comp + n_all * (1 + 3 * blocks)
 
 
 def _probe_configs(dm: Any) -> list[ExecConfig]:
@@ -295,9 +194,11 @@ def _to_batches(dm: Any, images: Any, batch_size: int) -> list[torch.Tensor]:
 
 
 def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int = 16,
-              heldout_fraction: float = 0.25, progress: bool = False) -> Calibration:
+              heldout_fraction: float = 0.25, compensate: bool = True, progress: bool = False) -> Calibration:
     """Rank, choose the criterion, reorder ``dm``'s weights in place; returns the Calibration.
 
+    ``compensate``: also measure the corrections for removed units and skipped sub-layers, and
+    keep the method the held-out images score best (``dynavit.compensation``).
     ``progress``: a bar over the images run through the model (minutes for a large model on a CPU).
     """
     if criterion not in ("auto", *CRITERIA):
@@ -309,44 +210,77 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
     pixels = [pixel_hash(t) for b in cpu for t in b]
     files = [file_sha1(p) for p in list_images(Path(images), recursive=True)] if isinstance(images, (str, Path)) else []
     batches = [b.to(dev) for b in cpu]
-    n_images = sum(len(b) for b in batches)
-    flat = torch.cat(batches)
-    n_held = max(1, int(round(heldout_fraction * n_images))) if n_images > 1 else 0
-    fit = list(flat[: n_images - n_held].split(batch_size)) if n_held else batches
-    held = list(flat[n_images - n_held:].split(batch_size)) if n_held else batches
+    fit, held = _split(batches, heldout_fraction, batch_size)
     fp = dm.calibration.fingerprint if dm.calibration is not None else fingerprint(dm.base_module)
     dm.configure(ExecConfig())
+    _uninstall(dm)
     candidates = CRITERIA if criterion == "auto" else (criterion,)
-    probes = _probe_configs(dm)
-    n = dm.space.num_blocks
-    total = _passes(n_images - n_held if n_held else n_images, n_held or n_images, n_images, len(candidates),
-                    len(probes), n)
+    probes, n = _probe_configs(dm), dm.space.num_blocks
+    n_all, n_held, n_fit = (sum(len(b) for b in bs) for bs in (batches, held, fit))
+    total = _passes(n_fit, n_held, n_all, len(candidates), len(probes), n, compensate)
     bar = tqdm(total=total, desc="calibrate", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         perms = {c: {k: [v.argsort(descending=True, stable=True) for v in group]
-                     for k, group in _scores(dm, fit, c, bar).items()} for c in candidates}
+                     for k, group in scores(dm, fit, c, bar).items()} for c in candidates}
+        ref = _outputs(dm, held, ExecConfig(), bar)
         comparison: dict[str, float] = {}
         if len(candidates) > 1:
-            ref = _outputs(dm, held, ExecConfig(), bar)
             for c in candidates:
                 dm.module.permute(perms[c])
-                comparison[c] = sum(_kl(ref, _outputs(dm, held, p, bar)) for p in probes) / len(probes)
+                if compensate:
+                    measure(dm, fit, bar).install(dm.module, method="matrix")
+                comparison[c] = _held_kl(dm, held, ref, probes, bar)
+                _uninstall(dm)
                 dm.module.permute(_inverse(perms[c]))
         best = min(comparison, key=comparison.get) if comparison else candidates[0]
         dm.module.permute(perms[best])
-        ref = _outputs(dm, batches, ExecConfig(), bar)
-        block_kl = {
-            kind: [_kl(ref, _outputs(dm, batches, ExecConfig(**{key: (i,)}), bar)) for i in range(n)]
-            for kind, key in (("block", "skip_blocks"), ("attn", "skip_attn"), ("mlp", "skip_mlp"))
-        }
+        comp = _compensation(dm, fit, held, ref, probes, bar) if compensate else None
+        block_kl = _block_kl(dm, batches, n, bar)
     finally:
         bar.close()
         dm.configure(previous)
     old = dm.calibration
     chosen = perms[best] if old is None else _compose(old.perms, perms[best])  # relative to the original weights
     return Calibration(criterion=best, perms={k: [p.cpu() for p in v] for k, v in chosen.items()},
-                       block_kl=block_kl, comparison=comparison, n_images=n_images, source=dm.source,
-                       fingerprint=fp, seconds=time.perf_counter() - t0, image_hashes=files, pixel_hashes=pixels)
+                       block_kl=block_kl, comparison=comparison, n_images=n_all, source=dm.source,
+                       fingerprint=fp, seconds=time.perf_counter() - t0, image_hashes=files, pixel_hashes=pixels,
+                       compensation=comp)
+
+
+def _split(batches: list[torch.Tensor], heldout_fraction: float, batch_size: int
+           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Fit and held-out batches (both all images when there is only one)."""
+    flat = torch.cat(batches)
+    n = len(flat)
+    n_held = max(1, int(round(heldout_fraction * n))) if n > 1 else 0
+    if not n_held:
+        return batches, batches
+    return list(flat[: n - n_held].split(batch_size)), list(flat[n - n_held:].split(batch_size))
+
+
+def _uninstall(dm: Any) -> None:
+    compensate_.uninstall(dm.module)
+
+
+def _held_kl(dm: Any, held: list[torch.Tensor], ref: torch.Tensor, probes: Sequence[ExecConfig], bar: Any) -> float:
+    return sum(_kl(ref, _outputs(dm, held, p, bar)) for p in probes) / len(probes)
+
+
+def _compensation(dm: Any, fit: list[torch.Tensor], held: list[torch.Tensor], ref: torch.Tensor,
+                  probes: Sequence[ExecConfig], bar: Any) -> Compensation:
+    """Statistics on the fit images; method (and whether skips get their mean) chosen on the held-out ones."""
+    comp = measure(dm, fit, bar)
+    n = dm.space.num_blocks
+    skip_probes = [ExecConfig(skip_attn=(n - 1,)), ExecConfig(skip_mlp=(n - 1,)), ExecConfig(skip_blocks=(n // 2,))]
+    choose(comp, dm, probes, skip_probes, lambda cfgs: _held_kl(dm, held, ref, cfgs, bar))
+    return comp
+
+
+def _block_kl(dm: Any, batches: list[torch.Tensor], n: int, bar: Any) -> dict[str, list[float]]:
+    """KL(full || one block or sub-layer skipped) on every calibration image, as served (compensated)."""
+    ref = _outputs(dm, batches, ExecConfig(), bar)
+    return {kind: [_kl(ref, _outputs(dm, batches, ExecConfig(**{key: (i,)}), bar)) for i in range(n)]
+            for kind, key in (("block", "skip_blocks"), ("attn", "skip_attn"), ("mlp", "skip_mlp"))}
 
 
 def apply_saved(dm: Any, calib: Calibration) -> None:
@@ -359,3 +293,5 @@ def apply_saved(dm: Any, calib: Calibration) -> None:
     if len(calib.perms["mlp"]) != len(blocks):
         raise DynavitError(f"calibration has {len(calib.perms['mlp'])} blocks, this model {len(blocks)}")
     dm.base_module.permute(calib.perms)
+    if calib.compensation is not None:
+        calib.compensation.install(dm.base_module)

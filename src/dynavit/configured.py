@@ -64,7 +64,7 @@ def load_configured(model: str, *, config: ExecConfig | str | None = None, calib
 
 
 def calibrate_folder(model: str, images: str | Path, out: str | Path, *, criterion: str = "auto",
-                     limit: int = 64, progress: bool = False) -> Calibration:
+                     limit: int = 64, compensate: bool = True, progress: bool = False) -> Calibration:
     """Calibrate ``model`` on at most ``limit`` images spread over ``images`` (recursive) and save to ``out``."""
     if limit < 1:
         raise DynavitError(f"calibration needs at least 1 image (limit {limit})")
@@ -79,7 +79,7 @@ def calibrate_folder(model: str, images: str | Path, out: str | Path, *, criteri
     if not paths:
         raise DynavitError(f"no images found under {images}")
     paths = paths[:: max(1, len(paths) // limit)][:limit]
-    cal = dm.calibrate([read_image(p) for p in paths], criterion=criterion, progress=progress)
+    cal = dm.calibrate([read_image(p) for p in paths], criterion=criterion, compensate=compensate, progress=progress)
     cal.image_hashes = [file_sha1(p) for p in paths]  # a sweep on the same folder leaves these out
     dm.save_calibration(out)
     return cal

@@ -209,11 +209,13 @@ class DynamicModel(nn.Module):
         return mux
 
     # ---- calibration ---------------------------------------------------------------------------
-    def calibrate(self, images: Any, *, criterion: str = "auto", batch_size: int = 16, progress: bool = False) -> Any:
-        """Rank channels/heads/blocks on ``images`` and reorder the weights (see ``dynavit.calibrate``)."""
+    def calibrate(self, images: Any, *, criterion: str = "auto", batch_size: int = 16, compensate: bool = True,
+                  progress: bool = False) -> Any:
+        """Rank channels/heads/blocks on ``images`` and reorder the weights (see ``dynavit.calibrate``);
+        ``compensate``: also restore what removed units contributed (``dynavit.compensation``)."""
         self._need_paths("calibrate")
         self.calibration = calibration_.calibrate(self, images, criterion=criterion, batch_size=batch_size,
-                                                  progress=progress)
+                                                  compensate=compensate, progress=progress)
         return self.calibration
 
     def save_calibration(self, folder: str | Path) -> Path:

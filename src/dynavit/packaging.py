@@ -69,5 +69,7 @@ def read_extras(dm: Any, folder: Path) -> None:
         raise DynavitError(f"{path} has format {manifest.get('format')!r}; this dynavit reads format {FORMAT}")
     if manifest.get("calibration"):
         dm.calibration = Calibration.load(folder / manifest["calibration"])  # the weights are already in order
+        if dm.calibration.compensation is not None:
+            dm.calibration.compensation.install(dm.base_module)
     for sub in manifest.get("multiplexers", {}).values():
         dm.add_multiplexer(folder / sub)

@@ -36,7 +36,7 @@ ModulesOpt = Annotated[int, typer.Option(help="Show the top modules down to this
 DataOpt = Annotated[Path, typer.Option(help="Dataset folder (layout detected).")]
 ImagesOpt = Annotated[Path, typer.Option(help="Folder of calibration images (unlabelled; searched recursively).")]
 CalibOutOpt = Annotated[Path, typer.Option(help="Where to write calibration.safetensors + calibration.json.")]
-CriterionOpt = Annotated[str, typer.Option(help="auto (measure both, keep the better), magnitude or taylor.")]
+CriterionOpt = Annotated[str, typer.Option(help="auto (measure each, keep the best), magnitude, variance or taylor.")]
 
 
 @app.command("profile")
@@ -89,12 +89,20 @@ def eval_cmd(model: ModelArg, data: DataOpt, layout: LayoutOpt = None,
 @user_errors
 def calibrate_cmd(model: ModelArg, images: ImagesOpt, out: CalibOutOpt, criterion: CriterionOpt = "auto",
                   limit: Annotated[int, typer.Option(min=1, help="Use at most this many images (spread over the "
-                                                                 "folder; at least 1).")] = 64) -> None:
+                                                                 "folder; at least 1).")] = 64,
+                  compensate: Annotated[bool, typer.Option(help="Also restore what removed channels, heads and "
+                                                                "skipped sub-layers contributed (closed form, "
+                                                                "method chosen on held-out images).")] = True) -> None:
     """Rank channels, heads and blocks by importance and save the reordering (applied with --calibration)."""
     outputs((out, True, "--out"))
-    cal = calibrate_folder(model, images, out, criterion=criterion, limit=limit, progress=interactive())
+    cal = calibrate_folder(model, images, out, criterion=criterion, limit=limit, compensate=compensate,
+                           progress=interactive())
     order = ", ".join(map(str, cal.block_order()[:5]))
     kl = ", ".join(f"{k} {v:.3f}" for k, v in cal.comparison.items()) or "n/a"
     console.print(f"calibrated on {cal.n_images} images in {cal.seconds:.1f}s; criterion {cal.criterion} "
                   f"(held-out KL {kl})")
+    if cal.compensation is not None:
+        kl = ", ".join(f"{k} {v:.3f}" for k, v in cal.compensation.comparison.items())
+        console.print(f"compensation {cal.compensation.method}, skipped sub-layers' means "
+                      f"{'added' if cal.compensation.skip_means else 'not added'} (held-out KL {kl})")
     console.print(f"least important blocks first: {order} ...; wrote {out}/")

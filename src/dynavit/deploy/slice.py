@@ -8,7 +8,9 @@ channel, q/k/v rows and output-projection columns (and Swin's bias-table columns
 nothing of a skipped block or sub-layer, nothing of a SegFormer stage or decoder branch that no
 kept branch reads, and the decoder cut to its kept width. The path's plan is left as it was:
 once the weights are cut, every "first k" in the forward is the whole tensor, so the same
-forward runs with no slicing at all, which is what a tracer or compiler then sees.
+forward runs with no slicing at all, which is what a tracer or compiler then sees. A calibrated
+compensation (``knobs.compensate``) is folded into the cut weights; skipped sub-layers keep
+their mean as a constant add.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from dynavit.config import ExecConfig, Plan
 from dynavit.errors import DynavitError
+from dynavit.knobs import compensate
 from dynavit.models.base import DerivedCache, FamilyModel
 
 
@@ -74,7 +77,8 @@ def path_module(dm: nn.Module, config: ExecConfig | dict | None = None, *, slice
             raise DeployError(f"path {cfg!r} cannot be exported: {why}")
         deadline, impl.deadline = impl.deadline, None
         try:
-            impl = copy.deepcopy(impl)
+            source, impl = impl, copy.deepcopy(impl)
+            compensate.copy_to(source, impl)
         finally:
             dm.module.deadline = deadline
     finally:
@@ -157,8 +161,18 @@ def _rows(lin: nn.Module, spans: list[tuple[int, int]]) -> None:
 
 
 def _columns(lin: nn.Module, k: int) -> None:
-    lin.weight = _param(lin.weight[:, :k])
-    lin.in_features = k
+    """The first ``k`` input columns; a calibrated correction for the rest is folded into them."""
+    fixed = compensate.weights(lin, k)
+    if fixed is None:
+        lin.weight = _param(lin.weight[:, :k])
+    else:
+        lin.weight = _param(fixed[0].reshape(lin.weight.shape[0], k, *lin.weight.shape[2:]))
+        lin.bias = _param(fixed[1])
+    compensate.forget(lin)
+    if isinstance(lin, nn.Linear):
+        lin.in_features = k
+    else:
+        lin.in_channels = k
 
 
 def _keep_heads(attn: nn.Module, heads: int) -> None:
@@ -210,6 +224,5 @@ def _keep_decoder(dec: nn.Module, dim: int, branches: tuple[int, ...]) -> None:
     bn.weight, bn.bias = _param(bn.weight[:dim]), _param(bn.bias[:dim])
     bn.running_mean, bn.running_var = bn.running_mean[:dim].clone(), bn.running_var[:dim].clone()
     bn.num_features = dim
-    dec.classifier.weight = _param(dec.classifier.weight[:, :dim])
-    dec.classifier.in_channels = dim
+    _columns(dec.classifier, dim)
     dec.width = dim

@@ -80,12 +80,16 @@ def _store(lin: nn.Linear) -> LowPrecision:
     return s
 
 
-def _quantize(lin: nn.Linear, s: LowPrecision) -> None:
+def _per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weights with one float64 scale per output row."""
     with torch.no_grad():
-        w = lin.weight.detach().float()
+        w = w.detach().float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
-        s.qweight = torch.round(w / scale[:, None].float()).clamp_(-127, 127).to(torch.int8)
-        s.scale = scale
+        return torch.round(w / scale[:, None].float()).clamp_(-127, 127).to(torch.int8), scale
+
+
+def _quantize(lin: nn.Linear, s: LowPrecision) -> None:
+    s.qweight, s.scale = _per_channel(lin.weight)
     counts["quantized"] += 1
 
 
@@ -102,6 +106,22 @@ def _pack(lin: nn.Linear, s: LowPrecision, offset: int, rows: int, cols: int) ->
     s.packs[(offset, rows, cols)] = packed
     counts["packed"] += 1
     return packed
+
+
+def pack_matrix(w: torch.Tensor, b: torch.Tensor | None) -> object:
+    """An fbgemm pack of any fp32 (out, in) matrix (a compensated slice), quantized as layers are."""
+    qweight, scale = _per_channel(w)
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch._make_per_channel_quantized_tensor(qweight.contiguous(), scale, zero, 0)
+        packed = torch.ops.quantized.linear_prepack(q, None if b is None else b.detach().float().contiguous())
+    counts["packed"] += 1
+    return packed
+
+
+def run_packed(x: torch.Tensor, packed: object) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, packed, REDUCE_RANGE)
 
 
 def linear(x: torch.Tensor, lin: nn.Linear, precision: str, offset: int, rows: int, cols: int) -> torch.Tensor:

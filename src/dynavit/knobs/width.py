@@ -5,6 +5,9 @@ the shared parameter (no copy, no gather, no allocation). Output-channel slices
 (``weight[:k]``) are contiguous; input-channel slices (``weight[:, :k]``) are strided views
 that BLAS reads with a leading dimension, also without a copy.
 
+A calibration may also give a width-sliced layer a correction for the channels it no longer reads
+(``knobs.compensate``); ``linear_in`` and ``merge_heads`` run it when there is one.
+
 Every helper takes the block's ``precision``: fp32 runs the lines below unchanged, any other
 precision runs the same slice of the layer's low-precision weights (``knobs.quant``).
 """
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynavit.knobs import quant
+from dynavit.knobs import compensate, quant
 
 # Calibration observes the inputs of the width-sliced layers: the MLP hidden activation (input
 # of ``linear_in``) and the per-head attention output (input of ``merge_heads``). A module-level
@@ -59,8 +62,10 @@ def linear_out(x: torch.Tensor, lin: nn.Linear, k: int, offset: int = 0, precisi
 
 
 def linear_in(x: torch.Tensor, lin: nn.Linear, k: int, precision: str = "fp32") -> torch.Tensor:
-    """``lin`` reading only its first ``k`` input features (x has k features)."""
+    """``lin`` reading only its first ``k`` input features (x has k features), compensated if calibrated so."""
     observe(lin, x)
+    if k < lin.in_features and (fixed := compensate.corrected(lin, k, precision)) is not None:
+        return fixed(x)
     if precision != "fp32":
         return quant.linear(x, lin, precision, 0, lin.out_features, k)
     return F.linear(x, _columns(lin, k), lin.bias)
@@ -88,6 +93,8 @@ def merge_heads(out: torch.Tensor, proj: nn.Linear, precision: str = "fp32") -> 
     b, h, n, d = out.shape
     observe(proj, out)
     merged = out.transpose(1, 2).reshape(b, n, h * d)
+    if h * d < proj.in_features and (fixed := compensate.corrected(proj, h * d, precision)) is not None:
+        return fixed(merged)
     if precision != "fp32":
         return quant.linear(merged, proj, precision, 0, proj.out_features, h * d)
     return F.linear(merged, _columns(proj, h * d), proj.bias)

@@ -38,6 +38,7 @@ from torch import nn
 from torch.func import functional_call
 
 from dynavit.config import BlockPlan, Plan, Space
+from dynavit.knobs import compensate
 from dynavit.knobs.layers import activation
 from dynavit.knobs.permute import permute_, permute_heads, permute_units
 from dynavit.knobs.width import heads_of, merge_heads, mlp, observe
@@ -122,9 +123,17 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, h: int, w: int, p: BlockPlan) -> torch.Tensor:
         if p.attn:
-            x = x + self.attn(self.norm1(x), h, w, p.heads, p.precision)
+            out = self.attn(self.norm1(x), h, w, p.heads, p.precision)
+            observe(self.attn, out)  # calibration records the sub-layer's mean output (compensation)
+            x = x + out
+        else:
+            x = compensate.skipped(self.attn, x)
         if p.mlp:
-            x = x + self.mlp(self.norm2(x), h, w, p.mlp_dim, p.precision)
+            out = self.mlp(self.norm2(x), h, w, p.mlp_dim, p.precision)
+            observe(self.mlp, out)
+            x = x + out
+        else:
+            x = compensate.skipped(self.mlp, x)
         return x
 
     def permute(self, mlp_perm: torch.Tensor, head_perm: torch.Tensor) -> None:
@@ -175,6 +184,9 @@ class Decoder(nn.Module):
                          False, 0.0, bn.eps)
         y = F.relu(y)
         observe(self.classifier, y)  # ... and the fused channels on the classifier's input
+        fixed = compensate.corrected(self.classifier, dim) if dim < self.width else None
+        if fixed is not None:  # the 1x1 classifier as a linear layer on channels-last pixels
+            return fixed(y.movedim(1, -1)).movedim(-1, 1)
         return _call(self.classifier, {"weight": self.classifier.weight[:, :dim]}, y)
 
     def permute(self, branch_perms: list[torch.Tensor], fuse_perm: torch.Tensor) -> None:
@@ -257,8 +269,7 @@ class DynSegformer(FamilyModel):
         if i == self.stage_blocks[s].start:
             x, h, w = self.patch_embeds[s](x if s == 0 else _spatial(*feats[-1]))
         p = self.plan.blocks[i]
-        if p.attn or p.mlp:
-            x = self.blocks[i](x, h, w, p)
+        x = self.blocks[i](x, h, w, p) if p.attn or p.mlp else compensate.skipped_block(self.blocks[i], x)
         if i == self.stage_blocks[s].stop - 1:
             feats = (*feats, (self.norms[s](x), h, w))
         return x, h, w, feats

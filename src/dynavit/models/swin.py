@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynavit.config import BlockPlan, Space
+from dynavit.knobs import compensate
 from dynavit.knobs.layers import MLP
 from dynavit.knobs.permute import permute_heads, permute_units
 from dynavit.knobs.width import linear_in, linear_out, observe, observing
@@ -143,11 +144,18 @@ class Block(nn.Module):
         # into the attention's fresh sum when no autograd records (no second activation buffer)
         owned = False
         if p.attn:
-            x = x + self.attn(self.norm1(x), p.heads, win, p.precision)
+            out = self.attn(self.norm1(x), p.heads, win, p.precision)
+            observe(self.attn, out)  # calibration records the sub-layer's mean output (compensation)
+            x = x + out
             owned = not torch.is_grad_enabled()
+        else:
+            x = compensate.skipped(self.attn, x)
         if p.mlp:
             out = self.mlp(self.norm2(x), p.mlp_dim, p.precision)
+            observe(self.mlp, out)
             x = x.add_(out) if owned else x + out
+        else:
+            x = compensate.skipped(self.mlp, x)
         return x
 
     def permute(self, mlp_perm: torch.Tensor, head_perm: torch.Tensor) -> None:
@@ -258,6 +266,8 @@ class DynSwin(FamilyModel):
         if bp.attn or bp.mlp:
             win = self.windows(h, w, self.shifted[i], x.device) if bp.attn else None
             x = self.blocks[i](x, bp, win)
+        else:
+            x = compensate.skipped_block(self.blocks[i], x)
         s = self.stage_of[i]
         if i == self.stage_ends[s] and s < len(self.merges):  # patch merging closes every stage but the last
             x = self.merges[s](x, h, w)

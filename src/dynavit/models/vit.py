@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynavit.config import BlockPlan, Plan, Space
-from dynavit.knobs import tokens
+from dynavit.knobs import compensate, tokens
 from dynavit.knobs.layers import MLP
 from dynavit.knobs.permute import permute_heads, permute_units
-from dynavit.knobs.width import heads_of, merge_heads
+from dynavit.knobs.width import heads_of, merge_heads, observe
 from dynavit.models.base import DerivedCache, FamilyModel, interpolate_grid, resize_input
 
 
@@ -75,16 +75,24 @@ class Block(nn.Module):
         if p.attn:
             bias = state.attn_bias(x.dtype)
             out, extra = self.attn(self.norm1(x), p.heads, bias, p.token_op, p.precision)
-            x = x + (out if self.ls1 is None else out * self.ls1)
+            out = out if self.ls1 is None else out * self.ls1
+            observe(self.attn, out)  # calibration records the sub-layer's mean output (compensation)
+            x = x + out
             if p.token_op == "prune":
                 x = tokens.prune(x, extra, plan.token_keep, plan.token_fuse)
             elif p.token_op == "merge":
                 x, state = tokens.merge(x, extra, plan.token_keep, state)
             elif p.token_op == "threshold":
                 x, state = tokens.threshold(x, extra, plan.token_threshold, state)
+        else:
+            x = compensate.skipped(self.attn, x)
         if p.mlp:
             out = self.mlp(self.norm2(x), p.mlp_dim, p.precision)
-            x = x + (out if self.ls2 is None else out * self.ls2)
+            out = out if self.ls2 is None else out * self.ls2
+            observe(self.mlp, out)
+            x = x + out
+        else:
+            x = compensate.skipped(self.mlp, x)
         return x, state
 
     def permute(self, mlp_perm: torch.Tensor, head_perm: torch.Tensor) -> None:
@@ -190,7 +198,9 @@ class DynViT(FamilyModel):
 
     def step(self, carry: tuple[torch.Tensor, tokens.TokenState], i: int) -> tuple[torch.Tensor, tokens.TokenState]:
         p = self.plan.blocks[i]
-        return self.blocks[i](*carry[:1], p, self.plan, carry[1]) if (p.attn or p.mlp) else carry
+        if p.attn or p.mlp:
+            return self.blocks[i](*carry[:1], p, self.plan, carry[1])
+        return compensate.skipped_block(self.blocks[i], carry[0]), carry[1]
 
     def end(self, carry: tuple[torch.Tensor, tokens.TokenState]) -> torch.Tensor:
         return self.head(self.norm(carry[0][:, 0]))
