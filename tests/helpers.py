@@ -32,6 +32,38 @@ def ours(dm, x: torch.Tensor, cfg: ExecConfig | None = None) -> torch.Tensor:
         return dm(x)
 
 
+def vit_macs(dm, cfg: ExecConfig, h: int, w: int, token_counts: list[int] | None = None,
+             merge_counts: list[int] | None = None) -> int:
+    """Analytic MACs of a transformers ViT on its configured path (``cfg`` is not read).
+
+    ``token_counts[i]``: tokens entering block i's MLP; ``merge_counts[i]``: tokens entering block i's
+    bipartite matching ("prune+merge": after the pruning; default: all of them).
+    """
+    c = dm.reference.config
+    d, p = c.hidden_size, c.patch_size
+    hd = d // c.num_attention_heads
+    n = (h // p) * (w // p)
+    macs = n * d * 3 * p * p
+    t = n + 1
+    plan = dm.module.plan
+    for i, bp in enumerate(plan.blocks):
+        t_mlp = token_counts[i] if token_counts else t
+        if bp.attn:
+            a = bp.heads * hd
+            macs += 3 * t * d * a + t * a * d + 2 * t * t * a
+            if bp.token_op and bp.token_op != "merge":
+                macs += t * a  # CLS attention row: q_cls . k^T
+                if plan.token_fuse:
+                    macs += (t - 1) * d  # EViT fusion: attention-weighted sum of the patch tokens
+            if bp.token_op and "merge" in bp.token_op:
+                tm = merge_counts[i] if merge_counts else t
+                macs += ((tm + 1) // 2) * (tm // 2) * hd  # bipartite similarity of the head-mean keys
+        if bp.mlp:
+            macs += 2 * t_mlp * d * bp.mlp_dim
+        t = t_mlp
+    return macs + d * c.num_labels
+
+
 def require(module: str):
     """Import an optional dependency the dev install provides: fail under CI if missing, else skip."""
     try:

@@ -34,6 +34,8 @@ VIT_CFGS = [
     ExecConfig(skip_blocks=(1,), heads=2, mlp_width=0.5),
     ExecConfig(token_keep=0.5, token_layers=(1, 2)),
     ExecConfig(token_keep=0.7, token_method="merge", token_layers=(0, 1, 2, 3)),
+    ExecConfig(token_r=12, token_method="merge"),
+    ExecConfig(token_r=16, token_method="prune+merge", token_layers=(1, 2)),
     ExecConfig(resolution=(48, 48), skip_attn=(3,), skip_mlp=(0,)),
 ]
 

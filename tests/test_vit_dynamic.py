@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ours, ref_logits, rel_err
+from helpers import ours, ref_logits, rel_err, vit_macs
 from transformers import ViTConfig
 
 import dynavit
@@ -24,32 +24,6 @@ SMALL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, interme
 @pytest.fixture()
 def small():
     return dynavit.from_config(ViTConfig(**SMALL))
-
-
-def vit_macs(dm, cfg: ExecConfig, h: int, w: int, token_counts: list[int] | None = None) -> int:
-    """Analytic MACs of a ViT under ``cfg``; ``token_counts[i]`` = tokens entering block i's MLP."""
-    c = dm.reference.config
-    d, p = c.hidden_size, c.patch_size
-    hd = d // c.num_attention_heads
-    n = (h // p) * (w // p)
-    macs = n * d * 3 * p * p
-    t = n + 1
-    plan = dm.module.plan
-    for i, bp in enumerate(plan.blocks):
-        t_mlp = token_counts[i] if token_counts else t
-        if bp.attn:
-            a = bp.heads * hd
-            macs += 3 * t * d * a + t * a * d + 2 * t * t * a
-            if bp.token_op == "merge":
-                macs += ((t + 1) // 2) * (t // 2) * hd  # bipartite similarity of the head-mean keys
-            elif bp.token_op:
-                macs += t * a  # CLS attention row: q_cls . k^T
-                if plan.token_fuse:
-                    macs += (t - 1) * d  # EViT fusion: attention-weighted sum of the patch tokens
-        if bp.mlp:
-            macs += 2 * t_mlp * d * bp.mlp_dim
-        t = t_mlp
-    return macs + d * c.num_labels
 
 
 def test_default_path_bit_for_bit_deit_tiny(deit_tiny):
@@ -203,12 +177,13 @@ def test_merge_preserves_mass_and_cls():
     torch.manual_seed(0)
     x = torch.randn(2, 17, 8)
     k = torch.randn(2, 2, 17, 4)
-    out, st = tokens.merge(x, k, 0.5, tokens.TokenState())
+    out, st = tokens.merge(x, k, 8, tokens.TokenState())
     assert out.shape == (2, 9, 8)
     assert torch.equal(out[:, 0], x[:, 0])  # CLS never merged, stays first
     assert torch.allclose(st.size.sum(1), torch.full((2, 1), 17.0))
     assert torch.allclose((out * st.size).sum(1), x.sum(1), atol=1e-5)  # size-weighted mass preserved
-    out2, st2 = tokens.merge(out, torch.randn(2, 2, 9, 4), 0.5, st)
+    out2, st2 = tokens.merge(out, torch.randn(2, 2, 9, 4), 4, st)
+    assert out2.shape == (2, 5, 8)
     assert torch.allclose(st2.size.sum(1), torch.full((2, 1), 17.0))
     assert torch.allclose((out2 * st2.size).sum(1), x.sum(1), atol=1e-4)
 

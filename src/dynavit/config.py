@@ -13,11 +13,14 @@ Knob semantics (block indices count blocks across all stages, from 0):
 - ``mlp_width``: fraction of MLP hidden channels kept (float, or one per block).
 - ``granularity``: channel counts (MLP, decoder) round UP to a multiple of this, to match a
   vector / tensor-core width. Heads are whole heads (``head_dim`` channels each).
-- ``token_keep`` at ``token_layers`` (CLS models): after the attention of each listed block,
-  keep ``ceil(token_keep * n)`` of the ``n`` patch tokens. ``token_method="prune"`` keeps the
-  tokens the CLS token attends to most (EViT; ``token_fuse`` folds the dropped ones into one
-  token); ``"merge"`` merges the most similar ones (ToMe bipartite matching, proportional
-  attention). ``token_threshold`` (prune only) keeps, per image, the fewest tokens whose
+- ``token_keep`` or ``token_r`` at ``token_layers`` (CLS models): after the attention of each
+  listed block, keep ``ceil(token_keep * n)`` of the ``n`` patch tokens, or remove a constant
+  ``token_r`` (ToMe's r, capped at ``n // 2``; one of the two). ``token_method="prune"`` drops the
+  tokens the CLS token attends to least (EViT; ``token_fuse`` folds them into one token);
+  ``"merge"`` merges the most similar ones (ToMe bipartite matching, proportional attention);
+  ``"prune+merge"`` prunes ``ceil(t / 2)`` of the ``t`` removed, then merges ``t // 2``
+  (``dynavit.knobs.tokens.removal``). No ``token_layers``: blocks 3, 6, 9 of 12 (EViT), every block
+  for ``token_r`` (ToMe). ``token_threshold`` (prune only) keeps, per image, the fewest tokens whose
   cumulative CLS attention reaches the threshold.
 - ``resolution``: the input is resized to (H, W) before the patch embedding.
 - ``decoder_width`` / ``decoder_branches`` (SegFormer): fraction of decoder channels, and
@@ -42,6 +45,7 @@ from typing import Any
 from dynavit.errors import DynavitError
 
 PRECISIONS = ("fp32", "int8", "fp16", "bf16")  # ExecConfig.precision values; fp32 is the model as loaded
+TOKEN_METHODS = ("prune", "merge", "prune+merge")  # ExecConfig.token_method values
 
 
 class ConfigError(DynavitError, ValueError):
@@ -80,9 +84,7 @@ def _is_number(v: Any) -> bool:
 
 def _whole(name: str, v: Any) -> int:
     """``v`` as an int: an int, or a float with no fractional part (JSON may write 2 as 2.0)."""
-    if _is_int(v):
-        return v
-    if isinstance(v, float) and v.is_integer():
+    if _is_int(v) or (isinstance(v, float) and v.is_integer()):
         return int(v)
     raise ConfigError(f"{name}={v!r} must be a whole number")
 
@@ -92,12 +94,9 @@ def _int_tuple(name: str, v: Any) -> tuple[int, ...]:
         return ()
     if _is_int(v):
         return (v,)
-    if isinstance(v, (str, bytes, dict)):
+    if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__"):
         raise ConfigError(f"{name}={v!r} is not a list of block indices")
-    try:
-        out = tuple(v)
-    except TypeError:
-        raise ConfigError(f"{name}={v!r} is not a list of block indices") from None
+    out = tuple(v)
     if not all(_is_int(i) for i in out):
         raise ConfigError(f"{name}={v!r} must contain integers")
     return tuple(sorted(set(out)))
@@ -111,13 +110,9 @@ def _num_or_tuple(name: str, v: Any, kind: type) -> Any:
         return _whole(name, x) if kind is int else float(x)
     if v is None:
         return None
-    if _is_number(v) or isinstance(v, (str, bytes, bool, dict)):
+    if _is_number(v) or isinstance(v, (str, bytes, bool, dict)) or not hasattr(v, "__iter__"):
         return one(v)
-    try:
-        items = tuple(v)
-    except TypeError:
-        raise ConfigError(f"{name}={v!r} must be a number or a list of numbers") from None
-    return tuple(one(x) for x in items)
+    return tuple(one(x) for x in tuple(v))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +130,7 @@ class ExecConfig:
     mlp_width: float | tuple[float, ...] = 1.0
     granularity: int = 1
     token_keep: float = 1.0
+    token_r: int = 0
     token_layers: tuple[int, ...] = ()
     token_method: str = "prune"
     token_fuse: bool = False
@@ -218,17 +214,19 @@ def _normalised(cfg: ExecConfig) -> dict[str, Any]:
         if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
             raise ConfigError(f"{name}={v[name]!r} must be a number in (0, 1]")
         v[name] = float(v[name])
-    if v["token_threshold"] is not None:
-        if not _is_number(v["token_threshold"]):
-            raise ConfigError(f"token_threshold={v['token_threshold']!r} must be a number in (0, 1]")
-        v["token_threshold"] = float(v["token_threshold"])
+    if v["token_threshold"] is not None and not _is_number(v["token_threshold"]):
+        raise ConfigError(f"token_threshold={v['token_threshold']!r} must be a number in (0, 1]")
+    v["token_threshold"] = None if v["token_threshold"] is None else float(v["token_threshold"])
     if not isinstance(v["token_fuse"], bool):
         raise ConfigError(f"token_fuse={v['token_fuse']!r} must be true or false")
     if v["variant"] is not None and not isinstance(v["variant"], str):
         raise ConfigError(f"variant={v['variant']!r} must be the name of a variant")
     v["resolution"] = _resolution(v["resolution"])
-    if v["token_method"] not in ("prune", "merge"):
-        raise ConfigError(f"token_method={v['token_method']!r} must be 'prune' or 'merge'")
+    if v["token_method"] not in TOKEN_METHODS:
+        raise ConfigError(f"token_method={v['token_method']!r} must be one of {', '.join(TOKEN_METHODS)}")
+    v["token_r"] = _whole("token_r", v["token_r"])
+    if v["token_r"] < 0:
+        raise ConfigError(f"token_r={v['token_r']} is outside 0.. (patch tokens removed per block)")
     if not _is_int(v["granularity"]) or v["granularity"] < 1:
         raise ConfigError(f"granularity={v['granularity']!r} must be a positive integer")
     if not _is_int(v["mux"]) or v["mux"] < 1:
@@ -257,7 +255,7 @@ class BlockPlan:
     mlp: bool
     heads: int
     mlp_dim: int
-    token_op: str | None = None  # "prune" | "merge" | "threshold" after this block's attention
+    token_op: str | None = None  # "prune" | "merge" | "prune+merge" | "threshold" after this block's attention
     precision: str = "fp32"  # the block's linear layers (so a prefix computed in fp32 never serves int8)
 
 
@@ -268,6 +266,7 @@ class Plan:
     config: ExecConfig
     blocks: tuple[BlockPlan, ...]
     token_keep: float = 1.0
+    token_r: int = 0
     token_fuse: bool = False
     token_threshold: float | None = None
     resolution: tuple[int, int] | None = None
@@ -289,11 +288,9 @@ def default_token_layers(num_blocks: int) -> tuple[int, ...]:
 
 
 def _per_block(name: str, value: Any, n: int) -> tuple:
-    if isinstance(value, tuple):
-        if len(value) != n:
-            raise ConfigError(f"{name} has {len(value)} values but the model has {n} blocks (give one or {n})")
-        return value
-    return (value,) * n
+    if isinstance(value, tuple) and len(value) != n:
+        raise ConfigError(f"{name} has {len(value)} values but the model has {n} blocks (give one or {n})")
+    return value if isinstance(value, tuple) else (value,) * n
 
 
 def resolve(cfg: ExecConfig, space: Space) -> Plan:
@@ -304,9 +301,10 @@ def resolve(cfg: ExecConfig, space: Space) -> Plan:
     _check_tokens(cfg, space)
     _check_decoder(cfg, space)
     token_op = None
-    if space.cls_token and (cfg.token_keep < 1.0 or cfg.token_threshold is not None or cfg.token_fuse):
+    if space.cls_token and _token_change(cfg):
         token_op = "threshold" if cfg.token_threshold is not None else cfg.token_method
-    layers = set(cfg.token_layers or (default_token_layers(n) if token_op else ()))
+    every = tuple(range(n)) if cfg.token_r else default_token_layers(n)  # ToMe: every block; EViT: 3, 6, 9
+    layers = set(cfg.token_layers or (every if token_op else ()))
     skip_all = set(cfg.skip_blocks)
     blocks = tuple(
         BlockPlan(
@@ -320,7 +318,7 @@ def resolve(cfg: ExecConfig, space: Space) -> Plan:
         for i in range(n)
     )
     return Plan(
-        config=cfg, blocks=blocks, token_keep=cfg.token_keep, token_fuse=cfg.token_fuse,
+        config=cfg, blocks=blocks, token_keep=cfg.token_keep, token_r=cfg.token_r, token_fuse=cfg.token_fuse,
         token_threshold=cfg.token_threshold, resolution=cfg.resolution,
         decoder_dim=keep_count(space.decoder_width, cfg.decoder_width, cfg.granularity) if space.decoder_width else 0,
         decoder_branches=tuple(range(space.decoder_branches)) if cfg.decoder_branches is None
@@ -333,14 +331,12 @@ def _check_mux(cfg: ExecConfig, space: Space) -> None:
     if cfg.mux == 1:
         return
     if cfg.mux > space.max_mux:
-        raise ConfigError(f"mux={cfg.mux} is larger than the {space.max_mux} images per pass this model was "
-                          "trained for" if space.max_mux > 1 else
-                          f"mux={cfg.mux} needs a multiplexed model; this {space.family} model takes one "
-                          "image per pass")
-    others = sorted(set(cfg.to_dict()) - {"mux"})
-    if others:
-        raise ConfigError(f"mux={cfg.mux} cannot be combined with {others[0]} (multiplexed models run "
-                          "their full path only)")
+        raise ConfigError(f"mux={cfg.mux} is larger than the {space.max_mux} images per pass this model was trained "
+                          "for" if space.max_mux > 1 else f"mux={cfg.mux} needs a multiplexed model; this "
+                          f"{space.family} model takes one image per pass")
+    if others := sorted(set(cfg.to_dict()) - {"mux"}):
+        raise ConfigError(f"mux={cfg.mux} cannot be combined with {others[0]} (multiplexed models run their full "
+                          "path only)")
 
 
 def _check_blocks(cfg: ExecConfig, space: Space) -> tuple[tuple, tuple]:
@@ -366,22 +362,29 @@ def _check_blocks(cfg: ExecConfig, space: Space) -> tuple[tuple, tuple]:
     return heads, widths
 
 
+def _token_change(cfg: ExecConfig) -> bool:
+    return cfg.token_keep < 1.0 or cfg.token_r > 0 or cfg.token_threshold is not None or cfg.token_fuse
+
+
 def _check_tokens(cfg: ExecConfig, space: Space) -> None:
-    token_change = cfg.token_keep < 1.0 or cfg.token_threshold is not None or cfg.token_fuse
-    if not (token_change or cfg.token_layers):
+    if not (_token_change(cfg) or cfg.token_layers):
         return
     if not space.cls_token:
         raise ConfigError(f"token knobs need a CLS-token model; {space.family} has no CLS token")
     if not 0.0 < cfg.token_keep <= 1.0:
         raise ConfigError(f"token_keep={cfg.token_keep} is outside (0, 1]")
-    if cfg.token_method == "merge" and cfg.token_keep < 0.5:
-        raise ConfigError(f"token_keep={cfg.token_keep} is outside [0.5, 1] for token_method='merge' "
+    if cfg.token_method != "prune" and cfg.token_keep < 0.5:
+        raise ConfigError(f"token_keep={cfg.token_keep} is outside [0.5, 1] for token_method={cfg.token_method!r} "
                           "(bipartite matching merges at most half the tokens per layer)")
-    if cfg.token_threshold is not None:
-        if not 0.0 < cfg.token_threshold <= 1.0:
-            raise ConfigError(f"token_threshold={cfg.token_threshold} is outside (0, 1]")
-        if cfg.token_method != "prune" or cfg.token_fuse:
-            raise ConfigError("token_threshold works with token_method='prune' and token_fuse=False only")
+    if cfg.token_r and (cfg.token_keep < 1.0 or cfg.token_threshold is not None):
+        raise ConfigError(f"token_r={cfg.token_r} cannot be combined with token_keep={cfg.token_keep} or "
+                          f"token_threshold={cfg.token_threshold}: give one of them")
+    if cfg.token_fuse and cfg.token_method == "prune+merge":
+        raise ConfigError("token_fuse=True works with token_method='prune' only, not 'prune+merge'")
+    if cfg.token_threshold is not None and not 0.0 < cfg.token_threshold <= 1.0:
+        raise ConfigError(f"token_threshold={cfg.token_threshold} is outside (0, 1]")
+    if cfg.token_threshold is not None and (cfg.token_method != "prune" or cfg.token_fuse):
+        raise ConfigError("token_threshold works with token_method='prune' and token_fuse=False only")
 
 
 def _check_decoder(cfg: ExecConfig, space: Space) -> None:
@@ -391,8 +394,7 @@ def _check_decoder(cfg: ExecConfig, space: Space) -> None:
         raise ConfigError(f"decoder knobs need a model with a decoder; {space.family} has none")
     if not 0.0 < cfg.decoder_width <= 1.0:
         raise ConfigError(f"decoder_width={cfg.decoder_width} is outside (0, 1]")
-    if cfg.decoder_branches is not None:
-        bad = [b for b in cfg.decoder_branches if not 0 <= b < space.decoder_branches]
-        if bad or not cfg.decoder_branches:
-            raise ConfigError(f"decoder_branches={list(cfg.decoder_branches)} must be a non-empty subset "
-                              f"of 0..{space.decoder_branches - 1}")
+    branches = cfg.decoder_branches
+    if branches is not None and (not branches or any(not 0 <= b < space.decoder_branches for b in branches)):
+        raise ConfigError(f"decoder_branches={list(branches)} must be a non-empty subset of "
+                          f"0..{space.decoder_branches - 1}")

@@ -7,7 +7,8 @@ nothing missed. Convolutions and matmuls become ``MacOp``s; a fused attention ke
 its two GEMMs (QK^T, AV) plus its softmax; every other op that writes new data becomes a
 ``VecOp``. Views (reshape, transpose, slice) write nothing and are dropped.
 
-Token counts of fixed-rate reduction (EViT / ToMe ``token_keep``) do not depend on the image;
+Token counts of fixed-count reduction (``token_keep`` or ToMe's constant ``token_r``, any method)
+do not depend on the image;
 the adaptive threshold does, so lowering takes the image(s) to lower for.
 """
 

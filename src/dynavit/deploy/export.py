@@ -3,7 +3,8 @@
 The path is first cut to a standalone module (``slice.path_module``), then traced for its fixed
 config, so the file holds only the weights the path reads and a graph without knobs. The batch
 dimension stays dynamic; every other shape is fixed by the path (token-reduction paths keep
-``ceil(keep * n)`` tokens whatever the image, so they export with static token counts). A path
+``ceil(keep * n)`` tokens, or remove a constant ``r`` per block, whatever the image, so they
+export with static token counts). A path
 whose shapes depend on the image (``token_threshold``) has no such graph and is refused.
 
 ONNX uses the TorchScript exporter (``dynamo=False``): it needs no extra packages and exports

@@ -50,7 +50,7 @@ def unexportable(plan: Plan) -> str:
     """Why a path has no fixed graph ("" when it has one)."""
     if plan.token_threshold is not None or any(b.token_op == "threshold" for b in plan.blocks):
         return (f"token_threshold={plan.token_threshold} keeps a different number of tokens per image "
-                "(data-dependent shapes); export a fixed token_keep instead")
+                "(data-dependent shapes); export a fixed token_keep or token_r instead")
     low = sorted({b.precision for b in plan.blocks} - {"fp32"})
     if low:
         return (f"precision {', '.join(low)} runs PyTorch's own packed kernels, which neither ONNX nor torch.export "

@@ -11,9 +11,17 @@ The state that travels with the tokens is a ``TokenState``:
   the padding strategy (not bucketing): one kernel per layer for the whole batch, paying
   for the padded rows in the MLP. ``docs/results.md`` measures its cost.
 
+How many go (``removal``, the one rule the forward, the MAC tests and the benchmarks share): a
+block that sees n patch tokens removes t = n - ceil(rho * n) of them (``token_keep`` rho), or
+t = min(r, n // 2) (``token_r``: ToMe's constant r, capped at half the patch tokens, the most a
+bipartite matching can merge; the same cap for every method, so a schedule's token counts do not
+depend on the method). "prune+merge" prunes ceil(t / 2) and then merges t // 2 of what is left:
+pruning removes what the CLS token ignores (background), merging then folds together the
+redundant ones among what it attends to, and neither has to go as far as it would alone.
+
 Math:
 - prune: CLS attention a_j = mean_h softmax(q_cls k^T / sqrt(d))_j over patch tokens j;
-  keep the top ``ceil(rho * n)``; ``fuse`` adds one token sum_j w_j x_j over the dropped
+  drop the t least attended; ``fuse`` adds one token sum_j w_j x_j over the dropped
   tokens with w = a / sum(a) (EViT's inattentive-token fusion).
 - merge: split patch tokens alternately into sets A and B, match each a in A to its most
   similar b in B by cosine similarity of the keys (mean over heads), merge the r best pairs
@@ -58,33 +66,56 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -
     return logits.softmax(-1).mean(1)[:, 0, 1:]
 
 
-def prune(x: torch.Tensor, scores: torch.Tensor, keep: float, fuse: bool) -> torch.Tensor:
-    """Keep CLS plus the top ``ceil(keep * n)`` patch tokens by ``scores`` (+1 fused token)."""
-    b, n1, c = x.shape
-    n = n1 - 1
-    k = math.ceil(keep * n - 1e-9)
-    if k >= n and not fuse:
-        return x
-    idx = scores.topk(k, dim=1).indices  # (B, k), most attended first
-    patches = x[:, 1:]
-    kept = patches.gather(1, idx.unsqueeze(-1).expand(b, k, c))
-    parts = [x[:, :1], kept]
-    if fuse and k < n:
+def removal(n: int, method: str, keep: float = 1.0, r: int = 0) -> tuple[int, int]:
+    """(pruned, merged) patch tokens of a block that sees ``n`` of them (see the module docstring)."""
+    t = min(r, n // 2) if r else n - max(1, math.ceil(keep * n - 1e-9))
+    if method == "prune":
+        return t, 0
+    if method == "merge":
+        return 0, min(t, n // 2)
+    pruned = t - t // 2
+    return pruned, min(t // 2, (n - pruned) // 2)
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """CLS plus the patch tokens at ``idx`` (B, k) of ``t`` (B, 1 + n, C)."""
+    kept = t[:, 1:].gather(1, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
+    return torch.cat([t[:, :1], kept], dim=1)
+
+
+def prune(x: torch.Tensor, scores: torch.Tensor, drop: int, fuse: bool, state: TokenState | None = None,
+          metric: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenState, torch.Tensor | None]:
+    """Drop the ``drop`` patch tokens with the lowest ``scores`` (+1 fused token); CLS stays first.
+
+    ``state``'s token sizes and a merge ``metric`` (B, 1 + n, d) are cut to the kept tokens alike.
+    """
+    state = state or TokenState()
+    n = x.shape[1] - 1
+    if drop <= 0:
+        return x, state, metric
+    idx = scores.topk(n - drop, dim=1).indices  # (B, k), most attended first
+    out = _take(x, idx)
+    size = None if state.size is None else _take(state.size, idx)
+    if fuse:
         dropped_w = scores.scatter(1, idx, 0.0)  # zero the kept ones
         w = dropped_w / dropped_w.sum(1, keepdim=True).clamp_min(1e-12)
-        parts.append(w.unsqueeze(1) @ patches)  # (B, 1, C)
-    return torch.cat(parts, dim=1)
+        out = torch.cat([out, w.unsqueeze(1) @ x[:, 1:]], dim=1)  # (B, 1, C) appended
+        if size is not None:  # the fused token stands for every patch it folds in
+            size = torch.cat([size, state.size.sum(1, keepdim=True) - size.sum(1, keepdim=True)], dim=1)
+    return out, TokenState(size=size), None if metric is None else _take(metric, idx)
 
 
-def merge(x: torch.Tensor, keys: torch.Tensor, keep: float, state: TokenState) -> tuple[torch.Tensor, TokenState]:
-    """ToMe bipartite soft matching: merge r = n - ceil(keep * n) token pairs (r <= n/2)."""
+def merge(x: torch.Tensor, keys: torch.Tensor, r: int, state: TokenState) -> tuple[torch.Tensor, TokenState]:
+    """ToMe bipartite soft matching: merge the ``r`` most similar token pairs (r <= n // 2 of n patches).
+
+    ``keys``: (B, H, 1 + n, d), or their mean over heads (B, 1 + n, d).
+    """
     b, n1, c = x.shape
-    n = n1 - 1
-    r = min(n - math.ceil(keep * n - 1e-9), n1 // 2)
+    r = min(r, (n1 - 1) // 2)
     if r <= 0:
         return x, state
     size = state.size if state.size is not None else torch.ones(b, n1, 1, dtype=x.dtype, device=x.device)
-    metric = keys.mean(1)  # (B, N, d): keys averaged over heads
+    metric = keys.mean(1) if keys.dim() == 4 else keys  # (B, N, d): keys averaged over heads
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, bb = metric[:, ::2], metric[:, 1::2]
     sim = a @ bb.transpose(-1, -2)
@@ -106,6 +137,18 @@ def merge(x: torch.Tensor, keys: torch.Tensor, keep: float, state: TokenState) -
     x = combine(x * size)
     size = combine(size)
     return x / size, TokenState(size=size)
+
+
+def reduce(x: torch.Tensor, method: str, scores: torch.Tensor | None, keys: torch.Tensor | None,
+           counts: tuple[int, int], fuse: bool, state: TokenState) -> tuple[torch.Tensor, TokenState]:
+    """One block's fixed-count reduction: prune ``counts[0]`` tokens, then merge ``counts[1]`` pairs."""
+    pruned, merged = counts
+    metric = None if keys is None else keys.mean(1)
+    if method != "merge":
+        x, state, metric = prune(x, scores, pruned, fuse, state, metric)
+    if method != "prune":
+        x, state = merge(x, metric, merged, state)
+    return x, state
 
 
 def threshold(x: torch.Tensor, scores: torch.Tensor, tau: float, state: TokenState) -> tuple[torch.Tensor, TokenState]:
@@ -144,4 +187,4 @@ def recording_cls_attention(model: torch.nn.Module) -> Iterator[list[torch.Tenso
             m.record = None
 
 
-__all__ = ["TokenState", "cls_attention", "merge", "prune", "recording_cls_attention", "threshold"]
+__all__ = ["TokenState", "cls_attention", "merge", "prune", "recording_cls_attention", "reduce", "removal", "threshold"]

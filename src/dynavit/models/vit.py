@@ -2,7 +2,7 @@
 
 Same math as the source in eval mode (pre-norm blocks, SDPA attention, GELU MLP, optional
 LayerScale, CLS classifier), over the very same parameter tensors, with every knob built in: depth
-(blocks and sub-layers), heads, MLP width, tokens (prune / merge / adaptive) and input
+(blocks and sub-layers), heads, MLP width, tokens (prune / merge / prune+merge / adaptive) and input
 resolution (bicubic position-embedding interpolation as transformers does it). The final
 LayerNorm runs on the CLS token only: the classifier reads nothing else.
 """
@@ -47,13 +47,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, heads: int, bias: torch.Tensor | None, token_op: str | None,
                 precision: str = "fp32"):
-        """Attention output, plus what the following token op reads: keys (merge) or CLS attention."""
+        """Attention output, plus what the following token op reads: (CLS attention, keys), each or None.
+
+        Pruning and thresholding read the CLS attention, merging the keys, "prune+merge" both.
+        """
         q, k, v = (heads_of(x, lin, heads, self.head_dim, off, precision) for lin, off in self.qkv_parts())
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        extra = None if token_op is None else k if token_op == "merge" else tokens.cls_attention(q, k, bias)
+        scores = tokens.cls_attention(q, k, bias) if token_op not in (None, "merge") else None
         if self.record is not None:
-            self.record.append(extra if token_op in ("prune", "threshold") else tokens.cls_attention(q, k, bias))
-        return merge_heads(out, self.o, precision), extra
+            self.record.append(scores if scores is not None else tokens.cls_attention(q, k, bias))
+        return merge_heads(out, self.o, precision), (scores, k if token_op and "merge" in token_op else None)
 
 
 class Block(nn.Module):
@@ -74,16 +77,15 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, p: BlockPlan, plan: Plan, state: tokens.TokenState):
         if p.attn:
             bias = state.attn_bias(x.dtype)
-            out, extra = self.attn(self.norm1(x), p.heads, bias, p.token_op, p.precision)
+            out, (scores, keys) = self.attn(self.norm1(x), p.heads, bias, p.token_op, p.precision)
             out = out if self.ls1 is None else out * self.ls1
             observe(self.attn, out)  # calibration records the sub-layer's mean output (compensation)
             x = x + out
-            if p.token_op == "prune":
-                x = tokens.prune(x, extra, plan.token_keep, plan.token_fuse)
-            elif p.token_op == "merge":
-                x, state = tokens.merge(x, extra, plan.token_keep, state)
-            elif p.token_op == "threshold":
-                x, state = tokens.threshold(x, extra, plan.token_threshold, state)
+            if p.token_op == "threshold":
+                x, state = tokens.threshold(x, scores, plan.token_threshold, state)
+            elif p.token_op:
+                counts = tokens.removal(x.shape[1] - 1, p.token_op, plan.token_keep, plan.token_r)
+                x, state = tokens.reduce(x, p.token_op, scores, keys, counts, plan.token_fuse, state)
         else:
             x = compensate.skipped(self.attn, x)
         if p.mlp:
@@ -208,5 +210,6 @@ class DynViT(FamilyModel):
     def prefix_key(self, plan: Plan, depth: int) -> tuple:
         """Everything that decides the activations after ``depth`` blocks under ``plan``."""
         blocks = plan.blocks[:depth]
-        token = (plan.token_keep, plan.token_fuse, plan.token_threshold) if any(b.token_op for b in blocks) else None
+        token = (plan.token_keep, plan.token_r, plan.token_fuse, plan.token_threshold) \
+            if any(b.token_op for b in blocks) else None
         return plan.resolution, blocks, token

@@ -118,7 +118,7 @@ def _sharing_order(cfgs: Sequence[ExecConfig], space: Any) -> list[int]:
     def key(i: int) -> tuple:
         plan = resolve(cfgs[i], space)
         blocks = tuple((b.attn, b.mlp, b.heads, b.mlp_dim, b.token_op or "") for b in plan.blocks)
-        token = (plan.token_keep, plan.token_fuse, plan.token_threshold or 0.0)
+        token = (plan.token_keep, plan.token_r, plan.token_fuse, plan.token_threshold or 0.0)
         return (cfgs[i].variant or "", plan.resolution or (0, 0), blocks, token)
     return sorted(range(len(cfgs)), key=key)
 
