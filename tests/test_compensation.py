@@ -189,3 +189,22 @@ def test_compensation_helps_deit_tiny_on_photos_it_never_saw(deit_tiny_path, ass
     on = [kl(ref, run(dm, held, c)) for c in paths]
     for a, b in zip(on, off, strict=True):
         assert a < 0.8 * b
+
+
+def test_mac_count_of_a_first_run_excludes_the_one_off_solve(calibrated):
+    from dynavit.cost.flops import macs_per_image
+
+    dm = calibrated
+    dm.calibration.compensation.install(dm.module, method="matrix")
+    x = torch.randn(1, 3, 32, 32)
+    cfg = ExecConfig(mlp_width=0.5, heads=3)
+    dm.configure(cfg)
+    before = compensate.counts["solved"]
+    with torch.no_grad():
+        first = sum(macs_per_image(dm.module, x).values())  # solves here
+        assert compensate.counts["solved"] > before
+        again = sum(macs_per_image(dm.module, x).values())
+    dm.calibration.compensation.install(dm.module, method="none")
+    with torch.no_grad():
+        plain = sum(macs_per_image(dm.module, x).values())
+    assert first == again == plain

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from dynavit.knobs import quant
 
@@ -133,7 +134,10 @@ def corrected(layer: nn.Module, k: int, precision: str = "fp32") -> Callable[[to
 
 
 def _make(layer: nn.Module, stats: LayerStats, k: int, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    w, b = solve(weight_matrix(layer), layer.bias, stats, k)
+    # solved outside any active dispatch mode: a MAC counter running the path's first forward
+    # must count the path, not the one-off solve
+    with _disable_current_modes(), torch.no_grad():
+        w, b = solve(weight_matrix(layer), layer.bias, stats, k)
     if precision == "int8":
         packed = quant.pack_matrix(w, b)
         return lambda x: quant.run_packed(x, packed)
