@@ -19,9 +19,10 @@ from dynavit.config import ConfigError, ExecConfig
 from dynavit.runtime import Menu
 from dynavit.runtime.rescue import drop_order
 from dynavit.runtime.startup import start
-from dynavit.sweep import ResultStore
+from dynavit.sweep import ResultStore, SweepTarget, run_sweep
 from dynavit.sweep.measured import calibration_identity, load_model, model_fingerprint
-from dynavit.sweep.variants import variant_names
+from dynavit.sweep.space import build_space
+from dynavit.sweep.variants import VariantSpace, variant_names
 from dynavit.train.supervised import export
 
 SPACE = {"mlp_width": [1.0, 0.5], "skip_blocks": [0, 1]}
@@ -93,6 +94,8 @@ def test_one_sweep_measures_every_variants_own_paths_into_one_store(swept) -> No
 def test_a_config_a_variant_cannot_run_is_a_config_error(swept, tmp_path) -> None:
     dm = load_model(str(swept["big"]), variants={"small": str(swept["small"])})
     assert dm.plan_for(ExecConfig(skip_blocks=(3,))).blocks[3].attn is False  # the base model has 8 blocks
+    dm.configure(variant="small")  # whichever model is active, a config is checked against its own model
+    assert len(dm.plan_for(ExecConfig(skip_blocks=(3,))).blocks) == 8 and dm.space.num_blocks == 2
     with pytest.raises(ConfigError, match="variant 'small'.*skip_blocks"):
         dm.plan_for(ExecConfig(variant="small", skip_blocks=(3,)))
     with pytest.raises(ConfigError, match="not loaded"):
@@ -188,3 +191,34 @@ def test_accel_costs_and_exports_run_variant_rows_on_the_variants_module(swept, 
         if r.config.mlp_width == 1.0:  # (a width correction's own MACs are counted by accel only)
             assert c.macs == r.macs, r.label  # the lowered path is the one measured, on its own model
     assert max(c.energy_uj for c in by_variant["small"]) < min(c.energy_uj for c in by_variant[None])
+
+
+def test_a_variant_space_composes_each_models_own_knobs(swept) -> None:
+    dm = load_model(str(swept["big"]), variants={"small": str(swept["small"])})
+    vs = VariantSpace((None, "small"), (build_space({"mlp_width": [1.0, 0.5, 0.25], "heads": [None, 1]}, dm.space),
+                                        build_space({"mlp_width": [1.0, 0.5]}, dm.variants["small"].space)))
+    assert vs.knob_names == ("mlp_width", "heads") and vs.shape == (2, 3, 2) and vs.size == 12
+    assert vs.config((0, 0, 0)) == ExecConfig() and vs.config((1, 0, 0)) == ExecConfig(variant="small")
+    assert vs.config((1, 1, 0)) == ExecConfig(variant="small", mlp_width=0.5)
+    assert vs.describe((1, 1, 0)) == "variant=small; mlp_width=0.5" and vs.describe((1, 0, 0)) == "variant=small"
+    assert vs.config((0, 2, 1)) == ExecConfig(mlp_width=0.25, heads=1)
+    for point in ((1, 2, 0), (1, 0, 1)):  # levels the small model's space does not have
+        with pytest.raises(ConfigError, match="variant 'small' has"):
+            vs.config(point)
+    assert json.dumps(vs.to_json())
+
+
+def test_greedy_and_evolutionary_search_walk_the_variant_dimension(swept, tmp_path) -> None:
+    target = SweepTarget(model=str(swept["big"]), data=str(swept["data"]), variants={"small": str(swept["small"])},
+                         batch_size=4, n_boot=50, measure_latency=False)
+    for strategy, budget in (("greedy", 6), ("evolutionary", 8)):
+        s = run_sweep(target, space=SPACE, strategy=strategy, budget=budget, store=tmp_path / f"{strategy}.db",
+                      progress=False)
+        assert s.invalid == 0 and s.total >= 4
+        variants = {r.config.variant for r in s.rows}
+        assert variants == {None, "small"}, strategy
+        dm = target.load_model()
+        for r in s.rows:  # every row is a config of the model it names, priced by that model's size
+            plan = dm.plan_for(r.config)
+            assert len(plan.blocks) == (2 if r.config.variant else 8)
+        assert max(r.macs for r in s.rows if r.config.variant) < min(r.macs for r in s.rows if not r.config.variant)

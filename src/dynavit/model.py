@@ -106,7 +106,9 @@ class DynamicModel(nn.Module):
     @property
     def space(self) -> Space:
         """The current model's knobs; ``max_mux`` counts the attached multiplexed models."""
-        space = self.module.space
+        return self._knobs(self.module.space)
+
+    def _knobs(self, space: Space) -> Space:
         if space.any_resolution and tuple(self.input_size) != space.default_resolution:
             space = dataclasses.replace(space, default_resolution=tuple(self.input_size))
         if self.muxes and space.max_mux == 1:
@@ -120,7 +122,7 @@ class DynamicModel(nn.Module):
     def space_for(self, cfg: ExecConfig) -> Space:
         """The knobs of the model that runs ``cfg``: a variant's own (it may have fewer blocks or heads)."""
         if cfg.variant is None or cfg.mux > 1:
-            return self.space
+            return self._knobs(self._base.space)  # not ``space``: that is the active (maybe a variant's) model's
         if cfg.variant not in self.variants:
             names = ", ".join(sorted(self.variants)) or "none loaded"
             raise ConfigError(f"variant={cfg.variant!r} is not loaded (variants: {names})")
