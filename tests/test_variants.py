@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,7 @@ def test_a_config_a_variant_cannot_run_is_a_config_error(swept, tmp_path) -> Non
     assert res.exit_code == 2 and "one per model" in res.output
 
 
-def test_the_menu_holds_both_variants_and_start_reports_their_memory(swept) -> None:
+def test_the_menu_holds_both_variants_and_start_reports_their_memory(swept, caplog) -> None:
     menu = Menu.from_store(swept["store"], cost="macs")
     assert {e.config.variant for e in menu} == {None, "small"}  # both on the front: small is cheaper, big better
     dm = menu.model
@@ -120,9 +121,11 @@ def test_the_menu_holds_both_variants_and_start_reports_their_memory(swept) -> N
         assert held[name]["parameters"] == sum(p.numel() * p.element_size() for p in m.parameters())
         assert held[name]["total"] >= held[name]["parameters"] + held[name]["compensation"] > 0
     assert held["small"]["parameters"] < held["base"]["parameters"]
-    s = start(swept["store"], profile_runs=3, rescue=True)
+    with caplog.at_level(logging.INFO, logger="dynavit.runtime.startup"):
+        s = start(swept["store"], profile_runs=3, rescue=True)
     assert {e.config.variant for e in s.controller.entries} == {None, "small"}
     assert set(s.memory) == {"base", "small"}
+    assert "memory held: base " in caplog.text and ", small " in caplog.text
     # rescue: each variant's paths drop blocks by its own calibration (2 blocks: a quarter is none)
     assert drop_order(s.model, None, "small") == s.model.variants["small"].calibration.block_order("block")
     assert all(len(e.ladder) == (0 if e.config.variant else 2) for e in s.controller.entries if e.shares)
