@@ -33,7 +33,7 @@ from dynavit.data.transforms import ClassificationTransform, SegmentationTransfo
 from dynavit.deploy import compiled as deploy_compiled
 from dynavit.deploy import export as deploy_export
 from dynavit.errors import DynavitError
-from dynavit.knobs import quant
+from dynavit.knobs import compensate, quant
 from dynavit.models import hub
 from dynavit.models.base import FamilyModel
 from dynavit.models.registry import family_class
@@ -106,7 +106,9 @@ class DynamicModel(nn.Module):
     @property
     def space(self) -> Space:
         """The current model's knobs; ``max_mux`` counts the attached multiplexed models."""
-        space = self.module.space
+        return self._knobs(self.module.space)
+
+    def _knobs(self, space: Space) -> Space:
         if space.any_resolution and tuple(self.input_size) != space.default_resolution:
             space = dataclasses.replace(space, default_resolution=tuple(self.input_size))
         if self.muxes and space.max_mux == 1:
@@ -116,6 +118,39 @@ class DynamicModel(nn.Module):
     @property
     def exec_config(self) -> ExecConfig:
         return self._config
+
+    def space_for(self, cfg: ExecConfig) -> Space:
+        """The knobs of the model that runs ``cfg``: a variant's own (it may have fewer blocks or heads)."""
+        if cfg.variant is None or cfg.mux > 1:
+            return self._knobs(self._base.space)  # not ``space``: that is the active (maybe a variant's) model's
+        if cfg.variant not in self.variants:
+            names = ", ".join(sorted(self.variants)) or "none loaded"
+            raise ConfigError(f"variant={cfg.variant!r} is not loaded (variants: {names})")
+        return self.variants[cfg.variant].space
+
+    def plan_for(self, cfg: ExecConfig) -> Plan:
+        """``cfg`` resolved against the space of the model that runs it; a ConfigError names the variant."""
+        try:
+            return resolve(cfg, self.space_for(cfg))
+        except ConfigError as e:
+            if cfg.variant is None or "is not loaded" in str(e):
+                raise
+            raise ConfigError(f"variant {cfg.variant!r} ({self.variants[cfg.variant].source}): {e}") from None
+
+    def memory_held(self) -> dict[str, dict[str, int]]:
+        """Bytes each loaded model holds, by variant ("base": this model): its parameters and buffers, and
+        what knobs keep beside them (int8 and half copies, compensation's statistics and solved weights);
+        this model's entry also counts its multiplexed models. What a deployment pays per variant."""
+        def held(dm: DynamicModel, tree: nn.Module) -> dict[str, int]:
+            params = sum(p.numel() * p.element_size() for p in tree.parameters())
+            buffers = sum(b.numel() * b.element_size() for b in tree.buffers())
+            packs, comp = quant.pack_bytes(dm.base_module), compensate.held_bytes(dm.base_module)
+            out = {"parameters": params, "buffers": buffers,
+                   "precision_copies": packs["int8_weights"] + packs["packs"] + packs["half"],
+                   "compensation": comp["statistics"] + comp["solved"]}
+            return {**out, "total": sum(out.values())}
+        base = held(self, nn.ModuleList([self.model, self.muxes]))
+        return {"base": base, **{k: held(v, v.model) for k, v in self.variants.items()}}
 
     def check_input_size(self, height: int, width: int) -> None:
         """Raise a one-line DynavitError if the model cannot take an input of this size."""
@@ -195,6 +230,9 @@ class DynamicModel(nn.Module):
                               f"this model is {self.family} {self.task}")
         if other.num_labels != self.num_labels:
             raise ConfigError(f"variant {name!r} has {other.num_labels} labels, this model {self.num_labels}")
+        if name == "base":
+            raise ConfigError("'base' names this model itself in memory reports and metrics; name the variant "
+                              "otherwise")
         self.variants[name] = other
 
     def add_multiplexer(self, model: FamilyModel | str | Path) -> FamilyModel:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from dynavit.accel.arch import Arch
 from dynavit.accel.cost import CostCache, PathCost, fill_cache, path_cost
 from dynavit.accel.lower import Lowered, lower
-from dynavit.config import ExecConfig, resolve
+from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
 from dynavit.sweep.measured import load_measured
 from dynavit.sweep.pareto import pareto
@@ -45,7 +45,7 @@ def _plan_key(cfg: ExecConfig, dm: Any) -> Any:
     """What executes, without the config's spelling (two configs, one plan: one path)."""
     if cfg.mux != 1:  # a multiplexed model's full path: the config is the plan
         return cfg
-    return dataclasses.replace(resolve(cfg, dm.space), config=ExecConfig())
+    return cfg.variant, dataclasses.replace(dm.plan_for(cfg), config=ExecConfig())  # a variant's own plan
 
 
 class Lowerer:

@@ -185,6 +185,10 @@ def serve_cmd(model: ModelOpt = None, store: ServeStoreOpt = Path("results.db"),
     rescuing = sum(bool(e.ladder) for e in ctrl.entries)
     console.print(f"serving {dm.source} with {len(ctrl.entries)} paths on http://{host}:{port}"
                   + (f"; {rescuing} of them under deadlines" if rescue else ""))
+    held = getattr(dm, "memory_held", None)
+    if held is not None:
+        console.print("memory held: " + ", ".join(f"{k} {v['total'] / 2**20:.1f} MiB (parameters "
+                                                  f"{v['parameters'] / 2**20:.1f})" for k, v in held().items()))
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
 
 

@@ -9,11 +9,9 @@ import typer
 from rich.table import Table
 
 from dynavit.cli.kit import (
-    CalibOpt,
     DeviceOpt,
     LayoutOpt,
     LimitOpt,
-    ModelArg,
     SkipBadOpt,
     StoreArg,
     console,
@@ -27,6 +25,7 @@ from dynavit.sweep.front import front_of_store
 from dynavit.sweep.pareto import cost_label
 from dynavit.sweep.run import SweepTarget, run_sweep
 from dynavit.sweep.store import ResultStore
+from dynavit.sweep.variants import variant_names
 
 app = typer.Typer()
 
@@ -49,23 +48,36 @@ CostOpt = Annotated[str, typer.Option(help="macs, latency_p50_ms, latency_p95_ms
                                            "or accel_energy_uj:DESIGN / accel_latency_ms:DESIGN.")]
 TopOpt = Annotated[int, typer.Option(help="Show at most N rows.")]
 AllOpt = Annotated[bool, typer.Option("--all", help="List every config, not only the front.")]
+ModelsArg = Annotated[list[str], typer.Argument(
+    help="Hugging Face hub id, local model folder, timm:<name>, or config:<preset>. Several models of one "
+         "family: the first is the base, the others variants named by folder or hub name, and every "
+         "variant's own paths go into the one store.")]
+CalibsOpt = Annotated[list[Path] | None, typer.Option(
+    "--calibration", help="Folder written by `dynavit calibrate`; with several models, once per model, in "
+                          "their order.")]
 
 
 @app.command("sweep")
 @user_errors
-def sweep_cmd(model: ModelArg, data: DataOpt, store: StoreOpt = Path("results.db"), space: SpaceOpt = "default",
+def sweep_cmd(models: ModelsArg, data: DataOpt, store: StoreOpt = Path("results.db"), space: SpaceOpt = "default",
               strategy: StrategyOpt = "random", budget: BudgetOpt = None, backend: BackendOpt = "local",
-              address: AddressOpt = None, workers: WorkersOpt = None, calibration: CalibOpt = None,
+              address: AddressOpt = None, workers: WorkersOpt = None, calibration: CalibsOpt = None,
               layout: LayoutOpt = None, limit: LimitOpt = None, batch_size: BatchOpt = 32, device: DeviceOpt = "cpu",
               seed: SeedOpt = 0, latency_repeats: RepeatsOpt = 20, reuse_prefix: ReuseOpt = True,
               skip_bad: SkipBadOpt = False, multiplexer: MuxOpt = None,
               dtype: Annotated[str, typer.Option(help="Also measure every config at these precisions "
                                                       "(comma list, e.g. int8).")] = "fp32") -> None:
     """Measure quality and cost of many execution paths; store each row; print the Pareto front."""
-    target = SweepTarget(model=model, data=str(data), layout=layout,
-                         calibration=str(calibration) if calibration else None, limit=limit, skip_bad=skip_bad,
-                         batch_size=batch_size, device=device, seed=seed, latency_repeats=latency_repeats,
-                         reuse_prefix=reuse_prefix, multiplexers=tuple(multiplexer or ()))
+    calibs = [str(c) for c in calibration or ()]
+    if calibs and len(calibs) != len(models):
+        raise typer.BadParameter(f"{len(calibs)} --calibration for {len(models)} models: give one per model, "
+                                 "in the models' order, or none", param_hint="--calibration")
+    names = variant_names(models[1:])
+    target = SweepTarget(model=models[0], data=str(data), layout=layout, calibration=calibs[0] if calibs else None,
+                         limit=limit, skip_bad=skip_bad, batch_size=batch_size, device=device, seed=seed,
+                         latency_repeats=latency_repeats, reuse_prefix=reuse_prefix,
+                         multiplexers=tuple(multiplexer or ()), variants=dict(zip(names, models[1:], strict=True)),
+                         variant_calibrations=dict(zip(names, calibs[1:], strict=False)))
     s = run_sweep(target, space=space if not Path(space).is_file() else Path(space), strategy=strategy,
                   budget=budget, store=store, backend=backend, address=address, workers=workers, seed=seed,
                   progress=interactive(), precisions=[d.strip() for d in dtype.split(",") if d.strip()])

@@ -69,7 +69,8 @@ def export_entries(dm: Any, entries: list[Entry], out: str | Path, *, format: st
         paths.append({"file": name, "parameters": parameter_count(module), **entry_record(e)})
     if not paths:
         raise DynavitError(f"no path of the menu could be exported: {skipped[0]['why']}")
-    meta = {**model_meta(dm), "format": format, "paths": paths, "skipped": skipped}
+    variants = {k: str(v.source) for k, v in getattr(dm, "variants", {}).items()}  # what variant=... paths ran on
+    meta = {**model_meta(dm), "format": format, "paths": paths, "skipped": skipped, "variants": variants}
     target = out / MENU_FILE
     target.write_text(json.dumps(meta, indent=2))
     return target

@@ -163,8 +163,9 @@ class Controller:
         can count on them: the priced rule weighs a tight path by its expected quality (runs the
         deadline saves lose a block or two) and its risk of missing even so."""
         dm, order = self._need_model(), require_order(self._drop_order())
-        self.entries = measure_ladders(self.entries, dm, order, quality_of,
-                                       max_drop=self.options.rescue_max_drop, progress=progress)
+        variants = {e.config.variant for e in self.entries} - {None}
+        self.entries = measure_ladders(self.entries, dm, order, quality_of, max_drop=self.options.rescue_max_drop,
+                                       progress=progress, variant_orders={v: self._drop_order(v) for v in variants})
         return self
 
     # ---- prediction ------------------------------------------------------------------------------
@@ -338,7 +339,7 @@ class Controller:
         """
         if not self.options.rescue or choice.kind != "latency_ms" or not choice.entry.ladder:
             return None
-        order = self._drop_order()
+        order = self._drop_order(choice.config.variant)
         budget = choice.budget if budget_ms is None else budget_ms
         if order is None or not budget > 0:  # already late: no drop can save it
             return None
@@ -353,8 +354,8 @@ class Controller:
         """Whether runs can carry a deadline: a model whose forward takes one, and a block ranking."""
         return self.options.rescue and self._drop_order() is not None
 
-    def _drop_order(self) -> list[int] | None:
-        return drop_order(self.model, self.options.drop_order)
+    def _drop_order(self, variant: str | None = None) -> list[int] | None:
+        return drop_order(self.model, self.options.drop_order, variant)
 
     def run(self, x: torch.Tensor, **budget: float) -> Outcome:
         """Select, configure, run and time one inference (``runtime.run``); the time corrects later predictions.

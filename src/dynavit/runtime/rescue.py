@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -24,13 +24,18 @@ from dynavit.model import DynamicModel
 from dynavit.runtime.menu import Entry
 
 
-def drop_order(model: DynamicModel | None, explicit: Sequence[int] | None = None) -> list[int] | None:
+def drop_order(model: DynamicModel | None, explicit: Sequence[int] | None = None,
+               variant: str | None = None) -> list[int] | None:
     """Blocks least important first (``explicit``, else the calibration's); None: no deadline possible.
 
-    A deadline needs a model whose forward consults one and a ranking of its blocks.
+    A deadline needs a model whose forward consults one and a ranking of its blocks. A ``variant``'s
+    paths are ranked by the variant's own calibration (``explicit`` orders the base model's blocks).
     """
     if model is None or not getattr(model.module, "supports_deadline", False):
         return None
+    if variant is not None:
+        variants = getattr(model, "variants", {})
+        return drop_order(variants[variant], None) if variant in variants else None
     if explicit is not None:
         return list(explicit)
     calib = getattr(model, "calibration", None)
@@ -39,22 +44,24 @@ def drop_order(model: DynamicModel | None, explicit: Sequence[int] | None = None
 
 def measure_ladders(entries: Sequence[Entry], dm: DynamicModel, order: Sequence[int],
                    quality_of: Callable[..., float], *, max_drop: int | None = None,
-                   progress: bool = False) -> list[Entry]:
+                   progress: bool = False, variant_orders: Mapping[str, Sequence[int] | None] | None = None,
+                   ) -> list[Entry]:
     """``entries`` with their ladders measured by ``quality_of(config)`` (e.g. ``simulate.path_quality``).
 
     A ``quality_of`` that takes ``next_config`` is told the rung measured next, so that it can keep
     the activations the two share (``path_quality`` does). Entries without stage shares and
-    multiplexed paths get no ladder.
+    multiplexed paths get no ladder; a variant's paths drop blocks in ``variant_orders[name]`` (none: no ladder).
     """
     hinted = "next_config" in inspect.signature(quality_of).parameters  # can keep shared activations
     previous, plans = dm.exec_config, {}  # entry index -> (blocks dropped in turn, time each saves, rungs)
     try:
         for i, e in enumerate(entries):
-            if e.shares is None or e.config.mux > 1:
+            own = order if e.config.variant is None else (variant_orders or {}).get(e.config.variant)
+            if e.shares is None or e.config.mux > 1 or own is None:
                 continue
             plan = dm.configure(e.config).module.plan
             limit = max_drop if max_drop is not None else default_max_drop(len(plan.blocks))
-            blocks = droppable(plan, order)[:limit]
+            blocks = droppable(plan, own)[:limit]
             plans[i] = (blocks, np.cumsum([e.shares[1 + j] for j in blocks]),
                         [with_dropped(e.config, blocks[:k + 1]) for k in range(len(blocks))])
         rungs = _sharing_sequence([rungs for _, _, rungs in plans.values()], [b for b, _, _ in plans.values()])

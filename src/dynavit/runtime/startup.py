@@ -14,6 +14,7 @@ another folder. A choice scored on the images that made it looks better than it 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from dynavit.sweep.engine import CachedData, cache_dataset
 from dynavit.sweep.store import ResultStore
 
 RUNTIMES = ("torch", "onnxruntime")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +53,12 @@ class Started:
     @property
     def model(self) -> DynamicModel:
         return self.menu.model
+
+    @property
+    def memory(self) -> dict[str, dict[str, int]]:
+        """Bytes held per loaded model ("base", each variant; ``DynamicModel.memory_held``), {} for exported paths."""
+        held = getattr(self.model, "memory_held", None)
+        return held() if held is not None else {}
 
 
 def start(store: str | Path, model: str | DynamicModel | None = None, *, device: str | None = None,
@@ -95,6 +103,7 @@ def start(store: str | Path, model: str | DynamicModel | None = None, *, device:
         ctrl.profile(probe, runs=profile_runs, progress=progress)
     if ladders:
         ctrl.measure_rescue(s.quality_of, progress=progress)
+    log.info("memory held: %s", ", ".join(f"{k} {v['total'] / 2**20:.1f} MiB" for k, v in s.memory.items()))
     return s
 
 

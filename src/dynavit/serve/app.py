@@ -84,6 +84,16 @@ class Metrics:
                   registry=r).set_function(lambda: controller.slowdown)
             Gauge("dynavit_miss_price", "Top-1 one expected budget miss costs in the controller's choice; rises "
                   "with misses above the target", registry=r).set_function(lambda: controller.price)
+        self.memory = Gauge("dynavit_model_memory_bytes", "Bytes each loaded model holds (variant: base or a "
+                            "variant's name; kind: parameters, buffers, precision_copies, compensation, total)",
+                            ["variant", "kind"], registry=r)
+
+    def held(self, dm: Any) -> None:
+        """Set the memory gauge from the model (labels: its variants, fixed at start-up)."""
+        held = getattr(dm, "memory_held", None)
+        for variant, kinds in (held() if held is not None else {}).items():
+            for kind, n in kinds.items():
+                self.memory.labels(variant, kind).set(n)
 
 
 @dataclass
@@ -261,6 +271,7 @@ def create_app(dm: Any, controller: Controller, *, token: str | None = None, max
         x = torch.zeros(1, 3, *dm.input_size)
         for e in server.names.values():  # warm every path before declaring readiness
             await loop.run_in_executor(server.batcher.executor, server.batcher.forward, e.config, [x[0]])
+        server.metrics.held(dm)  # warming made any int8 packs and solved corrections: count them too
         server.ready = True
         yield
         server.ready = False

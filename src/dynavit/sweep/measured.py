@@ -32,8 +32,10 @@ def model_fingerprint(dm: DynamicModel) -> str:
 
 
 def load_model(source: str, *, calibration: str | None = None, multiplexers: Iterable[str] = (),
-               variants: Mapping[str, str] | None = None, device: str = "cpu") -> DynamicModel:
-    """``source`` with its calibration, multiplexed models and variants attached: a sweep's model."""
+               variants: Mapping[str, str] | None = None, device: str = "cpu",
+               variant_calibrations: Mapping[str, str] | None = None) -> DynamicModel:
+    """``source`` with its calibration, multiplexed models and variants (each with its own calibration,
+    ``variant_calibrations``: name -> folder) attached: a sweep's model."""
     dm = load(source, device=device)
     if not dm.dynamic:
         raise DynavitError(f"{source} ({dm.family}) has no execution paths to sweep")
@@ -41,9 +43,35 @@ def load_model(source: str, *, calibration: str | None = None, multiplexers: Ite
         dm.load_calibration(calibration)
     for folder in multiplexers:
         dm.add_multiplexer(folder)
+    calibs = dict(variant_calibrations or {})
+    if unknown := sorted(set(calibs) - set(variants or {})):
+        raise DynavitError(f"a calibration is given for variant {unknown[0]!r}, which is not among the variants")
     for name, other in (variants or {}).items():
-        dm.add_variant(name, other)
+        v = load(other, device=device)
+        if not v.dynamic:
+            raise DynavitError(f"variant {name!r}: {other} ({v.family}) has no execution paths to sweep")
+        if calibs.get(name):
+            v.load_calibration(calibs[name])
+        check_same_input(dm, v, name)
+        dm.add_variant(name, v)
     return dm
+
+
+def check_same_input(dm: DynamicModel, variant: DynamicModel, name: str) -> None:
+    """Refuse a variant that wants its images prepared otherwise: a sweep decodes them once, for the base."""
+    ours = (tuple(dm.input_size), tuple(dm.mean), tuple(dm.std), dm.crop_pct)
+    theirs = (tuple(variant.input_size), tuple(variant.mean), tuple(variant.std), variant.crop_pct)
+    if ours != theirs:
+        raise DynavitError(f"variant {name!r} ({variant.source}) takes images as (size, mean, std, crop) "
+                           f"{theirs}, the base model {dm.source} as {ours}: the sweep's images are decoded once "
+                           "for the base model, so every variant must share its transform")
+
+
+def calibration_identity(dm: DynamicModel) -> str:
+    """How the measured models were calibrated: the base model's, then each variant's ("none": uncalibrated)."""
+    def one(m: DynamicModel) -> str:
+        return m.calibration.identity() if m.calibration is not None else "none"
+    return one(dm) + "".join(f" variant:{k}:{one(v)}" for k, v in sorted(dm.variants.items()))
 
 
 def check_measured(dm: DynamicModel, meta: Mapping[str, str], store: str | Path) -> None:
@@ -82,6 +110,7 @@ def load_measured(store: str | Path, model: str | DynamicModel | None = None, *,
     else:
         dm = load_model(str(model or target["model"]), calibration=target.get("calibration"),
                         multiplexers=target.get("multiplexers") or (), variants=target.get("variants"),
-                        device=device or target.get("device") or "cpu")
+                        device=device or target.get("device") or "cpu",
+                        variant_calibrations=target.get("variant_calibrations"))
     check_measured(dm, meta, store)
     return dm, target

@@ -15,17 +15,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dynavit.config import ExecConfig, resolve
+from dynavit.config import ExecConfig
 from dynavit.cost import profile
 from dynavit.data import open_dataset
 from dynavit.data.datasets import file_sha1
 from dynavit.errors import DynavitError
 from dynavit.sweep import stats
 from dynavit.sweep.engine import CachedData, Evaluator, cache_dataset
-from dynavit.sweep.measured import load_model, model_fingerprint
-from dynavit.sweep.space import SearchSpace, calibrated_block_order, load_space
+from dynavit.sweep.measured import calibration_identity, load_model, model_fingerprint
+from dynavit.sweep.space import SearchSpace
 from dynavit.sweep.store import ResultStore, Row
 from dynavit.sweep.strategies import Point, Score, Strategy, make
+from dynavit.sweep.variants import VariantSpace, sweep_space
 
 
 @dataclass
@@ -48,6 +49,7 @@ class SweepTarget:
     measure_latency: bool = True
     multiplexers: tuple[str, ...] = ()  # folders of multiplexed models, run by configs with mux=N
     variants: dict[str, str] = field(default_factory=dict)  # name -> model, run by configs with variant=name
+    variant_calibrations: dict[str, str] = field(default_factory=dict)  # name -> the variant's calibration folder
 
     def __post_init__(self) -> None:
         # paths that exist are recorded absolute: the store is read again from other folders
@@ -56,11 +58,12 @@ class SweepTarget:
         self.calibration = None if self.calibration is None else _absolute(self.calibration)
         self.multiplexers = tuple(_absolute(m) for m in self.multiplexers)  # a list when read back from the store
         self.variants = {str(k): _absolute(v) for k, v in (self.variants or {}).items()}
+        self.variant_calibrations = {str(k): _absolute(v) for k, v in (self.variant_calibrations or {}).items()}
 
     def load_model(self) -> Any:
         """The model this target measures: its source with calibration, multiplexed models and variants."""
         return load_model(self.model, calibration=self.calibration, multiplexers=self.multiplexers,
-                          variants=self.variants, device=self.device)
+                          variants=self.variants, device=self.device, variant_calibrations=self.variant_calibrations)
 
     def build(self, *, progress: bool = False) -> tuple[Any, CachedData, Evaluator, int]:
         """(model, cached data, evaluator, number of calibration images left out)."""
@@ -79,9 +82,10 @@ class SweepTarget:
             raise DynavitError(f"the sweep's images are no longer at {self.data}; pass --data with the folder "
                                "they are in now")
         dataset, excluded = open_dataset(self.data, layout=self.layout), 0
-        calib = dm.calibration
-        if self.calibration and calib is not None and self.exclude_calibration_images and calib.image_hashes:
-            used = set(calib.image_hashes)
+        # every measured model's calibration images: a variant calibrated on them would look better on them too
+        calibs = [m.calibration for m in (dm, *dm.variants.values()) if m.calibration is not None]
+        used = {h for c in calibs for h in (c.image_hashes or ())}
+        if (self.calibration or self.variant_calibrations) and self.exclude_calibration_images and used:
             keep = [i for i in range(len(dataset)) if file_sha1(dataset.path(i)) not in used]
             excluded = len(dataset) - len(keep)
             dataset = dataset.subset(keep)
@@ -97,11 +101,10 @@ def _absolute(path: str | Path) -> str:
 
 
 def identity(target: SweepTarget, dm: Any, data: CachedData) -> dict[str, Any]:
-    calib = dm.calibration
     return {
         "model": str(dm.source),
         "model_fingerprint": model_fingerprint(dm),
-        "calibration": calib.identity() if calib is not None else "none",
+        "calibration": calibration_identity(dm),
         "dataset_fingerprint": f"{data.fingerprint()} ({data.n} images)",
         "task": data.task,
         "metric": stats.main_metric(data.task),
@@ -113,10 +116,10 @@ def identity(target: SweepTarget, dm: Any, data: CachedData) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- backends
 
 
-def _sharing_order(cfgs: Sequence[ExecConfig], space: Any) -> list[int]:
-    """Order configs so that those executing the same leading blocks run back to back."""
+def _sharing_order(cfgs: Sequence[ExecConfig], dm: Any) -> list[int]:
+    """Order configs so that those executing the same leading blocks (of the same model) run back to back."""
     def key(i: int) -> tuple:
-        plan = resolve(cfgs[i], space)
+        plan = dm.plan_for(cfgs[i])
         blocks = tuple((b.attn, b.mlp, b.heads, b.mlp_dim, b.token_op or "") for b in plan.blocks)
         token = (plan.token_keep, plan.token_r, plan.token_fuse, plan.token_threshold or 0.0)
         return (cfgs[i].variant or "", plan.resolution or (0, 0), blocks, token)
@@ -132,7 +135,7 @@ class LocalBackend:
         self.evaluator = evaluator
 
     def measure(self, cfgs: Sequence[ExecConfig], labels: Sequence[str], strategy: str) -> Iterator[Row]:
-        order = _sharing_order(cfgs, self.evaluator.dm.space)  # latencies timed round-robin per group
+        order = _sharing_order(cfgs, self.evaluator.dm)  # latencies timed round-robin per group
         yield from self.evaluator.measure_round([cfgs[i] for i in order], [labels[i] for i in order], strategy)
 
     def close(self) -> None:
@@ -144,13 +147,13 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, target: SweepTarget, space: Any, *, address: str | None = None,
+    def __init__(self, target: SweepTarget, dm: Any, *, address: str | None = None,
                  workers: int | None = None) -> None:
         try:
             import ray
         except ImportError:
             raise DynavitError("--backend ray needs Ray: pip install 'dynavit[ray]'") from None
-        self.ray, self.space = ray, space
+        self.ray, self.dm = ray, dm
         self._started = not ray.is_initialized()
         if self._started:
             try:
@@ -164,7 +167,7 @@ class RayBackend:
         self.actors = [remote.remote(target) for _ in range(n)]
 
     def measure(self, cfgs: Sequence[ExecConfig], labels: Sequence[str], strategy: str) -> Iterator[Row]:
-        order = _sharing_order(cfgs, self.space)
+        order = _sharing_order(cfgs, self.dm)
         n = len(self.actors)
         chunks = [order[k * len(order) // n:(k + 1) * len(order) // n] for k in range(n)]  # contiguous: sharing
         futures = []
@@ -221,7 +224,7 @@ def run_sweep(target: SweepTarget, *, space: str | Path | dict = "default", stra
     try:
         rs.acquire()
         dm, data, evaluator, excluded = target.build(progress=progress)
-        search: SearchSpace = load_space(space, dm.space, calibrated_block_order(dm.calibration), precisions)
+        search = sweep_space(space, dm, precisions)
         strat = make(strategy, search.shape, budget, seed)
         summary = SweepSummary(Path(store), excluded_calibration_images=excluded, n_images=data.n)
         rs.bind(identity(target, dm, data))
@@ -230,7 +233,7 @@ def run_sweep(target: SweepTarget, *, space: str | Path | dict = "default", stra
         run_id = rs.start_run({"target": asdict(target), "space": search.to_json(), "strategy": strategy,
                                "budget": budget, "backend": backend, "seed": seed})
         runner: LocalBackend | RayBackend = (LocalBackend(evaluator) if backend == "local" else
-                                             RayBackend(target, dm.space, address=address, workers=workers))
+                                             RayBackend(target, dm, address=address, workers=workers))
         bar = tqdm(total=budget or search.size, desc=f"sweep ({strategy})", unit="cfg", disable=not progress,
                    dynamic_ncols=True)
         sweep = _Sweep(rs, search, target, evaluator, run_id, strategy, summary, bar, on_row)
@@ -272,7 +275,7 @@ class _Sweep:
     """A running sweep: where rows go, what they mean, and what has been counted so far."""
 
     rs: ResultStore
-    search: SearchSpace
+    search: SearchSpace | VariantSpace
     target: SweepTarget
     evaluator: Evaluator
     run_id: int
@@ -307,9 +310,9 @@ class _Sweep:
         results: dict[Point, Score | None] = {}
         todo: dict[ExecConfig, tuple[Point, str]] = {}
         for p in points:
-            cfg = self.search.config(p)
             try:
-                resolve(cfg, self.evaluator.dm.space)
+                cfg = self.search.config(p)
+                self.evaluator.dm.plan_for(cfg)  # against the space of the model (variant) it names
             except DynavitError:
                 results[p] = None
                 self.summary.invalid += 1
@@ -376,7 +379,7 @@ def measure_configs(store: str | Path, cfgs: Sequence[ExecConfig], labels: Seque
         if not todo:
             return 0
         for c in todo:
-            resolve(c, dm.space)
+            dm.plan_for(c)
         run_id = rs.start_run({"target": asdict(target), "configs": [c.to_dict() for c in todo], "strategy": strategy})
         for c in tqdm(todo, desc=f"measuring {strategy or 'configs'}", unit="cfg", disable=not progress):
             row = evaluator.measure(c, label=names[c], strategy=strategy)
