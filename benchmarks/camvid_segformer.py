@@ -292,12 +292,13 @@ def accel_section(args: argparse.Namespace, ex: Exploration, base: Row, ch: Choi
     )
 
 
-def run_accel(args: argparse.Namespace, store: Path) -> tuple[Exploration, float]:
+def run_accel(args: argparse.Namespace, store: Path, configs: list[ExecConfig]) -> tuple[Exploration, float]:
+    """The designs on the sweeps' paths (``configs``; the rounded paths a run adds are the designs' own)."""
     archs = design_points(Arch.preset("simba-v16"), [8, 16, 32, 64])
     t0 = time.perf_counter()
     # ZigZag's layer costs depend on the design and the layer shape only: kept across reruns and stores
-    ex = explore(store, archs, limit=args.accel_configs, cache=args.out / "zigzag-layers.db", search="fast",
-                 workers=2)
+    ex = explore(store, archs, configs=configs, limit=args.accel_configs, cache=args.out / "zigzag-layers.db",
+                 search="fast", workers=2)
     secs = time.perf_counter() - t0
     write_exploration(ex, args.out / "accel")
     shutil.copy(args.out / "accel" / "dse_fronts.png", ROOT / "docs" / "img" / "accel_camvid_fronts.png")
@@ -330,8 +331,8 @@ def main() -> None:
     if args.greedy_budget:
         sweeps[f"greedy, budget {args.greedy_budget}, same store"] = run_sweep(
             target, space="default", strategy="greedy", budget=args.greedy_budget, store=store)
-    with ResultStore(store, readonly=True) as rs:
-        rows = rs.rows()
+    with ResultStore(store, readonly=True) as rs:  # the sweeps' rows: not the accelerator's rounded paths
+        rows = [r for r in rs.rows() if r.strategy in ("evolutionary", "greedy")]
     base = next(r for r in rows if r.config.is_default)
     n_select = len(base.per_image)
     ch = choose(rows, base)
@@ -343,7 +344,7 @@ def main() -> None:
     print(body)
     if args.no_accel:
         return
-    ex, timings["accel"] = run_accel(args, store)
+    ex, timings["accel"] = run_accel(args, store, [r.config for r in rows])
     ch.accel = accel_choices(ex)
     timings["accel_val"] = score_on_val(args.model, calib, ch.configs(base), ch.val)
     write_json("sweep-camvid", payload(args, sweeps, base, ch, n_select, timings))  # now with the accel choices
