@@ -176,8 +176,8 @@ def main() -> None:
         f"{greedy.seconds / 60:.1f} min | {greedy.seconds / max(greedy.measured, 1):.1f} s |",
         "",
         "Each config: top-1/top-5 on 400 images with bootstrap CIs and a paired CI against the default, "
-        "exact MACs per operator class, batch-1 latency p50/p95 (20 runs), throughput at batch 32 (from the "
-        "evaluation's own batches). Decoding happens once per sweep.",
+        f"exact MACs per operator class, batch-1 latency p50/p95 ({target.latency_repeats} runs), throughput at "
+        "batch 32 (from the evaluation's own batches). Decoding happens once per sweep.",
         "",
         f"Prefix reuse on the {len(order)} single-knob configs in sharing order (quality pass on 64 images only, "
         f"best of 2): "

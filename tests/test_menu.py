@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import LABELS, SIZE, Shapes, tiny_vit
@@ -14,8 +17,10 @@ from dynavit.errors import DynavitError
 from dynavit.model import load
 from dynavit.multiplex import build, save_multiplexer
 from dynavit.runtime import Controller, Menu
-from dynavit.sweep import ResultStore, SweepTarget, run_sweep
+from dynavit.runtime.startup import start
+from dynavit.sweep import ResultStore, SweepTarget, run_sweep, stats
 from dynavit.sweep.measured import model_fingerprint
+from dynavit.sweep.row import config_key, pack
 from dynavit.train.supervised import export
 
 
@@ -88,3 +93,50 @@ def test_a_store_without_results_is_refused(tmp_path) -> None:
         Menu.from_store(tmp_path / "empty.db")
     with pytest.raises(DynavitError, match="no results yet"):
         Menu.read(tmp_path / "empty.db")
+
+
+def _rigged(swept, root: Path) -> tuple[Path, dict[str, ExecConfig], np.ndarray, np.ndarray]:
+    """A copy of the swept store whose rows rank one way on the menu half of the images and another on the
+    frame half: X, Y and FULL are the front on all the images, X and FULL on the menu half."""
+    store = root / "rigged.db"
+    with ResultStore(swept["store"], readonly=True) as rs:
+        cfgs = sorted((r.config for r in rs.rows(per_image=False)), key=lambda c: (c.is_default, config_key(c)))
+        n = len(rs.rows()[0].per_image)
+    shutil.copy(swept["store"], store)
+    menu_idx, frame_idx = stats.split_images(n)  # the split startup.start makes (seed 0, half)
+    roles = dict(zip(("X", "Y", "FULL"), cfgs, strict=True))  # FULL: the default path
+    on_menu = {"X": [1, 1, 1, 1, 0], "Y": [1, 0, 0, 0, 0], "FULL": [1] * 5}
+    on_frames = {"X": [0] * 5, "Y": [1] * 5, "FULL": [1] * 5}
+    p95 = {"X": 1.0, "Y": 2.0, "FULL": 4.0}
+    with sqlite3.connect(store) as db:
+        for name, cfg in roles.items():
+            hits = np.zeros((n, 2), np.uint8)
+            hits[menu_idx, 0], hits[frame_idx, 0] = on_menu[name], on_frames[name]
+            db.execute("UPDATE results SET per_image = ?, quality = ?, latency_p95_ms = ? WHERE config_key = ?",
+                       (pack(hits), float(hits[:, 0].mean()), p95[name], config_key(cfg)))
+    return store, roles, menu_idx, frame_idx
+
+
+def test_a_menu_read_on_some_images_is_chosen_and_scored_on_those_only(swept, tmp_path) -> None:
+    store, roles, menu_idx, frame_idx = _rigged(swept, tmp_path)
+    assert len(menu_idx) == len(frame_idx) == 5
+    everything = Menu.read(store)
+    assert [e.config for e in everything] == [roles["X"], roles["Y"], roles["FULL"]]
+    menu = Menu.read(store, images=menu_idx)
+    assert [e.config for e in menu] == [roles["X"], roles["FULL"]]  # Y is dominated there
+    assert [e.quality for e in menu] == pytest.approx([0.8, 1.0])
+    assert all(e.quality_lo <= e.quality <= e.quality_hi for e in menu)
+    assert menu.entries[0].quality_hi < 1  # its interval is the menu half's (4 of 5), not all the images'
+    assert [e.config for e in Menu.read(store, images=frame_idx)] == [roles["X"], roles["Y"]]  # Y: 1.0 there
+    with pytest.raises(DynavitError, match="image positions"):
+        Menu.read(store, images=[0, 10])
+
+
+def test_start_chooses_the_menu_on_the_menu_half_without_the_frames(swept, tmp_path) -> None:
+    store, roles, menu_idx, frame_idx = _rigged(swept, tmp_path)
+    s = start(store, images=True, profile_runs=0, rescue=False)
+    assert [e.config for e in s.menu] == [roles["X"], roles["FULL"]]  # not Y, which won on the frames
+    assert [e.config for e in s.controller.entries] == [roles["X"], roles["FULL"]]
+    assert [e.quality for e in s.menu] == pytest.approx([0.8, 1.0])
+    assert s.data.n == len(menu_idx) and s.frames.n == len(frame_idx) and s.images["overlap"] == 0
+    assert s.held_out_of(roles["Y"]) == pytest.approx(1.0)  # the frames score, from the store's frame-half results

@@ -160,7 +160,7 @@ def serve_cmd(model: ModelOpt = None, store: ServeStoreOpt = Path("results.db"),
               host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
               port: Annotated[int, typer.Option(help="TCP port.")] = 8000, token: ServeTokenOpt = None,
               max_batch: MaxBatchOpt = 8, max_wait_ms: MaxWaitOpt = 5.0, max_body_mb: MaxBodyOpt = 20.0,
-              max_megapixels: MaxPixelsOpt = 40.0, device: DeviceOpt = "cpu", profile_runs: ServeProfileOpt = 20,
+              max_megapixels: MaxPixelsOpt = 40.0, device: DeviceOpt = "cpu", profile_runs: ServeProfileOpt = 50,
               rule: RuleOpt = "priced", target_miss: TargetMissOpt = 0.01, rescue: ServeRescueOpt = False,
               runtime: RuntimeOpt = "torch", compile: CompileOpt = False, data: MovedDataOpt = None,
               dtype: Annotated[str, typer.Option(help="Serve only the paths measured at these precisions "

@@ -39,7 +39,8 @@ AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (defau
 WorkersOpt = Annotated[int | None, typer.Option(help="Ray actors (default: one per CPU).")]
 BatchOpt = Annotated[int, typer.Option(help="Evaluation (and throughput) batch size.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of random/evolutionary search and of the bootstrap.")]
-RepeatsOpt = Annotated[int, typer.Option(help="Batch-1 latency samples per config.")]
+RepeatsOpt = Annotated[int, typer.Option(help="Batch-1 latency samples per config; p50 and p95 are taken over "
+                                                "them (a p95 of 20 samples is their second-largest).")]
 ReuseOpt = Annotated[bool, typer.Option(help="Reuse activations of shared leading blocks.")]
 MuxOpt = Annotated[list[Path] | None, typer.Option(
     help="A multiplexed model folder (dynavit train --mode multiplex) for configs with mux=N; "
@@ -63,7 +64,7 @@ def sweep_cmd(models: ModelsArg, data: DataOpt, store: StoreOpt = Path("results.
               strategy: StrategyOpt = "random", budget: BudgetOpt = None, backend: BackendOpt = "local",
               address: AddressOpt = None, workers: WorkersOpt = None, calibration: CalibsOpt = None,
               layout: LayoutOpt = None, limit: LimitOpt = None, batch_size: BatchOpt = 32, device: DeviceOpt = "cpu",
-              seed: SeedOpt = 0, latency_repeats: RepeatsOpt = 20, reuse_prefix: ReuseOpt = True,
+              seed: SeedOpt = 0, latency_repeats: RepeatsOpt = 50, reuse_prefix: ReuseOpt = True,
               skip_bad: SkipBadOpt = False, multiplexer: MuxOpt = None,
               dtype: Annotated[str, typer.Option(help="Also measure every config at these precisions "
                                                       "(comma list, e.g. int8).")] = "fp32") -> None:

@@ -5,18 +5,25 @@ measured it (``dynavit.sweep.measured``: source, calibration, multiplexed models
 refuses it when its weights fingerprint is not the one the store recorded, and reads the Pareto
 front by one cost as ``Entry`` items. Entries use the store's field names (``latency_p50_ms``,
 ``latency_p95_ms``, ``batch_p95_ms``), and so do the controller and the server's answers.
+
+``images`` restricts the menu to some of the sweep's images (positions in its image order, as the
+store keeps per-image results): the front is chosen, and each entry's quality and interval measured,
+on those images only, so that the other images can score what was chosen (``runtime.startup``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
 from dynavit.model import DynamicModel
+from dynavit.sweep import stats
 from dynavit.sweep.engine import CachedData
 from dynavit.sweep.measured import load_measured, read_store
 from dynavit.sweep.pareto import cost_of, pareto
@@ -78,20 +85,25 @@ class Menu:
 
     @classmethod
     def read(cls, path: str | Path, *, cost: str = "latency_p95_ms", wide: bool = False,
-             precisions: Sequence[str] = ()) -> Menu:
+             precisions: Sequence[str] = (), images: Sequence[int] | None = None) -> Menu:
         """The store's Pareto front by ``cost``, without a model (to select, not to run).
 
         ``cost="accel_energy_uj:<design>"`` (after ``dynavit accel``): the front by modelled accelerator
         energy, which becomes the entries' ``energy_mj``. Without any measured ``cost`` the front is by
         MACs. ``wide``: the candidates a re-measurement chooses from, the fronts by MACs and by both
         stored latencies together (``Controller.profile`` then keeps the front by what it measured).
-        ``precisions``: only the rows measured at these precisions (empty: all).
+        ``precisions``: only the rows measured at these precisions (empty: all). ``images``: choose and
+        score on these of the sweep's images only (positions in its image order; None: all of them).
         """
         _, target = read_store(path)
         with ResultStore(path, readonly=True) as rs:
-            rows = [r for r in rs.rows(per_image=False) if not precisions or r.config.precision in precisions]
+            rows = [r for r in rs.rows(per_image=images is not None)
+                    if not precisions or r.config.precision in precisions]
         if not rows:
             raise DynavitError(f"{path} has no rows at precision {', '.join(precisions)}")
+        kept: dict[str, np.ndarray] = {}
+        if images is not None:
+            rows, kept = _on_images(rows, images, path)
         try:
             measured = any(cost_of(r, cost) is not None for r in rows)
         except ValueError as e:
@@ -102,17 +114,20 @@ class Menu:
                 raise DynavitError(f"profiling re-measures latency; it cannot re-rank a menu by {cost}")
             front = _union(front, *(pareto(rows, c).menu() for c in ("macs", "latency_p50_ms") if measured
                                     or c == "macs"))
+        if images is not None:  # an interval for what was chosen only: a bootstrap per row is not free
+            front = [_with_interval(r, kept[r.key]) for r in front]
         design = cost.partition(":")[2] if cost.startswith("accel_") else None
         return cls([Entry.from_row(r, design) for r in front], store=Path(path), target=target)
 
     @classmethod
     def from_store(cls, path: str | Path, model: str | DynamicModel | None = None, *, device: str | None = None,
-                   cost: str = "latency_p95_ms", wide: bool = False, precisions: Sequence[str] = ()) -> Menu:
+                   cost: str = "latency_p95_ms", wide: bool = False, precisions: Sequence[str] = (),
+                   images: Sequence[int] | None = None) -> Menu:
         """The store's front (``read``) with the model as the sweep measured it (``model``: another name
         or a loaded model; ``device``: default where the sweep ran); refused when the model's weights
         fingerprint is not the store's."""
         dm, _ = load_measured(path, model, device=device)
-        menu = cls.read(path, cost=cost, wide=wide, precisions=precisions)
+        menu = cls.read(path, cost=cost, wide=wide, precisions=precisions, images=images)
         menu.model = dm
         return menu
 
@@ -126,6 +141,34 @@ class Menu:
         if self.model is None:
             raise DynavitError("this menu has no model: read it with Menu.from_store")
         return self.sweep_target().images(self.model, progress=progress)[0]
+
+
+def _on_images(rows: Sequence[Row], images: Sequence[int], path: str | Path,
+               ) -> tuple[list[Row], dict[str, np.ndarray]]:
+    """The rows with their quality measured on ``images`` only, and their per-image results there (by key).
+
+    The rows keep no per-image results (``pareto`` would bootstrap every row) and no interval yet
+    (``_with_interval`` gives the chosen ones theirs)."""
+    missing = next((r for r in rows if r.per_image is None), None)
+    if missing is not None:
+        raise DynavitError(f"{path} keeps no per-image results for {missing.label or missing.key}: its quality "
+                           "cannot be measured on some of the images")
+    n = {len(r.per_image) for r in rows}
+    if len(n) > 1:
+        raise DynavitError(f"{path}'s rows were scored on different numbers of images ({sorted(n)})")
+    idx, total = np.unique(np.asarray(images, dtype=np.int64)), n.pop()
+    if not len(idx) or idx[0] < 0 or idx[-1] >= total:
+        raise DynavitError(f"image positions must be in [0, {total}) and at least one, got {len(idx)} "
+                           f"in [{idx.min(initial=0)}, {idx.max(initial=0)}]")
+    task = stats.task_of([r.per_image for r in rows])
+    kept = {r.key: r.per_image[idx] for r in rows}
+    return [replace(r, per_image=None, quality=stats.point(kept[r.key], task), quality_lo=None, quality_hi=None)
+            for r in rows], kept
+
+
+def _with_interval(r: Row, per_image: np.ndarray) -> Row:
+    lo, hi = stats.interval(per_image, stats.task_of([per_image]))
+    return replace(r, quality_lo=lo, quality_hi=hi)
 
 
 def _union(*fronts: Sequence[Row]) -> list[Row]:

@@ -13,7 +13,6 @@ another folder. A choice scored on the images that made it looks better than it 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -96,7 +95,7 @@ def start(store: str | Path, model: str | DynamicModel | None = None, *, device:
     ladders = bool(rescue) and profile_runs > 0 and ctrl.can_rescue
     s = Started(menu, ctrl)
     if images or ladders or frames is not None:
-        _split(s, store, frames, menu_share, seed, progress)
+        _split(s, store, frames, menu_share, seed, progress, wide=profile_runs > 0, precisions=precisions)
         ctrl = s.controller = Controller(menu, rescue=rescue is not False, **options)  # on the menu's qualities
     if profile_runs:
         probe = s.data.frames()[0][0] if s.data is not None else menu.model.example_input()
@@ -108,8 +107,11 @@ def start(store: str | Path, model: str | DynamicModel | None = None, *, device:
 
 
 def _split(s: Started, store: str | Path, frames: str | Path | None, share: float, seed: int,
-           progress: bool) -> None:
-    """Load the images, split them into menu and frame images, and re-score the menu on its part."""
+           progress: bool, *, wide: bool, precisions: Sequence[str]) -> None:
+    """Load the images, split them into menu and frame images, and choose the menu again on its part.
+
+    The entries are re-read from the store on the menu's images (``Menu.read(images=...)``): which
+    paths are on the menu is a choice too, and the frame images must take no part in it."""
     data = s.menu.images(progress=progress)
     per_image = _per_image(store)
     if any(len(p) != data.n for p in per_image.values()):
@@ -117,12 +119,12 @@ def _split(s: Started, store: str | Path, frames: str | Path | None, share: floa
     if frames is None:
         menu_idx, frame_idx = stats.split_images(data.n, seed, share)
         s.data, s.frames = data.subset(menu_idx), data.subset(frame_idx)
-    else:
-        menu_idx, frame_idx = np.arange(data.n), None
+        s.menu.entries = Menu.read(store, wide=wide, precisions=precisions, images=menu_idx).entries
+    else:  # frames from another folder: the menu keeps all the sweep's images, as read
+        frame_idx = None
         s.data = data
         s.frames = cache_dataset(s.model, open_dataset(frames), progress=progress)
     task = data.task
-    s.menu.entries = [_rescored(e, per_image.get(e.config), menu_idx, task) for e in s.menu.entries]
     held = {c: stats.point(p[frame_idx], task) for c, p in per_image.items()} if frame_idx is not None else {}
     s.quality_of = path_quality(s.model, s.data)
     s.held_out_of = path_quality(s.model, s.frames, known=held)
@@ -135,14 +137,6 @@ def _split(s: Started, store: str | Path, frames: str | Path | None, share: floa
 def _per_image(store: str | Path) -> dict[Any, np.ndarray]:
     with ResultStore(store, readonly=True) as rs:
         return {r.config: r.per_image for r in rs.rows() if r.per_image is not None}
-
-
-def _rescored(e: Any, per_image: np.ndarray | None, idx: np.ndarray, task: str) -> Any:
-    """``e`` with its quality (and interval) measured on the menu's images only."""
-    if per_image is None:
-        raise DynavitError(f"the store keeps no per-image results for {e.label}: cannot split its images")
-    lo, hi = stats.interval(per_image[idx], task)
-    return dataclasses.replace(e, quality=stats.point(per_image[idx], task), quality_lo=lo, quality_hi=hi)
 
 
 def _start_deployed(store: str | Path, model: Any, *, device: str | None, profile_runs: int,
@@ -164,7 +158,7 @@ def _start_deployed(store: str | Path, model: Any, *, device: str | None, profil
         menu = Menu.from_store(store, model, device=device, wide=profile_runs > 0, precisions=precisions)
         s = Started(menu, Controller(menu, rescue=False, **options))
         if images or frames is not None:  # split and score with the eager model: quality as the sweep measures it
-            _split(s, store, frames, menu_share, seed, progress)
+            _split(s, store, frames, menu_share, seed, progress, wide=profile_runs > 0, precisions=precisions)
         backend = {} if compile is True else {"backend": compile}
         menu.model = compile_paths(menu.model, [e.config for e in menu.entries], **backend)
         s.controller = Controller(menu, rescue=False, **options)
