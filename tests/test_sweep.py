@@ -396,3 +396,23 @@ def test_cached_frames_follow_the_batches(built) -> None:
     assert len(frames) == data.n and frames[0][0].shape == (1, *data.batches[0].shape[1:])
     assert [t for _, t in frames] == [int(t) for tg in data.targets for t in tg]
     assert torch.equal(frames[9][0][0], data.batches[1][1])
+
+
+def test_measure_configs_times_new_configs_round_robin_like_a_sweep(target, tmp_path) -> None:
+    """Configs added to a store later (e.g. rounded by the accelerator DSE) get the sweep's timing protocol."""
+    import dataclasses
+
+    from dynavit.sweep import ResultStore, run_sweep
+    from dynavit.sweep.run import measure_configs
+
+    store = tmp_path / "s.db"
+    run_sweep(dataclasses.replace(target, limit=8), space={"mlp_width": [1.0, 0.75]}, strategy="grid", store=store,
+              progress=False)
+    new = [ExecConfig(mlp_width=0.5), ExecConfig(heads=2)]
+    assert measure_configs(store, new, ["narrow", "two heads"], progress=False) == 2
+    assert measure_configs(store, new, progress=False) == 0  # already there
+    with ResultStore(store, readonly=True) as rs:
+        rows = {r.config: r for r in rs.rows()}
+    for c in new:
+        lat = rows[c].metrics["latency"]
+        assert lat["round"] == 2 and lat["default_drift"] > 0 and rows[c].latency_p95_ms > 0

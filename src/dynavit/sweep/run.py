@@ -362,7 +362,8 @@ def measure_configs(store: str | Path, cfgs: Sequence[ExecConfig], labels: Seque
 
     For tools that derive new configs from stored ones (the accelerator DSE rounds channel
     counts to a vector width): the rows are comparable with every other row of the store.
-    ``latency=False`` skips the CPU latency and throughput timing (quality and MACs only).
+    ``latency=False`` skips the CPU latency and throughput timing (quality and MACs only). Latencies
+    are timed round-robin per group of configs, as a sweep's are, so a drifting machine shows.
     """
     with ResultStore(store, readonly=True) as rs:
         target = SweepTarget(**{**rs.last_target(), **({} if latency else {"measure_latency": False})})
@@ -381,9 +382,10 @@ def measure_configs(store: str | Path, cfgs: Sequence[ExecConfig], labels: Seque
         for c in todo:
             dm.plan_for(c)
         run_id = rs.start_run({"target": asdict(target), "configs": [c.to_dict() for c in todo], "strategy": strategy})
-        for c in tqdm(todo, desc=f"measuring {strategy or 'configs'}", unit="cfg", disable=not progress):
-            row = evaluator.measure(c, label=names[c], strategy=strategy)
-            _store_row(rs, row, default_row, data.task, target, run_id)
+        with tqdm(total=len(todo), desc=f"measuring {strategy or 'configs'}", unit="cfg", disable=not progress) as bar:
+            for row in LocalBackend(evaluator).measure(todo, [names[c] for c in todo], strategy):  # timed round-robin
+                _store_row(rs, row, default_row, data.task, target, run_id)
+                bar.update()
         rs.finish_run(run_id, "done")
         return len(todo)
     finally:
