@@ -50,6 +50,7 @@ class LayerStats:
     method: str
     ridge: float = RIDGE
     solved: dict[tuple[int, str, int], Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    solved_bytes: int = 0  # what the solved corrections hold (int8: weights + fp32 bias, as packed)
 
 
 _layers: weakref.WeakKeyDictionary[nn.Module, LayerStats] = weakref.WeakKeyDictionary()
@@ -138,6 +139,8 @@ def _make(layer: nn.Module, stats: LayerStats, k: int, precision: str) -> Callab
     # must count the path, not the one-off solve
     with _disable_current_modes(), torch.no_grad():
         w, b = solve(weight_matrix(layer), layer.bias, stats, k)
+    per_weight = quant.BYTES_PER_WEIGHT[precision]
+    stats.solved_bytes += w.numel() * per_weight + b.numel() * (4 if precision == "int8" else per_weight)
     if precision == "int8":
         packed = quant.pack_matrix(w, b)
         return lambda x: quant.run_packed(x, packed)
@@ -169,19 +172,11 @@ def held_bytes(module: nn.Module) -> dict[str, int]:
     """Memory the corrections hold beside the weights: statistics, and solved weights per width."""
     out = {"statistics": 0, "solved": 0, "n_solved": 0}
     for m in module.modules():
-        st = _layers.get(m)
-        if st is None:
-            continue
-        out["statistics"] += st.mean.numel() * st.mean.element_size()
-        out["statistics"] += 0 if st.cov is None else st.cov.numel() * st.cov.element_size()
-        out["n_solved"] += len(st.solved)
-        out["solved"] += sum(_closure_bytes(fn) for fn in st.solved.values())
-    for m in module.modules():
-        if m in _skips:
-            out["statistics"] += _skips[m].numel() * _skips[m].element_size()
+        st, mean = _layers.get(m), _skips.get(m)
+        if mean is not None:
+            out["statistics"] += mean.numel() * mean.element_size()
+        if st is not None:
+            out["statistics"] += sum(t.numel() * t.element_size() for t in (st.mean, st.cov) if t is not None)
+            out["n_solved"] += len(st.solved)
+            out["solved"] += st.solved_bytes
     return out
-
-
-def _closure_bytes(fn: Callable) -> int:
-    cells = [c.cell_contents for c in (fn.__closure__ or ())]
-    return sum(t.numel() * t.element_size() for t in cells if isinstance(t, torch.Tensor))
