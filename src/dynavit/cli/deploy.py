@@ -9,6 +9,7 @@ import typer
 
 from dynavit.cli.kit import CalibOpt, ConfigOpt, DeviceOpt, ModelArg, console, interactive, outputs, user_errors
 from dynavit.configured import load_configured, parse_config
+from dynavit.deploy.derive import derive
 from dynavit.deploy.export import FORMATS, check_format, write
 from dynavit.deploy.folder import export_menu
 from dynavit.deploy.predict import predict
@@ -41,6 +42,26 @@ def export_cmd(model: ModelArg, out: Annotated[Path, typer.Option("--out", help=
     path = write(module, dm.example_input(2), out, check_format(format))
     console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB; {parameter_count(module):,} of "
                   f"{parameter_count(dm.module):,} parameters)")
+
+
+DeriveOutOpt = Annotated[Path, typer.Option("--out", help="Folder for the derived Hugging Face model.")]
+DeriveConfigOpt = Annotated[str, typer.Option("--config", help="The path whose structure to keep (JSON, as "
+                                                                "in stores): mlp_width, skip_blocks, decoder_width.")]
+
+
+@app.command("derive")
+@user_errors
+def derive_cmd(model: ModelArg, config: DeriveConfigOpt, out: DeriveOutOpt, calibration: CalibOpt = None,
+               half: Annotated[bool, typer.Option(help="fp16 weights on disk.")] = False) -> None:
+    """A smaller model of the same family cut from one path's structure (calibrated units, compensation
+    folded in), as a Hugging Face folder to fine-tune with ``dynavit train`` and serve as a variant."""
+    outputs((out, True, "--out"))
+    dm = load_configured(model, calibration=calibration)
+    if dm.calibration is None:
+        raise DynavitError("derive keeps the calibrated most important units: pass --calibration (written by "
+                           "`dynavit calibrate`) or a model saved calibrated")
+    folder = derive(dm, parse_config(config), out, half=half)
+    console.print(f"wrote {folder}")
 
 
 ImagesOpt = Annotated[Path, typer.Option("--images", help="Folder of images (any depth).")]

@@ -50,6 +50,9 @@ RandomOpt = Annotated[int, typer.Option(help="paths, sait: random paths per step
 DensitiesOpt = Annotated[str, typer.Option(help="sait: token keep rates, comma-separated.")]
 TokenLayersOpt = Annotated[str | None, typer.Option(help="sait: blocks after which tokens are pruned, "
                                                          "comma-separated (default: 1/4, 1/2, 3/4 of the depth).")]
+TeacherOpt = Annotated[str | None, typer.Option(help="supervised: distil this model's outputs on the same crops "
+                                                     "(e.g. into a model `dynavit derive` cut from it); "
+                                                     "--label-weight is the labels' share, --no-labels: none.")]
 TokenDistillOpt = Annotated[float, typer.Option(help="sait: weight of the early token-selection distillation.")]
 
 
@@ -63,7 +66,7 @@ def train_cmd(model: ModelArg, data: DataOpt, out: OutOpt, mode: ModeOpt = "supe
               temperature: TempOpt = None, label_weight: LabelWOpt = 1.0, default_weight: DefaultWOpt = 1.0,
               space: SpaceOpt = "small", random_paths: RandomOpt = 2, densities: DensitiesOpt = "0.8,0.7,0.6,0.5",
               token_layers: TokenLayersOpt = None, token_distill: TokenDistillOpt = 0.1,
-              calibration: CalibOpt = None) -> None:
+              calibration: CalibOpt = None, teacher: TeacherOpt = None) -> None:
     """Train a model on a labelled dataset; resumable; exports a loadable model with a model card.
 
     --mode paths and --mode sait retrain one set of weights for many execution paths (sandwich rule,
@@ -79,5 +82,5 @@ def train_cmd(model: ModelArg, data: DataOpt, out: OutOpt, mode: ModeOpt = "supe
                    patchifier_depth=patchifier_depth, labels=labels, temperature=temperature,
                    label_weight=label_weight, default_weight=default_weight, space=space, random_paths=random_paths,
                    densities=floats(densities, "--densities"), token_layers=layers, token_distill=token_distill,
-                   calibration=calibration)
+                   calibration=calibration, teacher=teacher)
     run_job(job, console=console)

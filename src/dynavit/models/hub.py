@@ -82,6 +82,16 @@ def source_from_config(config: Any, *, seed: int = 0, source: str | None = None)
     return _wrap_hf(module, source or f"{type(config).__name__}(random init)", preprocessor={})
 
 
+def build_module(config: Any) -> nn.Module:
+    """A transformers model of ``config``'s architecture, with its own initialisation."""
+    return _hf_model_class(config)(config)
+
+
+def source_from_module(module: nn.Module, source: str, preprocessor: dict[str, Any]) -> Source:
+    """A transformers model made here (e.g. a derived one) as a source, with the preprocessing given."""
+    return _wrap_hf(module, source, preprocessor)
+
+
 def _hf_model_class(config: Any) -> type[nn.Module]:
     model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILIES:

@@ -19,6 +19,7 @@ from dynavit.errors import DynavitError
 from dynavit.evaluation import evaluate
 from dynavit.model import DynamicModel, from_config, load
 from dynavit.models.configs import preset_config
+from dynavit.train.distill import Distill
 from dynavit.train.loop import Recipe
 from dynavit.train.multiplex import train_multiplex_and_save
 from dynavit.train.paths import train_paths_and_save
@@ -58,10 +59,13 @@ class TrainJob:
     token_layers: Sequence[int] | None = None
     token_distill: float = 0.1
     calibration: str | Path | None = None
+    teacher: str | None = None  # supervised: distil this model's outputs (e.g. into a model derived from it)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise DynavitError(f"--mode {self.mode} does not exist; use supervised, paths, sait or multiplex")
+        if self.teacher is not None and self.mode != "supervised":
+            raise DynavitError(f"--teacher is for --mode supervised; --mode {self.mode} distils from MODEL itself")
         self.out = Path(self.out)
 
 
@@ -95,10 +99,16 @@ def recipe_for(job: TrainJob, dm: DynamicModel, dataset: Any) -> Recipe:
 
 
 def train_supervised_and_save(dm: DynamicModel, dataset: Any, out: Path, recipe: Recipe, *, name: str,
-                              eval_data: str | Path | None = None, console: Any = None) -> Path:
-    """Train in place, score on ``eval_data`` if given, export to ``out/model`` with a model card."""
-    res = train_supervised(dm, dataset, out, recipe, progress=sys.stderr.isatty())
-    card = {"name": name, **run_card(dataset, recipe, res)}
+                              eval_data: str | Path | None = None, console: Any = None, teacher: str | None = None,
+                              distill: Distill | None = None) -> Path:
+    """Train in place (distilling ``teacher``'s outputs when given), score on ``eval_data`` if given,
+    export to ``out/model`` with a model card."""
+    res = train_supervised(dm, dataset, out, recipe, progress=sys.stderr.isatty(),
+                           teacher=None if teacher is None else load(teacher), distill=distill)
+    card = {"name": name, **run_card(dataset, recipe, res, labels=None if teacher is None else distill.use_labels)}
+    if teacher is not None:
+        card["teacher"] = (f"{teacher} (temperature {distill.temperature:g}, label share "
+                           f"{distill.label_weight if distill.use_labels else 0:g})")
     if eval_data is not None:
         ev = evaluate(dm, open_dataset(eval_data), progress=sys.stderr.isatty())
         key = "miou" if "miou" in ev.metrics else "top1"
@@ -126,8 +136,10 @@ def run_job(job: TrainJob, console: Any = None) -> Path:
                                     labels=job.labels, temperature=job.temperature or 1.0,
                                     label_weight=job.label_weight, default_weight=job.default_weight,
                                     eval_data=job.eval_data, console=console)
+    distill = None if job.teacher is None else Distill(temperature=job.temperature or 1.0,
+                                                       label_weight=job.label_weight, use_labels=job.labels)
     return train_supervised_and_save(dm, dataset, job.out, recipe, name=f"{job.model} trained on {job.data}",
-                                     eval_data=job.eval_data, console=console)
+                                     eval_data=job.eval_data, console=console, teacher=job.teacher, distill=distill)
 
 
 __all__ = ["MODES", "TrainJob", "model_to_train", "recipe_for", "run_job", "train_supervised_and_save"]

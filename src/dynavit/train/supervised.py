@@ -4,13 +4,15 @@ Recipe: AdamW, linear warm-up then polynomial decay (power 1.0), cross-entropy (
 ignored); segmentation logits are upsampled to the crop before the loss. Optional median
 frequency balancing (Eigen & Fergus 2015, as SegNet trains on CamVid) weighs class c by
 median(freq) / freq(c): mIoU averages classes, and thin rare classes (poles, signs, cyclists)
-are otherwise drowned by road and sky. The loop, its
+are otherwise drowned by road and sky. With a teacher, the loss distils its outputs on the same
+crops (``distill.distill_loss``), the labels' cross-entropy weighted in or left out. The loop, its
 determinism per (seed, step) and its atomic checkpoints are shared with the other trainers
 (``loop.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from dynavit.errors import DynavitError
 from dynavit.train import augment, loop
+from dynavit.train.distill import Distill, distill_loss
 from dynavit.train.loop import Recipe, TrainResult
 
 __all__ = ["Recipe", "TrainResult", "export", "make_sampler", "median_frequency_weights", "run_card",
@@ -108,18 +111,25 @@ def median_frequency_weights(dataset: Any, num_classes: int) -> torch.Tensor:
 
 def train_supervised(model: Any, dataset: Any, out: str | Path, recipe: Recipe, *, progress: bool = True,
                      workers: int = 2, stop_after: int | None = None,
-                     augmentation: Callable[..., torch.Tensor] = augment.classification_sample) -> TrainResult:
+                     augmentation: Callable[..., torch.Tensor] = augment.classification_sample,
+                     teacher: Any = None, distill: Distill | None = None) -> TrainResult:
     """Train ``model`` in place on ``dataset``; checkpoints go to ``out/checkpoint`` and resume from there.
 
     ``stop_after`` ends this call after that many steps of the schedule (as if killed after its
     checkpoint), for tests and for splitting a long run. ``augmentation`` replaces the
     classification augmentation (same signature as ``augment.classification_sample``).
+    ``teacher``: a model whose outputs on the same crops ``model`` learns (``distill``: temperature and
+    the labels' share; without labels, the images alone), e.g. a large model teaching one derived from it.
     """
     _check(model, dataset)
     module = _module(model)
     seg = dataset.task == "segmentation"
     ignore = getattr(dataset, "ignore_index", 255)
     identity = {"data": str(getattr(dataset, "root", "?")), "n": len(dataset), "task": dataset.task}
+    if teacher is not None:
+        distill = distill or Distill()
+        identity["teacher"] = {"model": str(getattr(teacher, "source", "?")), **dataclasses.asdict(distill)}
+        teacher_module = _module(teacher).eval()
     sample = make_sampler(model, dataset, recipe, augmentation)
 
     weight = None
@@ -130,7 +140,12 @@ def train_supervised(model: Any, dataset: Any, out: str | Path, recipe: Recipe, 
         logits = _forward(module, x)
         if seg:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits, y, weight=weight, ignore_index=ignore)
+        if teacher is None:
+            return F.cross_entropy(logits, y, weight=weight, ignore_index=ignore)
+        with torch.no_grad():
+            t = _forward(teacher_module, x)
+            t = F.interpolate(t, size=y.shape[-2:], mode="bilinear", align_corners=False) if seg else t
+        return distill_loss(logits, t, y, distill, ignore_index=ignore if seg else -100)
 
     return loop.run(module, dataset, out, recipe, identity, sample=sample, loss=loss, progress=progress,
                     workers=workers, stop_after=stop_after)
