@@ -33,8 +33,9 @@ import torch
 from docsection import write_section
 
 from dynavit.runtime import Controller
-from dynavit.runtime.simulate import default_bounds, hindsight_bounds, make_trace, plot_trace, simulate
+from dynavit.runtime.simulate import hindsight_bounds, plot_trace, simulate
 from dynavit.runtime.startup import start
+from dynavit.runtime.traces import default_bounds, make_trace
 from dynavit.sweep.engine import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,9 +53,10 @@ def table(res, title: str) -> list[str]:
     head += " misses before load | misses under load |" if load else ""
     lines = [title, "", head, "|---" * (10 if load else 8) + "|"]
     for r in res.table():
-        (mlo, mhi), (tlo, thi) = r["miss_ci"], r["top1_ci"]
+        (mlo, mhi), (tlo, thi) = r["miss_ci"], r["quality_ci"]
         line = (f"| {r['policy']} | {r['misses']} | {pct(r['miss_rate'])} [{pct(mlo)}, {pct(mhi)}] | "
-                f"{pct(r['top1'])} [{pct(tlo)}, {pct(thi)}] | {pct(r['menu_top1'])} | {pct(r['held_out_top1'])} | "
+                f"{pct(r['quality'])} [{pct(tlo)}, {pct(thi)}] | {pct(r['menu_quality'])} | "
+                f"{pct(r['held_out_quality'])} | "
                 f"{r['latency_p50_ms']:.1f} | {r['rescued']} |")
         if load:
             line += f" {r['misses_before_load']} | {r['misses_under_load']} |"
@@ -99,9 +101,9 @@ def run(args, threads: int, load: bool = False) -> dict:
             "menu": [{"config": e.label, "top1_menu_images": e.quality, "top1_frame_images": s.held_out_of(e.config),
                       "latency_p50_ms": e.latency_p50_ms, "latency_p95_ms": e.latency_p95_ms} for e in ctrl.entries],
             "policies": rows, "bounds": hindsight_bounds(res, ctrl.entries),
-            "gap_to_oracle_pts": {"realised_top1_on_frames": 100 * (o["top1"] - c["top1"]),
-                                  "menu_top1_in_sample": 100 * (o["menu_top1"] - c["menu_top1"]),
-                                  "menu_top1_out_of_sample": 100 * (o["held_out_top1"] - c["held_out_top1"])},
+            "gap_to_oracle_pts": {"realised_top1_on_frames": 100 * (o["quality"] - c["quality"]),
+                                  "menu_top1_in_sample": 100 * (o["menu_quality"] - c["menu_quality"]),
+                                  "menu_top1_out_of_sample": 100 * (o["held_out_quality"] - c["held_out_quality"])},
             "n_menu_images": len(s.images["menu_images"]), "n_frame_images": len(s.images["frame_images"]),
             "menu_images": s.images["menu_images"], "frame_images": s.images["frame_images"],
             "overlap": s.images["overlap"], "setup_s": setup, "seconds": time.perf_counter() - t0,

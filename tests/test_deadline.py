@@ -15,7 +15,8 @@ from dynavit.config import ExecConfig
 from dynavit.deadline import Deadline, stage_shares
 from dynavit.errors import DynavitError
 from dynavit.runtime import Controller, Entry
-from dynavit.runtime.simulate import make_trace, simulate
+from dynavit.runtime.simulate import simulate
+from dynavit.runtime.traces import make_trace
 
 FULL, MID, SMALL = ExecConfig(), ExecConfig(mlp_width=0.5), ExecConfig(resolution=160)
 
@@ -183,7 +184,7 @@ def test_simulate_measures_the_quality_of_rescued_frames(ticking) -> None:
     assert ctl.summary()["rescued"] == 4 and ctl.quality == [0.5] * 4
     assert all(cfg.skip_blocks for cfg in seen) and res.policies["smallest"].summary()["rescued"] == 0
     blind = simulate(dm, c, frames, tight, policies=("controller",), progress=False, warmup=1)
-    assert math.isnan(blind.policies["controller"].summary()["menu_top1"])  # unknown, not guessed
+    assert math.isnan(blind.policies["controller"].summary()["menu_quality"])  # unknown, not guessed
 
 
 def test_a_rescue_ladder_makes_a_tight_path_worth_choosing() -> None:

@@ -94,13 +94,14 @@ def test_killed_sweep_resumes_with_exactly_the_rows_of_an_uninterrupted_one(asse
     assert all(p["frames"] == 8 for p in policies)
     oracle = next(p for p in policies if p["policy"] == "oracle")
     assert set(sim_json["bounds"]) == {"speed known", "speed unknown"} and "bound: speed known" in sim.stdout
-    assert all(b["menu_top1"] <= oracle["menu_top1"] + 1e-9 for b in sim_json["bounds"].values())
+    assert all(b["menu_quality"] <= oracle["menu_quality"] + 1e-9 for b in sim_json["bounds"].values())
     assert all(p["rescued"] == 0 for p in policies if p["policy"] != "controller")  # only the controller rescues
-    assert all(0 <= p["menu_top1"] <= 1 for p in policies)  # rescued frames scored by the path that ran, never NaN
+    assert all(0 <= p["menu_quality"] <= 1 for p in policies)  # rescued frames scored by the path that ran, never NaN
     # the menu was measured on one half of the sweep's 16 images, the frames came from the other half
     assert sim_json["overlap"] == 0 and len(sim_json["menu_images"]) == len(sim_json["frame_images"]) == 8
     assert not set(sim_json["menu_images"]) & set(sim_json["frame_images"])
-    assert all(0 <= p["held_out_top1"] <= 1 and p["miss_ci"][0] <= p["miss_rate"] <= p["miss_ci"][1] for p in policies)
+    assert all(0 <= p["held_out_quality"] <= 1 and p["miss_ci"][0] <= p["miss_rate"] <= p["miss_ci"][1]
+               for p in policies)
 
 
 def test_read_only_store_is_a_clear_error_and_stays_intact(assets, tmp_path) -> None:

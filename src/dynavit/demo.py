@@ -30,8 +30,9 @@ from dynavit.data.datasets import file_sha1, list_images, read_image
 from dynavit.evaluation import evaluate
 from dynavit.model import load
 from dynavit.report import write_report
-from dynavit.runtime.simulate import hindsight_bounds, make_trace, simulate
+from dynavit.runtime.simulate import hindsight_bounds, simulate
 from dynavit.runtime.startup import start
+from dynavit.runtime.traces import make_trace
 from dynavit.sweep import SweepTarget, pareto, run_sweep
 
 
@@ -101,11 +102,13 @@ def _trace(store: Path, console: Console, frames: int = 120) -> list[dict]:
     for r in res.table():
         lo_m, hi_m = r["miss_ci"]
         console.print(f"  {r['policy']:12s} misses {r['misses']:4d} ({100 * r['miss_rate']:4.1f} %, 95 % CI "
-                      f"{100 * lo_m:.1f}-{100 * hi_m:.1f})  top-1 on the frames {100 * r['top1']:5.1f} %  "
-                      f"(menu images {100 * r['menu_top1']:5.1f} %, frame images {100 * r['held_out_top1']:5.1f} %)"
+                      f"{100 * lo_m:.1f}-{100 * hi_m:.1f})  top-1 on the frames {100 * r['quality']:5.1f} %  "
+                      f"(menu images {100 * r['menu_quality']:5.1f} %, "
+                      f"frame images {100 * r['held_out_quality']:5.1f} %)"
                       f"  p50 {r['latency_p50_ms']:6.1f} ms  rescued {r['rescued']:3d}")
     for name, b in hindsight_bounds(res, ctrl.entries).items():  # how close any controller could get
-        console.print(f"  bound, {name}: misses {100 * b['miss_rate']:.1f} %, menu top-1 {100 * b['menu_top1']:.1f} % "
+        console.print(f"  bound, {name}: misses {100 * b['miss_rate']:.1f} %, "
+                      f"menu top-1 {100 * b['menu_quality']:.1f} % "
                       "(menu images)")
     return res.table()
 

@@ -13,15 +13,9 @@ from rich.table import Table
 
 from dynavit.cli.kit import DeviceOpt, JsonOpt, MovedDataOpt, console, interactive, outputs, print_wide, user_errors
 from dynavit.errors import DynavitError
-from dynavit.runtime.simulate import (
-    default_bounds,
-    hindsight_bounds,
-    load_trace,
-    make_trace,
-    plot_trace,
-    simulate,
-)
+from dynavit.runtime.simulate import frame_scorer, hindsight_bounds, plot_trace, simulate
 from dynavit.runtime.startup import start
+from dynavit.runtime.traces import default_bounds, load_trace, make_trace
 from dynavit.serve import client, load_for_store
 from dynavit.sweep.store import images_at
 
@@ -72,7 +66,7 @@ def simulate_cmd(store: MenuOpt, trace: TraceOpt = "random-walk", frames: Frames
     """Run real inferences frame by frame against per-frame budgets: controller vs baselines.
 
     The menu's qualities and rescue ladders are measured on half of the sweep's images; the frames
-    are the other half (or --frame-images), so top-1 is measured on images no choice has seen.
+    are the other half (or --frame-images), so top-1 (or mIoU) is measured on images no choice has seen.
     """
     _profile_runs(profile_runs)
     outputs((json_out, False, "--json"), (plot, False, "--plot"))
@@ -87,14 +81,12 @@ def simulate_cmd(store: MenuOpt, trace: TraceOpt = "random-walk", frames: Frames
                   images=True, frames=frame_images, seed=seed, progress=interactive(), margin=margin, rule=rule,
                   target_miss=target_miss, compile=compile)
     ctrl = s.controller
-    if s.data.task != "classification":
-        raise DynavitError("simulate scores classification sweeps (top-1 per frame); this store is "
-                           f"{s.data.task}")
     lo = lo or default_bounds(ctrl)[0]
     hi = hi or 4 * lo
     budgets = load_trace(trace) if Path(trace).is_file() else make_trace(trace, frames, lo, hi, seed)
     res = simulate(s.model, ctrl, s.frames.frames(), budgets, load_at=load_at, quality_of=s.quality_of,
-                   held_out_of=s.held_out_of, interleave=interleave, seed=seed, progress=interactive())
+                   held_out_of=s.held_out_of, interleave=interleave, seed=seed, progress=interactive(),
+                   score=frame_scorer(s.frames))
     bounds = hindsight_bounds(res, ctrl.entries, target_miss)
     _print_simulation(res, budgets, trace, bounds)
     console.print(f"menu measured on {len(s.images['menu_images'])} images; frames drawn from "
@@ -117,7 +109,8 @@ def _print_simulation(res: Any, budgets: np.ndarray, trace: str, bounds: dict[st
     """One row per policy, then the hindsight bounds."""
     t = Table(title=f"{len(budgets)} frames, budgets {budgets.min():.1f}-{budgets.max():.1f} ms ({trace})"
                     + (f", competing load from frame {res.load_frame}" if res.load_frame is not None else ""))
-    cols = ["policy", "misses", "miss % [95% CI]", "top-1 % (frames)", "menu top-1 % (menu images)",
+    metric = "mIoU" if res.task == "segmentation" else "top-1"
+    cols = ["policy", "misses", "miss % [95% CI]", f"{metric} % (frames)", f"menu {metric} % (menu images)",
             "(frame images)", "p50 ms", "rescued"]
     if res.load_frame is not None:
         cols += ["misses before load", "misses under load"]
@@ -126,14 +119,15 @@ def _print_simulation(res: Any, budgets: np.ndarray, trace: str, bounds: dict[st
     for row in res.table():
         lo, hi = row["miss_ci"]
         cells = [row["policy"], str(row["misses"]), f"{100 * row['miss_rate']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
-                 f"{100 * row['top1']:.1f}", f"{100 * row['menu_top1']:.1f}", f"{100 * row['held_out_top1']:.1f}",
+                 f"{100 * row['quality']:.1f}", f"{100 * row['menu_quality']:.1f}",
+                 f"{100 * row['held_out_quality']:.1f}",
                  f"{row['latency_p50_ms']:.1f}", str(row["rescued"])]
         if res.load_frame is not None:
             cells += [str(row["misses_before_load"]), str(row["misses_under_load"])]
         t.add_row(*cells)
     for name, b in bounds.items():  # what knowing the machine's speed (not each run's own jitter) would reach
         t.add_row(f"bound: {name}", str(round(b["miss_rate"] * len(budgets))), f"{100 * b['miss_rate']:.1f}", "",
-                  f"{100 * b['menu_top1']:.1f}", "", "", *[""] * (len(cols) - 7))
+                  f"{100 * b['menu_quality']:.1f}", "", "", *[""] * (len(cols) - 7))
     print_wide(t, 150)
 
 

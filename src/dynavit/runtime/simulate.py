@@ -41,85 +41,25 @@ import torch
 from tqdm.auto import tqdm
 
 from dynavit.config import ExecConfig
+from dynavit.data.metrics import percentile_ci
 from dynavit.errors import DynavitError
+from dynavit.pipeline import Scorer
 from dynavit.runtime.choice import share_above
 from dynavit.runtime.controller import Controller
 from dynavit.runtime.menu import Entry
 from dynavit.runtime.run import forward
 from dynavit.sweep.engine import Evaluator
-from dynavit.sweep.stats import clopper_pearson
+from dynavit.sweep.stats import clopper_pearson, main_metric, point, replicates
 
-TRACES = ("step", "sine", "random-walk", "bursty")
 POLICIES = ("controller", "uncorrected", "default", "smallest", "static", "oracle")
-
-
-def default_bounds(controller: Controller) -> tuple[float, float]:
-    """A 4x budget range starting just above the cheapest path's measured p95."""
-    lo = 1.2 * min(e.latency_p95_ms for e in controller.entries if e.latency_p95_ms)
-    return lo, 4 * lo
-
-
-def make_trace(kind: str, n: int, lo: float, hi: float, seed: int = 0) -> np.ndarray:
-    """Per-frame latency budgets (ms) between ``lo`` and ``hi``."""
-    if n < 1:
-        raise DynavitError(f"a trace needs at least one frame, got {n}")
-    if not 0 < lo <= hi:
-        raise DynavitError(f"trace bounds must satisfy 0 < lo <= hi, got {lo}, {hi}")
-    t = np.arange(n)
-    rng = np.random.default_rng(seed)
-    if kind == "step":  # four plateaus: hi, lo, hi, lo
-        return np.where((t * 4 // n) % 2 == 0, hi, lo).astype(float)
-    if kind == "sine":
-        return lo + (hi - lo) * (1 + np.sin(2 * math.pi * t / max(n / 2, 1))) / 2
-    if kind == "random-walk":  # in log space, reflected at the bounds
-        x = np.empty(n)
-        x[0] = math.log(math.sqrt(lo * hi))
-        for i in range(1, n):
-            x[i] = x[i - 1] + rng.normal(0, 0.08)
-            x[i] = min(max(x[i], math.log(lo)), math.log(hi))
-        return np.exp(x)
-    if kind == "bursty":  # mostly generous, with bursts of tight budgets
-        out = np.full(n, hi)
-        i = 0
-        while i < n:
-            if rng.random() < 0.06:
-                k = int(rng.integers(5, 16))
-                out[i:i + k] = lo
-                i += k
-            i += 1
-        return out
-    raise DynavitError(f"unknown trace {kind!r} (choose from {', '.join(TRACES)}, or give a file)")
-
-
-def load_trace(path: str | Path) -> np.ndarray:
-    """One budget in ms per line (blank lines and ``#`` comments ignored)."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DynavitError(f"cannot read trace {path}: {e}") from None
-    values = []
-    for i, line in enumerate(lines, 1):
-        line = line.split("#")[0].strip()
-        if not line:
-            continue
-        try:
-            v = float(line.split(",")[0])
-        except ValueError:
-            raise DynavitError(f"{path}:{i}: {line!r} is not a latency budget in ms") from None
-        if not math.isfinite(v) or v <= 0:
-            raise DynavitError(f"{path}:{i}: budget {v} must be a positive number of ms")
-        values.append(v)
-    if not values:
-        raise DynavitError(f"{path} holds no budgets")
-    return np.asarray(values)
 
 
 @dataclass
 class PolicyStats:
     name: str
+    task: str = "classification"
     latency_ms: list[float] = field(default_factory=list)
-    correct: list[bool] = field(default_factory=list)
+    scores: list[np.ndarray] = field(default_factory=list)  # per frame, as a sweep's per-image statistics
     met: list[bool] = field(default_factory=list)
     configs: list[str] = field(default_factory=list)
     quality: list[float] = field(default_factory=list)  # the executed path's quality on the menu's images
@@ -132,22 +72,49 @@ class PolicyStats:
         """Counts with exact (Clopper-Pearson) 95 % intervals: a handful of misses in a few hundred
         frames is a wide interval, and a rate of 0 is not a guarantee.
 
-        ``top1``: realised on the frames, the headline; ``menu_top1``: the chosen paths' top-1 on the
-        menu's images (in-sample: those images chose the menu); ``held_out_top1``: the same paths'
-        top-1 on the frame images, free of which image each frame drew.
+        ``quality`` (``metric``: top-1, or mIoU over the trace's pooled pixels): realised on the
+        frames, the headline, with an exact interval (top-1) or a bootstrap over frames (mIoU);
+        ``menu_quality``: the chosen paths' quality on the menu's images (in-sample: those images
+        chose the menu); ``held_out_quality``: the same paths' quality on the frame images, free of
+        which image each frame drew.
         """
-        met, corr, lat = self.met[sl], self.correct[sl], self.latency_ms[sl]
+        met, lat = self.met[sl], self.latency_ms[sl]
         n = len(met)
         if not n:
-            return {"frames": 0, "misses": 0, "miss_rate": math.nan, "rescued": 0, "top1": math.nan,
-                    "menu_top1": math.nan, "held_out_top1": math.nan, "latency_p50_ms": math.nan}
-        misses, hits = n - int(sum(met)), int(sum(corr))
+            return {"frames": 0, "misses": 0, "miss_rate": math.nan, "rescued": 0, "metric": main_metric(self.task),
+                    "quality": math.nan, "menu_quality": math.nan, "held_out_quality": math.nan,
+                    "latency_p50_ms": math.nan}
+        misses = n - int(sum(met))
         return {"frames": n, "misses": misses, "miss_rate": misses / n, "miss_ci": clopper_pearson(misses, n),
-                "rescued": sum(bool(d) for d in self.dropped[sl]),
-                "top1": hits / n, "top1_ci": clopper_pearson(hits, n),
-                "menu_top1": float(np.mean(self.quality[sl])),
-                "held_out_top1": float(np.mean(self.held_out[sl])) if self.held_out else math.nan,
+                "rescued": sum(bool(d) for d in self.dropped[sl]), "metric": main_metric(self.task),
+                **self._realised(np.stack(self.scores[sl])),
+                "menu_quality": float(np.mean(self.quality[sl])),
+                "held_out_quality": float(np.mean(self.held_out[sl])) if self.held_out else math.nan,
                 "latency_p50_ms": float(np.median(lat))}
+
+    def _realised(self, per_frame: np.ndarray) -> dict[str, Any]:
+        if self.task == "classification":
+            hits = int(per_frame[:, 0].sum())
+            return {"quality": hits / len(per_frame), "quality_ci": clopper_pearson(hits, len(per_frame))}
+        return {"quality": point(per_frame, self.task),
+                "quality_ci": percentile_ci(replicates(per_frame, self.task, 1000, 0))}
+
+
+def frame_scorer(data: Any) -> Callable[[torch.Tensor, Any], np.ndarray]:
+    """Scores one frame's output as a sweep scores an image (``data``: the sweep's ``CachedData``)."""
+
+    def score(logits: torch.Tensor, target: Any) -> np.ndarray:
+        sc = Scorer(data.task, logits.shape[1], data.num_classes, data.ignore_index)
+        sc.update(logits, [target] if data.task == "segmentation" else torch.tensor([int(target)]))
+        return sc.per_image()[0]
+
+    score.task = data.task  # type: ignore[attr-defined]
+    return score
+
+
+def _top1(logits: torch.Tensor, target: Any) -> np.ndarray:
+    pred = logits.argmax(-1)[0]
+    return np.array([int(pred) == int(target), 0], dtype=np.uint8)
 
 
 @dataclass
@@ -157,6 +124,10 @@ class SimResult:
     load_frame: int | None
     slowdown: list[float]  # the corrected controller's machine slowdown estimate per frame
 
+    @property
+    def task(self) -> str:
+        return next(iter(self.policies.values())).task
+
     def table(self) -> list[dict[str, Any]]:
         out = []
         for name, p in self.policies.items():
@@ -164,7 +135,7 @@ class SimResult:
             if self.load_frame is not None:
                 before, after = p.summary(slice(0, self.load_frame)), p.summary(slice(self.load_frame, None))
                 row.update(misses_before_load=before["misses"], misses_under_load=after["misses"],
-                           top1_under_load=after["top1"])
+                           quality_under_load=after["quality"])
             out.append(row)
         return out
 
@@ -205,8 +176,9 @@ class _Policies:
     """The policies of one simulation: what each runs on a frame, and what it saw."""
 
     def __init__(self, dm: Any, controller: Controller, budgets: np.ndarray, policies: Sequence[str],
-                 others: Mapping[str, Controller]) -> None:
+                 others: Mapping[str, Controller], score: Callable[[torch.Tensor, Any], np.ndarray]) -> None:
         self.dm, self.controller, self.others, self.entries = dm, controller, others, controller.entries
+        self.score = score
         # the uncorrected twin: same menu and rule, predictions frozen, no deadline
         self.plain = Controller(self.entries, model=dm, options=controller.options, correct=False, rescue=False)
         self.fixed = {"static": self.plain.select(latency_ms=float(np.median(budgets))).entry,
@@ -214,15 +186,16 @@ class _Policies:
                       "default": next((e for e in self.entries if e.config.is_default),
                                       max(self.entries, key=lambda e: e.quality))}
         self.names = [*policies, *others]
-        self.stats = {p: PolicyStats(p) for p in self.names}
+        task = getattr(score, "task", "classification")
+        self.stats = {p: PolicyStats(p, task) for p in self.names}
         self.slowdown: list[float] = []
 
-    def timed(self, cfg: ExecConfig, x: torch.Tensor) -> tuple[float, int]:
+    def timed(self, cfg: ExecConfig, x: torch.Tensor) -> tuple[float, torch.Tensor]:
         ran = forward(self.dm, cfg, x)
-        return ran.ms, int(ran.output.argmax(-1)[0])
+        return ran.ms, ran.output
 
-    def choose(self, name: str, budget: float, x: torch.Tensor) -> tuple[Entry, float, int, ExecConfig]:
-        """(entry chosen, ms, predicted label, path that ran) of policy ``name`` on one frame."""
+    def choose(self, name: str, budget: float, x: torch.Tensor) -> tuple[Entry, float, torch.Tensor, ExecConfig]:
+        """(entry chosen, ms, output, path that ran) of policy ``name`` on one frame."""
         if name == "oracle":
             runs = [(e, *self.timed(e.config, x)) for e in self.entries]
             self.stats["oracle"].menu_ms.append([r[1] for r in runs])
@@ -232,7 +205,7 @@ class _Policies:
         if name in self.others or name in ("controller", "uncorrected"):
             ctrl = self.others.get(name, self.controller if name == "controller" else self.plain)
             out = ctrl.run(x, latency_ms=budget)
-            return out.choice.entry, out.measured_ms, int(out.output.argmax(-1)[0]), out.executed
+            return out.choice.entry, out.measured_ms, out.output, out.executed
         e = self.fixed[name]
         return (e, *self.timed(e.config, x), e.config)
 
@@ -243,11 +216,11 @@ class _Policies:
 
     def step(self, name: str, frame: tuple[torch.Tensor, int], budget: float) -> None:
         x, label = frame
-        e, ms, pred, path = self.choose(name, budget, x)
+        e, ms, output, path = self.choose(name, budget, x)
         st = self.stats[name]
         st.latency_ms.append(ms)
         st.met.append(ms <= budget)
-        st.correct.append(pred == label)
+        st.scores.append(self.score(output, label))
         st.configs.append(e.label)
         st.executed.append(path)
         st.dropped.append(tuple(sorted(set(path.skip_blocks) - set(e.config.skip_blocks))))
@@ -272,14 +245,17 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
              policies: Sequence[str] = POLICIES, others: Mapping[str, Controller] | None = None,
              quality_of: Callable[[ExecConfig], float] | None = None,
              held_out_of: Callable[[ExecConfig], float] | None = None, interleave: bool = False, seed: int = 0,
-             warmup: int = 3, progress: bool = True) -> SimResult:
-    """Run every policy on every frame; ``frames`` are (pixels (1, 3, H, W), label) pairs, cycled.
+             warmup: int = 3, progress: bool = True,
+             score: Callable[[torch.Tensor, Any], np.ndarray] | None = None) -> SimResult:
+    """Run every policy on every frame; ``frames`` are (pixels (1, 3, H, W), target) pairs, cycled.
 
+    ``score(output, target)``: one frame's statistics (``frame_scorer``, for segmentation too);
+    default: top-1 against an integer label.
     ``others``: more controllers, each a policy under its name (after ``policies``).
     ``quality_of(config)``: the quality of a path that is not on the menu, for frames on which a
     deadline dropped blocks (``path_quality`` measures it on the sweep's images). Without it such
-    frames have no menu quality, and ``menu_top1`` is NaN. ``held_out_of(config)``: a path's quality on
-    the frame images (``startup.start``'s ``held_out_of``), for ``held_out_top1``.
+    frames have no menu quality, and ``menu_quality`` is NaN. ``held_out_of(config)``: a path's quality on
+    the frame images (``startup.start``'s ``held_out_of``), for ``held_out_quality``.
     ``interleave``: the policies take turns on each frame (order shuffled per frame with ``seed``)
     instead of making one pass each: a paired comparison on a machine whose speed drifts.
     """
@@ -292,7 +268,7 @@ def simulate(dm: Any, controller: Controller, frames: Sequence[tuple[torch.Tenso
         raise DynavitError(f"controllers in others cannot reuse policy names: {sorted(clash)}")
     if not frames:
         raise DynavitError("no frames to run")
-    p = _Policies(dm, controller, budgets, policies, others)
+    p = _Policies(dm, controller, budgets, policies, others, score or _top1)
     load_frame = int(load_at * len(budgets)) if load_at is not None else None
     rng = np.random.default_rng(seed)
     # side by side: each frame, every policy in a fresh random order; else one pass per policy, as
@@ -348,7 +324,7 @@ def hindsight_bounds(res: SimResult, entries: Sequence[Entry], target_miss: floa
 
     The oracle also sees the own jitter of the one run it keeps; no controller can, since a run's
     time is known only after it ran. The gap between the oracle and ``speed known`` is that part.
-    Returns ``{name: {"miss_rate", "menu_top1", "price"}}``; empty without an oracle pass.
+    Returns ``{name: {"miss_rate", "menu_quality", "price"}}``; empty without an oracle pass.
     """
     oracle = res.policies.get("oracle")
     if oracle is None or not oracle.menu_ms:
@@ -369,9 +345,9 @@ def hindsight_bounds(res: SimResult, entries: Sequence[Entry], target_miss: floa
             score = np.where(risk <= 0.5, q[None, :] - price * risk, -np.inf)
             pick = np.where(np.isfinite(score).any(axis=1), score.argmax(axis=1), cheapest)
             tried.append({"miss_rate": float(np.mean(ms[np.arange(len(ms)), pick] > b)),
-                          "menu_top1": float(np.mean(q[pick])), "price": float(price)})
+                          "menu_quality": float(np.mean(q[pick])), "price": float(price)})
         fit = [t for t in tried if t["miss_rate"] <= target_miss]  # none: even the safest price misses more
-        out[name] = max(fit, key=lambda t: t["menu_top1"]) if fit else min(tried, key=lambda t: t["miss_rate"])
+        out[name] = max(fit, key=lambda t: t["menu_quality"]) if fit else min(tried, key=lambda t: t["miss_rate"])
     return out
 
 
