@@ -27,6 +27,7 @@ Writes ``sweep-camvid`` (.md, .json) and ``accel-camvid`` (benchmarks/results/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import re
 import shutil
@@ -74,8 +75,8 @@ def commit_model(runs: list[Path], dst: Path) -> None:
     export(lm, dst, card, half=True)
 
 
-def calibrate(model: Path, out: Path) -> Path:
-    folder = out / "calibration"
+def calibrate(model: Path, folder: Path) -> Path:
+    """``model`` calibrated on 62 CamVid train images (every 6th index) into ``folder`` (reused when there)."""
     if (folder / "calibration.json").is_file():
         return folder
     train = open_dataset(assets_dir() / "camvid" / "train")
@@ -128,16 +129,15 @@ def accel_choices(ex: Exploration) -> dict[str, dict[float, Row]]:
     return {d.arch.name: {drop: d.rows[d.best_within_drop(drop)] for drop in ex.drops} for d in ex.designs}
 
 
-def score_on_val(model: Path, calib: Path, cfgs: Sequence[ExecConfig], done: dict[str, Row]) -> float:
-    """Evaluate each config not in ``done`` once on the val images (quality and MACs, no timing), into ``done``.
-
-    Returns the seconds it took."""
+def score_on_val(select: SweepTarget, cfgs: Sequence[ExecConfig], done: dict[str, Row]) -> float:
+    """Evaluate each config not in ``done`` once on the val images (quality and MACs, no timing), into ``done``,
+    with the models and calibrations of ``select`` (the target that chose them). Returns the seconds it took."""
     todo = [c for c in cfgs if config_key(c) not in done]
     if not todo:
         return 0.0
     t0 = time.perf_counter()
-    target = SweepTarget(model=str(model), data=str(assets_dir() / "camvid" / "val"), calibration=str(calib),
-                         measure_latency=False)
+    target = dataclasses.replace(select, data=str(assets_dir() / "camvid" / "val"), limit=None,
+                                 measure_latency=False)
     _, _, ev, _ = target.build(progress=True)
     for c, nxt in zip(todo, [*todo[1:], None], strict=True):
         row = ev.measure(c, next_config=nxt)
@@ -321,7 +321,7 @@ def main() -> None:
     if args.from_run is not None:
         commit_model(args.from_run, args.model)
     t0, cached = time.perf_counter(), (args.out / "calibration" / "calibration.json").is_file()
-    calib = calibrate(args.model, args.out)
+    calib = calibrate(args.model, args.out / "calibration")
     timings = {"calibration": None if cached else time.perf_counter() - t0}  # None: an earlier run's
     store = args.out / f"segformer-b0-train{args.select_images}.db"
     target = SweepTarget(model=str(args.model), data=str(assets_dir() / "camvid" / "train"), calibration=str(calib),
@@ -336,7 +336,7 @@ def main() -> None:
     base = next(r for r in rows if r.config.is_default)
     n_select = len(base.per_image)
     ch = choose(rows, base)
-    timings["val"] = score_on_val(args.model, calib, ch.configs(base), ch.val)
+    timings["val"] = score_on_val(target, ch.configs(base), ch.val)
     body = sweep_section(args, sweeps, rows, ch, timings)
     write_section("sweep-camvid", "Sweep: CamVid SegFormer-B0 mIoU-MACs menu (chosen on train, reported on val)",
                   body)
@@ -346,7 +346,7 @@ def main() -> None:
         return
     ex, timings["accel"] = run_accel(args, store, [r.config for r in rows])
     ch.accel = accel_choices(ex)
-    timings["accel_val"] = score_on_val(args.model, calib, ch.configs(base), ch.val)
+    timings["accel_val"] = score_on_val(target, ch.configs(base), ch.val)
     write_json("sweep-camvid", payload(args, sweeps, base, ch, n_select, timings))  # now with the accel choices
     body = accel_section(args, ex, base, ch, timings["accel"])
     write_section("accel-camvid", "Accelerator: CamVid SegFormer-B0 paths on four designs (modelled)", body)

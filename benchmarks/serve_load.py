@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from docsection import write_section
+from docsection import write_json, write_section
 
 from dynavit.assets import assets_dir
 from dynavit.sweep.engine import device_name
@@ -145,6 +145,7 @@ def main() -> None:
               "`dropped_blocks`). The two rows ran one after the other, each server with its own start-up "
               "profile."]
     body = "\n".join(lines)
+    write_json("serve-load", {"requests": args.requests, "clients": args.clients, "runs": rows})
     write_section("serve-load", "Server load test (loopback)", body)
     print(body)
 

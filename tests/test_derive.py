@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_vit
 from transformers import SegformerConfig
 
 import dynavit
@@ -15,8 +16,6 @@ from dynavit.deploy.derive import derive
 from dynavit.deploy.slice import DeployError
 from dynavit.pipeline import Scorer
 from dynavit.sweep import stats
-
-from helpers import tiny_vit
 
 
 def _segformer() -> dynavit.DynamicModel:
