@@ -59,4 +59,6 @@ def test_ray_sweep_matches_the_local_backend(local_cluster, target, tmp_path) ->
         assert r.macs == lo.macs and r.macs_by_class == lo.macs_by_class
         assert r.quality == lo.quality and (r.quality_lo, r.quality_hi) == (lo.quality_lo, lo.quality_hi)
         assert r.latency_p50_ms > 0  # measured on the actor
+        # timed as the local backend times them: round-robin within a group, its spread recorded
+        assert set(r.metrics["latency"]) == set(lo.metrics["latency"]) >= {"runs", "spread"}
 

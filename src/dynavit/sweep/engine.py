@@ -332,9 +332,10 @@ class Evaluator:
         return times, {"default_drift": float(np.median(after) / np.median(before)), "round": len(cfgs)}
 
     def measure_round(self, cfgs: list[ExecConfig], labels: list[str] | None = None, strategy: str = "",
-                      group: int = 4) -> Iterator[Row]:
-        """``measure`` for many configs, in order (each told the next, for prefix reuse), their latencies
-        timed together (``_round_latency``) in groups of ``group``; rows come group by group.
+                      group: int = 4, then: ExecConfig | None = None) -> Iterator[Row]:
+        """``measure`` for many configs, in order (each told the next, for prefix reuse; the last told
+        ``then``), their latencies timed together (``_round_latency``) in groups of ``group``; rows come
+        group by group.
 
         Each row's ``metrics["latency"]`` keeps how far its first and last timings were apart
         (``spread``, a ratio of medians) and the default path's end/start ratio in its round
@@ -343,7 +344,7 @@ class Evaluator:
         labels = labels or [""] * len(cfgs)
         for g in range(0, len(cfgs), group):
             part = cfgs[g:g + group]
-            rows = [self.measure(c, next_config=cfgs[g + j + 1] if g + j + 1 < len(cfgs) else None,
+            rows = [self.measure(c, next_config=cfgs[g + j + 1] if g + j + 1 < len(cfgs) else then,
                                  label=labels[g + j], strategy=strategy, latency=False)
                     for j, c in enumerate(part)]
             if self.measure_latency:

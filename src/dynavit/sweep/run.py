@@ -146,6 +146,7 @@ class RayBackend:
     """Spreads configs over Ray actors, each holding its own model and cached data."""
 
     name = "ray"
+    GROUP = 4  # configs an actor times together, round-robin (the local backend's group)
 
     def __init__(self, target: SweepTarget, dm: Any, *, address: str | None = None,
                  workers: int | None = None) -> None:
@@ -167,18 +168,22 @@ class RayBackend:
         self.actors = [remote.remote(target) for _ in range(n)]
 
     def measure(self, cfgs: Sequence[ExecConfig], labels: Sequence[str], strategy: str) -> Iterator[Row]:
+        """Each actor takes a contiguous share (prefix sharing) and times it round-robin in groups of
+        ``GROUP``, as the local backend does; a group's rows are stored as soon as it is done."""
         order = _sharing_order(cfgs, self.dm)
         n = len(self.actors)
-        chunks = [order[k * len(order) // n:(k + 1) * len(order) // n] for k in range(n)]  # contiguous: sharing
+        chunks = [order[k * len(order) // n:(k + 1) * len(order) // n] for k in range(n)]
         futures = []
         for actor, chunk in zip(self.actors, chunks, strict=True):
-            for pos, i in enumerate(chunk):
-                nxt = cfgs[chunk[pos + 1]] if pos + 1 < len(chunk) else None
-                futures.append(actor.measure.remote(cfgs[i], next_config=nxt, label=labels[i], strategy=strategy))
+            for g in range(0, len(chunk), self.GROUP):
+                part = chunk[g:g + self.GROUP]
+                then = cfgs[chunk[g + self.GROUP]] if g + self.GROUP < len(chunk) else None
+                futures.append(actor.measure_round.remote([cfgs[i] for i in part], [labels[i] for i in part],
+                                                          strategy, then))
         pending = list(futures)
         while pending:
             done, pending = self.ray.wait(pending, num_returns=1)
-            yield self.ray.get(done[0])
+            yield from self.ray.get(done[0])
 
     def close(self) -> None:
         for a in self.actors:
@@ -191,8 +196,9 @@ class _RemoteEvaluator:
     def __init__(self, target: SweepTarget) -> None:
         self.evaluator = target.build()[2]
 
-    def measure(self, cfg: ExecConfig, **kw: Any) -> Row:
-        return self.evaluator.measure(cfg, **kw)
+    def measure_round(self, cfgs: list[ExecConfig], labels: list[str], strategy: str,
+                      then: ExecConfig | None) -> list[Row]:
+        return list(self.evaluator.measure_round(cfgs, labels, strategy, group=len(cfgs), then=then))
 
 
 # ---------------------------------------------------------------------------------------- the loop
