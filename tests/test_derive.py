@@ -14,6 +14,7 @@ import dynavit
 from dynavit.config import ExecConfig
 from dynavit.deploy.derive import derive
 from dynavit.deploy.slice import DeployError
+from dynavit.knobs import compensate
 from dynavit.pipeline import Scorer
 from dynavit.sweep import stats
 
@@ -26,7 +27,7 @@ def _segformer() -> dynavit.DynamicModel:
     return dm
 
 
-@pytest.mark.filterwarnings("ignore:the skipped blocks")
+@pytest.mark.filterwarnings("error")  # SegFormer's skipped-block means fold exactly: nothing to warn about
 @pytest.mark.parametrize("path", [{"mlp_width": 0.5, "decoder_width": 0.5, "skip_blocks": [1]},
                                   {"mlp_width": 0.75, "skip_blocks": [3, 6]}, {}])
 def test_derived_segformer_runs_the_path_it_was_cut_from(path, tmp_path) -> None:
@@ -50,6 +51,27 @@ def test_derived_segformer_runs_the_path_it_was_cut_from(path, tmp_path) -> None
     assert sum(p.numel() for p in small.model.parameters()) <= sum(p.numel() for p in dm.model.parameters())
 
 
+def test_skipped_blocks_means_fold_into_the_bias_before_them(tmp_path) -> None:
+    """A skipped block's mean output: into the previous block's fc2 bias, or the stage's embedding norm."""
+    dm = _segformer()
+    x = torch.randn(2, 3, 64, 64)
+    path = ExecConfig(skip_blocks=(1, 2), mlp_width=0.5)  # block 1 ends stage 0, block 2 starts stage 1
+    dm.configure(path)
+    with torch.no_grad():
+        calibrated = dm(x)
+        for i in (1, 2):
+            width = dm.model.config.hidden_sizes[dm.module.stage_of[i]]
+            for sub in (dm.module.blocks[i].attn, dm.module.blocks[i].mlp):
+                compensate.install_skip(sub, torch.linspace(-3.0, 3.0, width)[None])
+        expected = dm(x)
+    dm.configure()
+    scale = float(expected.abs().max())
+    assert (expected - calibrated).abs().max() > 0.2 * scale  # the means matter to this path's output
+    small = dynavit.load(derive(dm, path, tmp_path / "small"))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-4 * scale)
+
+
 def test_derived_vit_keeps_the_calibrated_units_and_blocks(tmp_path) -> None:
     dm = tiny_vit(layers=4)
     dm.calibrate(torch.randn(16, 3, *dm.input_size), batch_size=8)
@@ -71,7 +93,6 @@ def test_derived_vit_keeps_the_calibrated_units_and_blocks(tmp_path) -> None:
         torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore:the skipped blocks")
 @pytest.mark.parametrize("path, words", [({"heads": 1}, "heads"), ({"precision": "int8"}, "precision"),
                                          ({"skip_attn": [2]}, "one sub-layer"), ({"mlp_width": 0.6}, "whole multiple"),
                                          ({"decoder_branches": [0, 1]}, "decoder branches"),

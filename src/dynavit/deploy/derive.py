@@ -10,8 +10,9 @@ Only what a transformers config can express is derived: MLP width (one ``interme
 ViT; one whole ``mlp_ratios`` entry per SegFormer stage), whole skipped blocks (fewer layers, or fewer
 blocks per SegFormer stage) and SegFormer's decoder width. Heads, sub-layer skips, token knobs,
 resolution, precision and decoder branches stay run-time knobs: asking for them raises and says so.
-A skipped block's calibrated mean output (``compensation`` skip means) has no place in a config
-and is left out, with a warning.
+A skipped block's calibrated mean output (``compensation`` skip means) is folded into the bias just
+before it in the residual stream (exact for SegFormer, whose one mean serves every token); a CLS-token
+model's two means (CLS, patches) have no place in a config and are left out, with a warning.
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ def derive(dm: Any, config: ExecConfig | dict, folder: str | Path, *, half: bool
         compensate.copy_to(dm.module, impl)
     finally:
         dm.configure(previous)
+    kept = [i for i, b in enumerate(plan.blocks) if b.attn and b.mlp]
     with torch.no_grad():
         slice_to_plan(impl, plan)
-    kept = [i for i, b in enumerate(plan.blocks) if b.attn and b.mlp]
-    comp = getattr(dm.calibration, "compensation", None)
-    if comp is not None and comp.skip_means and len(kept) < len(plan.blocks):
-        note = (f"{note}\n\nThe path adds the calibrated mean output of each skipped block; a transformers "
-                "config has no place for it, so the derived model leaves it out until it is trained.").strip()
+        lost = _fold_skip_means(impl, plan, kept)
+    if lost:
+        note = (f"{note}\n\nThe path adds the calibrated mean output of each skipped block, one for the CLS "
+                "token and one for the others; a transformers config has no place for that, so the derived "
+                "model leaves it out until it is trained.").strip()
         warnings.warn("the skipped blocks' calibrated mean outputs are not carried into the derived model "
                       "(train it before use)", stacklevel=2)
     small = hub.build_module(_derived_config(dm, plan, kept))
@@ -94,6 +96,27 @@ def _check_structural(plan: Plan, full: Plan) -> None:
         raise DeployError(f"cannot derive a model from {plan.config!r}: {', '.join(why)} stay run-time knobs; "
                           "derive from the MLP width, whole-block skips and decoder width, and run the rest "
                           "on the derived model")
+
+
+def _fold_skip_means(impl: Any, plan: Plan, kept: list[int]) -> bool:
+    """Add each skipped block's calibrated mean output where the residual stream last changed before it:
+    the previous kept block's ``fc2`` bias in its stage, else the stage's patch-embedding LayerNorm bias.
+    Exact when one mean serves every token (SegFormer). True when a mean could not be folded (CLS-token
+    models keep one mean for the CLS token and one for the others)."""
+    stage_of = tuple(getattr(impl, "stage_of", (0,) * len(plan.blocks)))
+    lost = False
+    for i, p in enumerate(plan.blocks):
+        blk = impl.blocks[i]
+        means = [m for m in (compensate.skip_mean(blk.attn), compensate.skip_mean(blk.mlp)) if m is not None]
+        if p.attn or p.mlp or not means:
+            continue
+        if impl.family != "segformer" or any(m.shape[0] != 1 for m in means):
+            lost = True
+            continue
+        before = [j for j in kept if j < i and stage_of[j] == stage_of[i]]
+        bias = impl.blocks[before[-1]].mlp.fc2.bias if before else impl.patch_embeds[stage_of[i]].norm.bias
+        bias.add_(sum(means)[0].to(bias))
+    return lost
 
 
 def _derived_config(dm: Any, plan: Plan, kept: list[int]) -> Any:

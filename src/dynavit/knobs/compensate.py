@@ -66,6 +66,11 @@ def install_skip(sublayer: nn.Module, mean: torch.Tensor) -> None:
     _skips[sublayer] = mean
 
 
+def skip_mean(sublayer: nn.Module) -> torch.Tensor | None:
+    """The mean a skipped ``sublayer`` adds back (None when it has none)."""
+    return _skips.get(sublayer)
+
+
 def uninstall(module: nn.Module) -> None:
     """Remove every correction of ``module``'s layers (the uncompensated knobs again)."""
     for m in module.modules():
