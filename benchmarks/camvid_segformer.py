@@ -61,10 +61,11 @@ BUDGETS = (0.9, 0.8, 0.7, 0.65, 0.6, 0.5)  # composed vs single knob within this
 TASK = "segmentation"
 
 
-def commit_model(runs: list[Path], dst: Path) -> None:
-    """fp16 copy of the last run's exported model; the card lists every stage (each run's card)."""
+def commit_model(runs: list[Path], dst: Path, name: str = "SegFormer-B0 trained from scratch on CamVid train by "
+                 "dynavit", extra: dict[str, str] | None = None) -> None:
+    """fp16 copy of the last run's exported model; the card: ``extra``, then every stage (each run's card)."""
     lm = dynavit.load(runs[-1] / "model")
-    card: dict[str, str] = {"name": "SegFormer-B0 trained from scratch on CamVid train by dynavit"}
+    card: dict[str, str] = {"name": name, **(extra or {})}
     for i, run in enumerate(runs, 1):
         stage = dict(re.findall(r"^- \*\*(.+?)\*\*: (.*)$", (run / "model" / "README.md").read_text(), re.M))
         prefix = f"stage {i} " if len(runs) > 1 else ""

@@ -31,19 +31,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from camvid_segformer import calibrate, score_on_val
+from camvid_segformer import calibrate, commit_model, score_on_val
 from docsection import write_json, write_section
 from simulate_deit import thin
 
-import dynavit
 from dynavit.accel.arch import Arch
 from dynavit.accel.dse import explore
 from dynavit.assets import assets_dir
@@ -52,7 +49,6 @@ from dynavit.runtime.startup import start
 from dynavit.runtime.traces import default_bounds, make_trace
 from dynavit.sweep import ResultStore, Row, SweepTarget, pareto, run_sweep, stats
 from dynavit.sweep.engine import device_name
-from dynavit.train.supervised import export
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE, SMALL = ROOT / "models" / "segformer-b0-camvid-ft", ROOT / "models" / "segformer-b0-half-camvid"
@@ -64,26 +60,17 @@ RESOLUTIONS = [None, [320, 448], [288, 384], [256, 352], [224, 320]]
 TASK = "segmentation"
 
 
-def commit(run: Path, dst: Path, name: str, extra: dict[str, str]) -> None:
-    """fp16 copy of the model ``dynavit train`` exported to ``run/model``, its card extended by ``extra``."""
-    card: dict[str, str] = {"name": name, **extra}
-    card.update(re.findall(r"^- \*\*(.+?)\*\*: (.*)$", (run / "model" / "README.md").read_text(), re.M))
-    card["weights"] = "fp16 safetensors (dynavit.load returns fp32); the commands above reproduce them"
-    if dst.exists():
-        shutil.rmtree(dst)
-    export(dynavit.load(run / "model"), dst, card, half=True)
-
-
 def commit_models(half_run: Path | None, base_run: Path | None) -> None:
     if base_run is not None:
-        commit(base_run, BASE, "SegFormer-B0 for CamVid: models/segformer-b0-camvid fine-tuned 1500 more steps",
+        commit_model([base_run], BASE, "SegFormer-B0 for CamVid: models/segformer-b0-camvid fine-tuned 1500 more steps",
                {"started from": "models/segformer-b0-camvid (its card gives its two training stages)",
                 "why": "the same 1500-step recipe as the derived half-width model, so the two differ only in size",
                 "selection": "the recipe and step count are the half-width model's, fixed before it was trained; "
                              "this model was trained because that one's val score beat the committed B0's, so "
                              "that the two compare at equal training; nothing was tuned on val"})
     if half_run is not None:
-        commit(half_run, SMALL, "SegFormer-B0-half for CamVid: derived from models/segformer-b0-camvid, fine-tuned",
+        commit_model([half_run], SMALL,
+                     "SegFormer-B0-half for CamVid: derived from models/segformer-b0-camvid, fine-tuned",
                {"derived by": f"`{DERIVE}` (the calibration: the B0's, on 62 CamVid train images, every 6th index, "
                               "as `benchmarks/compensation.py --camvid` writes it): the calibrated most important "
                               "half of every MLP and of the decoder, with the calibrated least-squares "

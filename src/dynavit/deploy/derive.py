@@ -53,9 +53,10 @@ def derive(dm: Any, config: ExecConfig | dict, folder: str | Path, *, half: bool
     finally:
         dm.configure(previous)
     kept = [i for i, b in enumerate(plan.blocks) if b.attn and b.mlp]
+    stage_of = tuple(impl.stage_of) if dm.family == "segformer" else (0,) * len(plan.blocks)
     with torch.no_grad():
         slice_to_plan(impl, plan)
-        lost = _fold_skip_means(impl, plan, kept)
+        lost = _fold_skip_means(impl, plan, kept, stage_of)
     if lost:
         note = (f"{note}\n\nThe path adds the calibrated mean output of each skipped block, one for the CLS "
                 "token and one for the others; a transformers config has no place for that, so the derived "
@@ -63,7 +64,6 @@ def derive(dm: Any, config: ExecConfig | dict, folder: str | Path, *, half: bool
         warnings.warn("the skipped blocks' calibrated mean outputs are not carried into the derived model "
                       "(train it before use)", stacklevel=2)
     small = hub.build_module(_derived_config(dm, plan, kept))
-    stage_of = tuple(impl.stage_of) if dm.family == "segformer" else (0,) * len(plan.blocks)
     small.load_state_dict(_renumbered(hf.state_dict(), stage_of, kept), strict=True)
     out = hub.source_from_module(small.eval(), f"{dm.source} derived: {cfg!r}", dm.preprocessor)
     from dynavit.model import DynamicModel  # the model module imports deploy: import at call time
@@ -98,12 +98,11 @@ def _check_structural(plan: Plan, full: Plan) -> None:
                           "on the derived model")
 
 
-def _fold_skip_means(impl: Any, plan: Plan, kept: list[int]) -> bool:
+def _fold_skip_means(impl: Any, plan: Plan, kept: list[int], stage_of: tuple[int, ...]) -> bool:
     """Add each skipped block's calibrated mean output where the residual stream last changed before it:
     the previous kept block's ``fc2`` bias in its stage, else the stage's patch-embedding LayerNorm bias.
     Exact when one mean serves every token (SegFormer). True when a mean could not be folded (CLS-token
     models keep one mean for the CLS token and one for the others)."""
-    stage_of = tuple(getattr(impl, "stage_of", (0,) * len(plan.blocks)))
     lost = False
     for i, p in enumerate(plan.blocks):
         blk = impl.blocks[i]
