@@ -43,7 +43,8 @@ from sweep_deit import single_knob
 
 import dynavit
 from dynavit.accel.arch import Arch
-from dynavit.accel.dse import Exploration, design_points, explore, markdown_table, write_exploration
+from dynavit.accel.dse import Exploration, design_points, explore
+from dynavit.accel.dse_report import markdown_table, write_exploration
 from dynavit.assets import assets_dir
 from dynavit.config import ExecConfig
 from dynavit.data import open_dataset
@@ -298,8 +299,9 @@ def run_accel(args: argparse.Namespace, store: Path, configs: list[ExecConfig]) 
     archs = design_points(Arch.preset("simba-v16"), [8, 16, 32, 64])
     t0 = time.perf_counter()
     # ZigZag's layer costs depend on the design and the layer shape only: kept across reruns and stores
+    # the store's train images choose (all of them), val reports: no split inside the store
     ex = explore(store, archs, configs=configs, limit=args.accel_configs, cache=args.out / "zigzag-layers.db",
-                 search="fast", workers=2)
+                 search="fast", workers=2, select_share=None)
     secs = time.perf_counter() - t0
     write_exploration(ex, args.out / "accel")
     shutil.copy(args.out / "accel" / "dse_fronts.png", ROOT / "docs" / "img" / "accel_camvid_fronts.png")

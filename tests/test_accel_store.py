@@ -15,10 +15,11 @@ from transformers import ViTConfig
 import dynavit
 from dynavit.accel.arch import Arch
 from dynavit.accel.cost import CostCache
-from dynavit.accel.dse import cost_store, design_points, explore, markdown_table, write_exploration
+from dynavit.accel.dse import cost_store, design_points, explore
+from dynavit.accel.dse_report import markdown_table, write_exploration
 from dynavit.config import ExecConfig
 from dynavit.runtime import Controller
-from dynavit.sweep import ResultStore, SweepTarget, run_sweep
+from dynavit.sweep import ResultStore, SweepTarget, run_sweep, stats
 from dynavit.sweep.pareto import cost_of, pareto
 
 require("zigzag")  # the accel extra, part of the dev install: CI fails rather than skips
@@ -110,6 +111,31 @@ def test_design_exploration_rounds_channels_to_the_vector_width(store, tmp_path)
     out = write_exploration(ex, tmp_path / "dse")
     assert {"dse.json", "dse.md", "dse_fronts.png"} <= {p.name for p in out.iterdir()}
     assert "simba-v64" in markdown_table(ex)
+
+
+def test_design_exploration_chooses_on_one_half_and_reports_on_the_other(store):
+    archs = design_points(Arch.preset("simba-v16"), [16])
+    ex = explore(store, archs, limit=6, search="fast", workers=2, drops=(0.0, 0.2), progress=False)
+    d = ex.designs[0]
+    pick, score = d.split
+    assert len(pick) == len(score) == 8 and not set(pick) & set(score)  # 16 images, disjoint halves
+    q = [stats.point(r.per_image, "classification") for r in d.rows]
+    assert q == [r.quality for r in d.rows]
+    for drop, rec in d.summary(ex.drops)["at_drop"].items():
+        on_pick = [stats.point(r.per_image[pick], "classification") for r in d.rows]
+        q0 = on_pick[d.default()]
+        ok = [i for i in range(len(d.rows)) if on_pick[i] >= q0 - float(drop) / 100 - 1e-12]
+        i = min(ok, key=lambda i: (d.costs[i].energy_uj, -on_pick[i]))  # chosen on the choosing half only
+        assert rec["config"] == d.rows[i].config.to_dict() and not rec["in_sample"]
+        held = stats.point(d.rows[i].per_image[score], "classification")
+        assert rec["quality"] == held and rec["selected_quality"] == on_pick[i]
+        base = stats.point(d.rows[d.default()].per_image[score], "classification")
+        assert rec["drop_pts"] == pytest.approx(100 * (base - held))
+        lo, hi = rec["delta_ci_pts"]
+        assert lo <= -rec["drop_pts"] <= hi and rec["n_score"] == 8
+    inside = explore(store, archs, limit=6, search="fast", workers=2, select_share=None, progress=False)
+    assert inside.designs[0].split is None
+    assert all(a["in_sample"] for a in inside.designs[0].summary(inside.drops)["at_drop"].values())
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:

@@ -10,19 +10,21 @@ cannot skip fewer channels than V. A rounded config is a different path with its
 quality, so it is *measured* (added to the store, same images and protocol) unless its plan
 equals the original's. Then, per design: the energy-quality front and the energy saved at a
 given quality drop. Heads are whole heads already; token counts are not channel knobs.
+
+"The least-energy path within 1 pt" is a choice among many paths: by default it is made on one half
+of the store's images and its drop is reported, with a paired interval, on the other half.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
+import numpy as np
 from tqdm.auto import tqdm
 
 from dynavit.accel.arch import Arch
@@ -30,6 +32,7 @@ from dynavit.accel.cost import CostCache, PathCost, fill_cache, path_cost
 from dynavit.accel.lower import Lowered, lower
 from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
+from dynavit.sweep import stats
 from dynavit.sweep.measured import load_measured
 from dynavit.sweep.pareto import pareto
 from dynavit.sweep.run import measure_configs
@@ -112,6 +115,12 @@ class DesignResult:
     rows: list[Row]  # the configs as this design runs them (channels rounded to its granularity)
     costs: list[PathCost]
     rounded: int = 0  # configs whose plan changed with the granularity
+    task: str = "classification"
+    split: tuple[np.ndarray, np.ndarray] | None = None  # (choosing, scoring) image indices; None: in-sample
+
+    def _quality(self, i: int, images: np.ndarray | None) -> float:
+        r = self.rows[i]
+        return r.quality if images is None else stats.point(r.per_image[images], self.task)
 
     def front(self) -> list[int]:
         """Indices of the energy-quality Pareto front, cheapest first."""
@@ -127,10 +136,12 @@ class DesignResult:
         return next(i for i, r in enumerate(self.rows) if r.config.is_default)
 
     def best_within_drop(self, drop: float) -> int:
-        """The least-energy config whose quality is at most ``drop`` (fraction) below the default's."""
-        q0 = self.rows[self.default()].quality
-        ok = [i for i in range(len(self.rows)) if self.rows[i].quality >= q0 - drop - 1e-12]
-        return min(ok, key=lambda i: (self.costs[i].energy_uj, -self.rows[i].quality))
+        """The least-energy config whose quality is at most ``drop`` (fraction) below the default's,
+        on the choosing images (all of them without a split)."""
+        q = [self._quality(i, self.split[0] if self.split else None) for i in range(len(self.rows))]
+        q0 = q[self.default()]
+        ok = [i for i in range(len(self.rows)) if q[i] >= q0 - drop - 1e-12]
+        return min(ok, key=lambda i: (self.costs[i].energy_uj, -q[i]))
 
     def summary(self, drops: Sequence[float]) -> dict[str, Any]:
         d = self.default()
@@ -144,11 +155,23 @@ class DesignResult:
         for drop in drops:
             i = self.best_within_drop(drop)
             out["at_drop"][f"{100 * drop:g}"] = {
-                "config": self.rows[i].config.to_dict(), "label": self.rows[i].label,
-                "quality": self.rows[i].quality, "drop_pts": 100 * (self.rows[d].quality - self.rows[i].quality),
+                "config": self.rows[i].config.to_dict(), "label": self.rows[i].label, **self._reported(i),
                 "energy_uj": self.costs[i].energy_uj, "energy_saving": 1 - self.costs[i].energy_uj / e0,
                 "latency_ms": self.costs[i].latency_ms, "latency_saving": 1 - self.costs[i].latency_ms / t0}
         return out
+
+    def _reported(self, i: int) -> dict[str, Any]:
+        """A chosen path's quality and drop: on the scoring images with a paired interval, or in-sample."""
+        d = self.default()
+        if self.split is None:
+            return {"quality": self.rows[i].quality, "drop_pts": 100 * (self.rows[d].quality - self.rows[i].quality),
+                    "in_sample": True}
+        pick, score = self.split
+        delta, lo, hi = stats.paired_delta(self.rows[i].per_image[score], self.rows[d].per_image[score], self.task)
+        return {"quality": self._quality(i, score), "drop_pts": -100 * delta, "delta_ci_pts": [100 * lo, 100 * hi],
+                "selected_quality": self._quality(i, pick), "selected_drop_pts": 100 * (
+                    self._quality(d, pick) - self._quality(i, pick)),
+                "n_select": len(pick), "n_score": len(score), "in_sample": False}
 
 
 @dataclass
@@ -210,8 +233,14 @@ def _pick(rows: list[Row], limit: int | None, task: str) -> list[Row]:
 def explore(store: str | Path, archs: Sequence[Arch], *, model: str | None = None,
             configs: Sequence[ExecConfig] | None = None, limit: int | None = None, cache: str | Path | None = None,
             search: str = "fast", workers: int = 2, drops: Sequence[float] | None = None,
-            vector_granularity: bool = True, progress: bool = True) -> Exploration:
-    """Energy-quality fronts of a store's configs on each design (see the module docstring)."""
+            vector_granularity: bool = True, select_share: float | None = 0.5, seed: int = 0,
+            progress: bool = True) -> Exploration:
+    """Energy-quality fronts of a store's configs on each design (see the module docstring).
+
+    ``select_share``: the share of the store's images that choose each design's path at a drop; the
+    rest report it. None chooses and reports on all of them (when the store's images only choose,
+    and another set reports, as in the CamVid benchmark).
+    """
     t0 = time.perf_counter()
     store = Path(store)
     dm = load_store_model(store, model)
@@ -230,7 +259,8 @@ def explore(store: str | Path, archs: Sequence[Arch], *, model: str | None = Non
     phases["measure_s"] = time.perf_counter() - t
     t = time.perf_counter()
     with ResultStore(store, readonly=True) as rs:
-        by_key = {r.key: r for r in rs.rows(per_image=False)}
+        by_key = {r.key: r for r in rs.rows(per_image=select_share is not None)}
+    split = _split([by_key[config_key(c)] for cfgs in per_design for c in cfgs], select_share, seed)
     lowerer = Lowerer(dm)
     lowered = {config_key(c): lowerer(c)
                for c in tqdm(list(dict.fromkeys(c for cfgs in per_design for c in cfgs)), desc="lowering paths",
@@ -248,8 +278,21 @@ def explore(store: str | Path, archs: Sequence[Arch], *, model: str | None = Non
     finally:
         cc.close()
     phases["sum_s"] = time.perf_counter() - t
+    for r in results:
+        r.task, r.split = task, split
     return Exploration(results, task, meta.get("metric", "quality"), drops, time.perf_counter() - t0, searches,
                        len(new), {"phases": phases, "unique_paths": len(lowered)})
+
+
+def _split(rows: Sequence[Row], share: float | None, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Choosing and scoring image indices over the rows' images, or None for in-sample choices."""
+    if share is None:
+        return None
+    if any(r.per_image is None for r in rows):
+        raise DynavitError("the store's rows carry no per-image results, so a path cannot be chosen on one half of "
+                           "the images and reported on the other; re-measure them, or choose in-sample "
+                           "(select_share=None)")
+    return stats.split_images(len(rows[0].per_image), seed, share)
 
 
 def _design_configs(rows: Sequence[Row], archs: Sequence[Arch], dm: Any, vector_granularity: bool
@@ -262,7 +305,9 @@ def _design_configs(rows: Sequence[Row], archs: Sequence[Arch], dm: Any, vector_
     per_design: list[list[ExecConfig]] = []
     rounded: list[int] = []
     labels: dict[ExecConfig, str] = {}
-    by_plan = {_plan_key(r.config, dm): r.config for r in rows}  # one config (one row) per path
+    by_plan: dict[Any, ExecConfig] = {}
+    for r in rows:  # one config (one row) per path: the first, so the default stands for its own plan
+        by_plan.setdefault(_plan_key(r.config, dm), r.config)
     for a in archs:
         cfgs, n = [], 0
         for r in rows:
@@ -304,53 +349,3 @@ def _design_results(store: Path, archs: Sequence[Arch], per_design: list[list[Ex
                 costs.append(pc)
             results.append(DesignResult(a, drs, costs, n))
     return results
-
-
-def write_exploration(ex: Exploration, out: str | Path) -> Path:
-    """``dse.json``, ``dse.md`` (the table) and ``dse_fronts.png`` in ``out``."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DynavitError(f"cannot write to {out}: {e.strerror or e}") from None
-    (out / "dse.json").write_text(json.dumps(ex.to_json(), indent=1))
-    (out / "dse.md").write_text(markdown_table(ex))
-    plot_fronts(ex).savefig(out / "dse_fronts.png", dpi=120)
-    return out
-
-
-def markdown_table(ex: Exploration) -> str:
-    sums = ex.summaries()
-    heads = ["design", "V", "GB KiB", "default energy uJ", "default latency ms", "util"]
-    for d in ex.drops:
-        heads += [f"saving @<= {100 * d:g} pt (energy / latency)"]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for s in sums:
-        cells = [s["design"], str(s["vector_size"]), f"{s['global_buffer_kib']:g}", f"{s['default_energy_uj']:.1f}",
-                 f"{s['default_latency_ms']:.3f}", f"{s['default_utilization']:.2f}"]
-        for d in ex.drops:
-            a = s["at_drop"][f"{100 * d:g}"]
-            cells.append(f"{100 * a['energy_saving']:.1f}% / {100 * a['latency_saving']:.1f}% "
-                         f"(Δ {-a['drop_pts']:+.1f} pt, {a['energy_uj']:.1f} uJ)")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_fronts(ex: Exploration) -> Figure:
-    fig = Figure(figsize=(11, 4.2))
-    ax_abs, ax_rel = fig.subplots(1, 2)
-    for d in ex.designs:
-        f = d.front()
-        e0 = d.costs[d.default()].energy_uj
-        q = [100 * d.rows[i].quality for i in f]
-        ax_abs.step([d.costs[i].energy_uj for i in f], q, where="post", marker="o", ms=3, label=d.arch.name)
-        ax_rel.step([d.costs[i].energy_uj / e0 for i in f], q, where="post", marker="o", ms=3, label=d.arch.name)
-    ax_abs.set_xlabel("modelled energy per image (uJ)")
-    ax_rel.set_xlabel("energy relative to the design's default path")
-    for ax in (ax_abs, ax_rel):
-        ax.set_ylabel(f"{ex.metric} (%)")
-        ax.grid(alpha=0.3)
-    ax_abs.legend(fontsize=8)
-    fig.suptitle("energy-quality Pareto fronts per accelerator design")
-    fig.tight_layout()
-    return fig

@@ -14,7 +14,8 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from dynavit.accel.arch import Arch
-from dynavit.accel.dse import cost_store, design_points, explore, markdown_table, write_exploration
+from dynavit.accel.dse import cost_store, design_points, explore
+from dynavit.accel.dse_report import markdown_table, write_exploration
 from dynavit.cli.kit import MovedDataOpt, console, outputs, user_errors
 from dynavit.configured import parse_configs
 from dynavit.errors import DynavitError
@@ -49,6 +50,8 @@ DseLimitOpt = Annotated[int | None, typer.Option(help="At most N configs: the de
                                                       "configs it cannot rule out (best first), then the rest.")]
 GranularityOpt = Annotated[bool, typer.Option(help="Round channel knobs to V (measures new configs).")]
 DseOutOpt = Annotated[Path, typer.Option(help="dse.json, dse.md, dse_fronts.png.")]
+SelectOpt = Annotated[float, typer.Option(help="Share of the store's images that choose each design's path at a drop; "
+                                               "the rest report it. 1: choose and report on all (in-sample).")]
 
 
 def _archs(specs: list[str]) -> list[Arch]:
@@ -95,9 +98,12 @@ def _print_costs(name: str, pairs: list[tuple[Any, Any]], store: Path) -> None:
 def dse_cmd(model: ModelArg, store: StoreOpt = Path("results.db"), base: BaseOpt = "simba-v16",
             vector_sizes: VectorOpt = "8,16,32,64", global_buffers: BufferOpt = "", limit: DseLimitOpt = None,
             granularity: GranularityOpt = True, out: DseOutOpt = Path("out/accel-dse"), search: SearchOpt = "fast",
-            workers: WorkersOpt = 2, cache: CacheOpt = None, data: MovedDataOpt = None) -> None:
+            workers: WorkersOpt = 2, cache: CacheOpt = None, select_share: SelectOpt = 0.5,
+            data: MovedDataOpt = None) -> None:
     """Energy-quality fronts of the store's paths on designs of different vector width and memory."""
     outputs((out, True, "--out"))
+    if not 0 < select_share <= 1:
+        raise DynavitError(f"--select-share must be in (0, 1], got {select_share}")
     try:
         vs = [int(v) for v in vector_sizes.split(",") if v.strip()]
         gbs = [float(g) for g in global_buffers.split(",") if g.strip()]
@@ -106,7 +112,8 @@ def dse_cmd(model: ModelArg, store: StoreOpt = Path("results.db"), base: BaseOpt
     archs = design_points(_archs([base])[0], vs, gbs)
     with images_at(data):  # new configs are measured on the sweep's images
         ex = explore(store, archs, model=None if model == "-" else model, limit=limit, cache=cache, search=search,
-                     workers=workers, vector_granularity=granularity)
+                     workers=workers, vector_granularity=granularity,
+                     select_share=None if select_share == 1 else select_share)
     write_exploration(ex, out)
     console.print(markdown_table(ex))
     console.print(f"{len(archs)} designs, {ex.zigzag_searches} ZigZag searches, {ex.measured_configs} configs "
