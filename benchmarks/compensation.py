@@ -12,8 +12,8 @@ photographs, which neither calibration saw (the evaluator leaves calibration ima
    the most accurate is CHOSEN on one half of them and REPORTED on the other half
    (``pareto.confirmed_best``), with its paired delta to the full model and a bootstrap CI.
 3. ``--camvid``: the committed CamVid SegFormer-B0, calibrated (with compensation) on 64 CamVid
-   train images; its MLP width and decoder width knobs with the corrections switched off and on,
-   on the 101 val images (mIoU).
+   train images; its MLP width, decoder width and dropped decoder branch knobs with the corrections
+   switched off and on, on the 101 val images (mIoU).
 
 Writes benchmarks/results/compensation-cpu.json and docs/img/compensation_deit.png:
 
@@ -62,8 +62,11 @@ def calibrate(model: str, images: list, hashes: list[str], folder: Path, comp: b
 def curves(ev, dm, task: str) -> dict[str, list[dict]]:
     """Quality along each single knob, skips in the calibration's own order."""
     if task == "segmentation":  # the decoder and MLP width knobs (a SegFormer evaluation is slow on a CPU)
+        n = dm.space.decoder_branches
         return {"mlp_width": [_point(ev, ExecConfig(mlp_width=w), task, w) for w in (1.0, 0.75, 0.5)],
-                "decoder_width": [_point(ev, ExecConfig(decoder_width=w), task, w) for w in (0.5, 0.25)]}
+                "decoder_width": [_point(ev, ExecConfig(decoder_width=w), task, w) for w in (0.5, 0.25)],
+                "decoder_branch_dropped": [_point(ev, ExecConfig(decoder_branches=tuple(j for j in range(n) if j != i)),
+                                                  task, i) for i in range(n)]}
     cal = dm.calibration
     out: dict[str, list[dict]] = {"mlp_width": [], "heads": []}
     for w in MLP:
@@ -163,7 +166,7 @@ def toggled(model: str, data: Path, calib_images: list, hashes: list[str], out: 
         dm.eval()
         comp = dm.calibration.compensation
         if name == "off":
-            comp.install(dm.module, method="none", skip_means=False)
+            comp.install(dm.module, method="none", skip_means=False, branch_means=False)
         ev = Cached(ev, out / f"rows-{name}.pkl")
         result[name] = {"calibration_seconds": round(seconds, 1), **_summary(dm), "scored_images": ds.n,
                         "calibration_images_left_out": excluded, "curves": curves(ev, dm, task)}

@@ -208,3 +208,37 @@ def test_mac_count_of_a_first_run_excludes_the_one_off_solve(calibrated):
     with torch.no_grad():
         plain = sum(macs_per_image(dm.module, x).values())
     assert first == again == plain
+
+
+def test_dropped_decoder_branch_gets_its_mean_term_back():
+    from dynavit.compensation import measure
+    from dynavit.deploy.slice import path_module
+
+    cfg = SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                          num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2],
+                          decoder_hidden_size=32, num_labels=4)
+    dm = dynavit.from_config(cfg, seed=0)
+    x = torch.randn(12, 3, 32, 32)
+    dm.calibrate(x, batch_size=4)
+    assert {"branch_means=True", "branch_means=False"} <= set(dm.calibration.compensation.comparison)
+    comp = measure(dm, [x])  # statistics of exactly these images
+    dec = dm.module.decoder
+    terms: list[torch.Tensor] = []
+    hook = dec.fuse.register_forward_hook(lambda m, i, o: terms.append(o.detach().clone()))  # fused sums in place
+    full = run(dm, x, ExecConfig())
+    hook.remove()
+    # branch 0 is at the output's scale (no resampling): its mean term is exactly the mean of what it adds
+    missing = terms[0].mean(dim=(0, 2, 3))
+    comp.install(dm.module, method="none", skip_means=False, branch_means=True)
+    term = compensate.dropped_term(dec.linear_c[0], dec.fuse.weight, dec.branch_columns(0).start, dec.width)
+    assert torch.allclose(term, missing, atol=1e-5)
+    drop0 = ExecConfig(decoder_branches=(1,))
+    on = run(dm, x, drop0)
+    assert torch.equal(run(dm, x, ExecConfig()), full)  # the default path has nothing dropped
+    for cfg_ in (drop0, ExecConfig(decoder_branches=(1,), decoder_width=0.5)):
+        want = run(dm, x[:2], cfg_)
+        with torch.no_grad():  # the sliced path carries the term in its batch norm's running mean
+            assert torch.allclose(path_module(dm, cfg_)(x[:2]), want, atol=1e-5)
+    comp.install(dm.module, method="none", skip_means=False, branch_means=False)
+    assert not torch.allclose(run(dm, x, drop0), on)
+    assert kl(full, on) < kl(full, run(dm, x, drop0))  # the mean back brings the dropped path closer

@@ -148,10 +148,11 @@ def _outputs(dm: Any, batches: Sequence[torch.Tensor], cfg: ExecConfig, bar: Any
         return torch.cat([dm(x) for x in counted(batches, bar)])
 
 
-def _passes(n_fit: int, n_held: int, n_all: int, candidates: int, probes: int, blocks: int, compensate: bool) -> int:
+def _passes(n_fit: int, n_held: int, n_all: int, candidates: int, probes: int, blocks: int, compensate: bool,
+            branches: int = 0) -> int:
     """Images run through the model by a calibration: the progress bar's total."""
     compare = n_held * candidates * probes + (candidates * n_fit if compensate else 0) if candidates > 1 else 0
-    fit_comp = n_fit + n_held * (3 * probes + 6) if compensate else 0
+    fit_comp = n_fit + n_held * (3 * probes + 6 + 2 * branches) if compensate else 0
     return candidates * n_fit + n_held + compare + fit_comp + n_all * (1 + 3 * blocks)
 
 
@@ -217,7 +218,7 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
     candidates = CRITERIA if criterion == "auto" else (criterion,)
     probes, n = _probe_configs(dm), dm.space.num_blocks
     n_all, n_held, n_fit = (sum(len(b) for b in bs) for bs in (batches, held, fit))
-    total = _passes(n_fit, n_held, n_all, len(candidates), len(probes), n, compensate)
+    total = _passes(n_fit, n_held, n_all, len(candidates), len(probes), n, compensate, len(_branch_probes(dm)))
     bar = tqdm(total=total, desc="calibrate", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         perms = {c: {k: [v.argsort(descending=True, stable=True) for v in group]
@@ -272,8 +273,15 @@ def _compensation(dm: Any, fit: list[torch.Tensor], held: list[torch.Tensor], re
     comp = measure(dm, fit, bar)
     n = dm.space.num_blocks
     skip_probes = [ExecConfig(skip_attn=(n - 1,)), ExecConfig(skip_mlp=(n - 1,)), ExecConfig(skip_blocks=(n // 2,))]
-    choose(comp, dm, probes, skip_probes, lambda cfgs: _held_kl(dm, held, ref, cfgs, bar))
+    choose(comp, dm, probes, skip_probes, lambda cfgs: _held_kl(dm, held, ref, cfgs, bar),
+           branch_probes=_branch_probes(dm))
     return comp
+
+
+def _branch_probes(dm: Any) -> list[ExecConfig]:
+    """SegFormer: each decoder branch dropped alone (no probes for families without a decoder)."""
+    n = dm.space.decoder_branches
+    return [ExecConfig(decoder_branches=tuple(j for j in range(n) if j != i)) for i in range(n)]
 
 
 def _block_kl(dm: Any, batches: list[torch.Tensor], n: int, bar: Any) -> dict[str, list[float]]:

@@ -9,8 +9,8 @@ nothing of a skipped block or sub-layer, nothing of a SegFormer stage or decoder
 kept branch reads, and the decoder cut to its kept width. The path's plan is left as it was:
 once the weights are cut, every "first k" in the forward is the whole tensor, so the same
 forward runs with no slicing at all, which is what a tracer or compiler then sees. A calibrated
-compensation (``knobs.compensate``) is folded into the cut weights; skipped sub-layers keep
-their mean as a constant add.
+compensation (``knobs.compensate``) is folded into the cut weights (a dropped decoder branch's mean
+term into the batch norm's running mean); skipped sub-layers keep their mean as a constant add.
 """
 
 from __future__ import annotations
@@ -208,6 +208,12 @@ def _keep_mlp(mlp: nn.Module, k: int) -> None:
 def _keep_decoder(dec: nn.Module, dim: int, branches: tuple[int, ...]) -> None:
     """SegFormer's head at ``dim`` channels: kept branches' rows, their ``fuse`` column blocks, BN, classifier."""
     full = dec.width
+    for i, lin in enumerate(dec.linear_c):
+        term = None if i in branches else compensate.dropped_term(lin, dec.fuse.weight, dec.branch_columns(i).start,
+                                                                 dim)
+        if term is not None:  # a dropped branch's mean term is a constant: the batch norm's mean absorbs it
+            dec.bn.running_mean[:dim] -= term
+            compensate.uninstall(lin)
     for i, lin in enumerate(dec.linear_c):
         if i in branches:
             if dim < full:

@@ -13,7 +13,10 @@ are closed-form:
   into the kept weights: ``W_k' = W_k + W_r A``, ``b' = b + W_r (mu_r - A mu_k)``.
 
 A skipped sub-layer adds back its mean output over the calibration images (for CLS-token models
-one mean for the CLS token and one for the patch tokens).
+one mean for the CLS token and one for the patch tokens). A dropped SegFormer decoder branch adds
+back its mean term in the fused sum, ``fuse[:, branch] @ mean(branch map)``: without it the fused
+map's mean shifts, and the batch norm after it (running statistics of the full sum) amplifies the
+shift.
 
 The corrected (out x k) weights of a (layer, k) are solved on the first forward that runs them and
 kept (``counts["solved"]``): switching between paths afterwards does no work, as with the int8
@@ -55,6 +58,7 @@ class LayerStats:
 
 _layers: weakref.WeakKeyDictionary[nn.Module, LayerStats] = weakref.WeakKeyDictionary()
 _skips: weakref.WeakKeyDictionary[nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()  # sub-layer -> mean
+_terms: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()  # branch -> solved mean terms
 
 
 def install(layer: nn.Module, stats: LayerStats) -> None:
@@ -76,6 +80,7 @@ def uninstall(module: nn.Module) -> None:
     for m in module.modules():
         _layers.pop(m, None)
         _skips.pop(m, None)
+        _terms.pop(m, None)
 
 
 def active(module: nn.Module) -> bool:
@@ -166,6 +171,24 @@ def skipped(sublayer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = x + mean[1]
     out[:, 0] += mean[0] - mean[1]
     return out
+
+
+def dropped_term(branch: nn.Module, fuse_weight: torch.Tensor, col: int, dim: int) -> torch.Tensor | None:
+    """(dim,): what a dropped decoder ``branch`` (its projection) adds to the fused sum on average.
+
+    ``fuse_weight[:dim, col:col + dim] @ mean[:dim]``, made once per (width, weights) outside any
+    dispatch mode (a MAC count counts the path); None when the branch has no mean installed.
+    """
+    mean = _skips.get(branch)
+    if mean is None:
+        return None
+    key = (dim, col, fuse_weight._version)
+    terms = _terms.setdefault(branch, {})
+    if key not in terms:
+        with _disable_current_modes(), torch.no_grad():
+            w = fuse_weight.reshape(fuse_weight.shape[0], -1)
+            terms[key] = w[:dim, col:col + dim] @ mean[0, :dim].to(w)
+    return terms[key]
 
 
 def skipped_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -179,6 +179,10 @@ class Decoder(nn.Module):
             col = self.branch_columns(i).start
             y = _call(self.fuse, {"weight": self.fuse.weight[:dim, col:col + dim]}, u)
             fused = y if fused is None else fused.add_(y)
+        for i in range(self.num_branches):  # a dropped branch's mean term, when calibration installed one
+            if i not in branches and (term := compensate.dropped_term(
+                    self.linear_c[i], self.fuse.weight, self.branch_columns(i).start, dim)) is not None:
+                fused = fused + term.view(1, -1, 1, 1)
         bn = self.bn  # eval-mode BN: running statistics, sliced to dim channels
         y = F.batch_norm(fused, bn.running_mean[:dim], bn.running_var[:dim], bn.weight[:dim], bn.bias[:dim],
                          False, 0.0, bn.eps)
