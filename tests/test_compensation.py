@@ -11,7 +11,7 @@ import dynavit
 from dynavit.calibrate import Calibration
 from dynavit.config import ExecConfig
 from dynavit.data.datasets import list_images, read_image
-from dynavit.knobs import compensate, quant
+from dynavit.knobs import compensate, quant, width
 
 SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=32,
              patch_size=8, num_labels=10)
@@ -210,7 +210,7 @@ def test_mac_count_of_a_first_run_excludes_the_one_off_solve(calibrated):
     assert first == again == plain
 
 
-def test_dropped_decoder_branch_gets_its_mean_term_back():
+def test_dropped_decoder_branch_is_predicted_from_the_kept_ones():
     from dynavit.compensation import measure
     from dynavit.deploy.slice import path_module
 
@@ -220,25 +220,32 @@ def test_dropped_decoder_branch_gets_its_mean_term_back():
     dm = dynavit.from_config(cfg, seed=0)
     x = torch.randn(12, 3, 32, 32)
     dm.calibrate(x, batch_size=4)
-    assert {"branch_means=True", "branch_means=False"} <= set(dm.calibration.compensation.comparison)
+    assert {"branch_fix=True", "branch_fix=False"} <= set(dm.calibration.compensation.comparison)
     comp = measure(dm, [x])  # statistics of exactly these images
     dec = dm.module.decoder
-    terms: list[torch.Tensor] = []
-    hook = dec.fuse.register_forward_hook(lambda m, i, o: terms.append(o.detach().clone()))  # fused sums in place
+    maps: list[torch.Tensor] = []
+    hook = dec.fuse.register_forward_hook(lambda m, i, o: maps.append(i[0].clone()))
     full = run(dm, x, ExecConfig())
     hook.remove()
-    # branch 0 is at the output's scale (no resampling): its mean term is exactly the mean of what it adds
-    missing = terms[0].mean(dim=(0, 2, 3))
-    comp.install(dm.module, method="none", skip_means=False, branch_means=True)
-    term = compensate.dropped_term(dec.linear_c[0], dec.fuse.weight, dec.branch_columns(0).start, dec.width)
-    assert torch.allclose(term, missing, atol=1e-5)
-    drop0 = ExecConfig(decoder_branches=(1,))
-    on = run(dm, x, drop0)
-    assert torch.equal(run(dm, x, ExecConfig()), full)  # the default path has nothing dropped
-    for cfg_ in (drop0, ExecConfig(decoder_branches=(1,), decoder_width=0.5)):
-        want = run(dm, x[:2], cfg_)
-        with torch.no_grad():  # the sliced path carries the term in its batch norm's running mean
-            assert torch.allclose(path_module(dm, cfg_)(x[:2]), want, atol=1e-5)
-    comp.install(dm.module, method="none", skip_means=False, branch_means=False)
-    assert not torch.allclose(run(dm, x, drop0), on)
-    assert kl(full, on) < kl(full, run(dm, x, drop0))  # the mean back brings the dropped path closer
+    # the fuse input in its column order (branch 1 first), at the pixels the statistics were taken on
+    z = torch.cat(maps[::-1], 1)[:, :, ::2, ::2].movedim(1, -1).reshape(-1, 64).double()
+    w_full = dec.fuse.weight.reshape(32, 64).double()
+    comp.install(dm.module, method="none", skip_means=False, branch_fix=True)
+    w_k, b = compensate.columns(dec.fuse, 32, [range(32, 64)], [range(0, 32)])  # branch 1 dropped
+    target = z @ w_full.T
+    err_fix = (z[:, 32:] @ w_k.double().T + b.double() - target).square().mean()
+    err_mean = (z[:, 32:] @ w_full[:, 32:].T + z[:, :32].mean(0) @ w_full[:, :32].T - target).square().mean()
+    assert err_fix < 0.9 * err_mean  # least squares beats the dropped branch's mean, which beats nothing
+    drop1 = ExecConfig(decoder_branches=(0,))
+    on = run(dm, x, drop1)
+    comp.install(dm.module, method="none", skip_means=False, branch_fix=False)
+    assert not torch.allclose(run(dm, x, drop1), on)
+    comp.install(dm.module, method="none", skip_means=False, branch_fix=True)
+    run(dm, x, drop1)
+    solved = compensate.counts["solved"]
+    run(dm, x, ExecConfig()), run(dm, x, drop1)
+    assert compensate.counts["solved"] == solved  # switching back solves nothing
+    for c in (drop1, ExecConfig(decoder_branches=(1,), decoder_width=0.5)):
+        want = run(dm, x[:2], c)
+        with torch.no_grad():  # the sliced path carries the correction in its weights and batch norm
+            assert torch.allclose(path_module(dm, c)(x[:2]), want, atol=1e-5)

@@ -244,3 +244,19 @@ def test_segmentation_paths_train_label_free_over_pixels(assets, tmp_path) -> No
                       distill=Distill(temperature=1.0, use_labels=False), progress=False)
     assert len(res.losses) == 2 and all(np.isfinite(res.losses))
     assert dm.exec_config == ExecConfig()  # left on the default path
+
+
+def test_paths_training_drops_a_calibrated_compensation(tmp_path) -> None:
+    """The corrections were solved from the weights as calibrated (here under inference mode, as scoring
+    does): training moves those weights, so the paths train without them instead of failing."""
+    from dynavit.knobs import compensate
+
+    dm = dyn()
+    dm.calibrate(torch.randn(16, 3, 16, 16), batch_size=8)
+    assert dm.calibration.compensation is not None and compensate.active(dm.module)
+    with torch.inference_mode():
+        dm.configure(ExecConfig(mlp_width=0.5))
+        dm(torch.randn(2, 3, 16, 16))  # a corrected width solved as an inference tensor
+    res = train_paths(dm, Shapes(), tmp_path, RECIPE, space_paths(build_space(SPACE, dm.space)), progress=False)
+    assert len(res.losses) == RECIPE.steps
+    assert dm.calibration.compensation is None and not compensate.active(dm.module)

@@ -3,13 +3,14 @@
 After calibration has ordered the channels and heads, one forward pass of the full model over
 the calibration images records, for every width-sliced layer (each block's MLP ``fc2`` and
 attention output projection, a SegFormer decoder's classifier), the mean and covariance of its
-input, for every block the mean output of its attention and MLP sub-layers, and for every
-SegFormer decoder branch the mean of its map. The corrections are closed-form from these
-(``knobs.compensate``). Which one a model gets is measured, not
+input (and of a SegFormer decoder's ``fuse``, all branches' maps side by side), and for every
+block the mean output of its attention and MLP sub-layers. The corrections are closed-form from
+these (``knobs.compensate``). Which one a model gets is measured, not
 assumed: each method ("none", "bias", "matrix") is installed in turn and scored by the mean
 KL(full || reduced) over reduced paths on calibration images held out from the fit; the lowest
 wins. Skipped sub-layers get their mean added back only if that lowers the held-out KL of the
-single-skip paths; dropped decoder branches likewise, judged on the single-drop paths.
+single-skip paths; dropped decoder branches are predicted from the kept ones only if that lowers
+the held-out KL of the single-drop paths.
 """
 
 from __future__ import annotations
@@ -37,20 +38,20 @@ class Compensation:
     """Per-layer input statistics and per-sub-layer output means, and the method the held-out images chose."""
 
     method: str
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "mlp.i" | "heads.i" | "fuse.0" -> (mean, cov)
-    skips: dict[str, torch.Tensor] = field(default_factory=dict)  # "attn.i" | "mlp.i" | "branch.i" -> (1 or 2, C)
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "mlp.i" | "heads.i" | "fuse.0" | "fuse.in" -> (mean, cov)
+    skips: dict[str, torch.Tensor] = field(default_factory=dict)  # "attn.i" | "mlp.i" -> (1 or 2, C)
     skip_means: bool = False  # whether skipped sub-layers get their mean back
-    branch_means: bool = False  # whether dropped decoder branches get their mean term back
+    branch_fix: bool = False  # whether dropped decoder branches are predicted from the kept ones
     comparison: dict[str, float] = field(default_factory=dict)  # method (and "skip_*") -> held-out mean KL
 
     def identity(self) -> str:
-        h = hashlib.sha1(f"{self.method}:{self.skip_means}{':branches' if self.branch_means else ''}".encode())
+        h = hashlib.sha1(f"{self.method}:{self.skip_means}{':branches' if self.branch_fix else ''}".encode())
         for key in sorted(self.layers):
             h.update(key.encode() + self.layers[key][0].double().sum().item().hex().encode())
         return h.hexdigest()[:12]
 
     def meta(self) -> dict[str, Any]:
-        return {"method": self.method, "skip_means": self.skip_means, "branch_means": self.branch_means,
+        return {"method": self.method, "skip_means": self.skip_means, "branch_fix": self.branch_fix,
                 "comparison": self.comparison}
 
     def save(self, folder: Path) -> None:
@@ -73,7 +74,7 @@ class Compensation:
         return cls(layers=layers, skips=skips, **meta)
 
     def install(self, module: nn.Module, method: str | None = None, skip_means: bool | None = None,
-                branch_means: bool | None = None) -> None:
+                branch_fix: bool | None = None) -> None:
         """Put the corrections on ``module``'s layers (replacing any); the keyword arguments override."""
         compensate.uninstall(module)
         method = self.method if method is None else method
@@ -87,10 +88,9 @@ class Compensation:
             for key, mean in self.skips.items():
                 if key in subs:
                     compensate.install_skip(subs[key], mean)
-        if self.branch_means if branch_means is None else branch_means:
-            for key, branch in branch_targets(module).items():
-                if key in self.skips:
-                    compensate.install_skip(branch, self.skips[key])
+        fuse = fuse_target(module)
+        if fuse is not None and "fuse.in" in self.layers and (self.branch_fix if branch_fix is None else branch_fix):
+            compensate.install(fuse, compensate.LayerStats(*self.layers["fuse.in"], "matrix"))
 
 
 def layer_targets(module: nn.Module) -> dict[str, nn.Module]:
@@ -104,10 +104,9 @@ def layer_targets(module: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def branch_targets(module: nn.Module) -> dict[str, nn.Module]:
-    """A SegFormer decoder's branch projections, by key (none for other families)."""
-    decoder = getattr(module, "decoder", None)
-    return {f"branch.{i}": lin for i, lin in enumerate(getattr(decoder, "linear_c", ()))}
+def fuse_target(module: nn.Module) -> nn.Module | None:
+    """A SegFormer decoder's ``fuse`` (its input: every branch's map), where dropped branches are corrected."""
+    return getattr(getattr(module, "decoder", None), "fuse", None)
 
 
 def sublayer_targets(module: nn.Module) -> dict[str, nn.Module]:
@@ -123,8 +122,11 @@ class _Moments:
     def __init__(self, module: nn.Module, cls_token: bool) -> None:
         self.route = {id(m): k for k, m in layer_targets(module).items()}
         self.subs = {id(m): k for k, m in sublayer_targets(module).items()}
-        self.branches = {id(m): k for k, m in branch_targets(module).items()}
         self.width = {k: compensate.weight_matrix(m).shape[1] for k, m in layer_targets(module).items()}
+        fuse = fuse_target(module)
+        if fuse is not None:
+            self.route[id(fuse)] = "fuse.in"
+            self.width["fuse.in"] = compensate.weight_matrix(fuse).shape[1]
         self.cls = cls_token
         self.sums: dict[str, list] = {}
         self.out_sums: dict[str, list] = {}
@@ -139,15 +141,9 @@ class _Moments:
                 s[0], s[1], s[2] = s[0] + len(z), s[1] + z.sum(0), s[2] + z.T @ z
             return
         key = self.subs.get(id(layer))
-        branch = self.branches.get(id(layer))
-        if key is not None or branch is not None:
+        if key is not None:
             x = x.detach().double()
-            if branch is not None:  # a branch map (B, C, h, w): one mean over images and pixels
-                key, parts = branch, [x.movedim(1, -1).reshape(-1, x.shape[1])]
-            elif self.cls:
-                parts = [x[:, 0], x[:, 1:].reshape(-1, x.shape[-1])]
-            else:
-                parts = [x.reshape(-1, x.shape[-1])]
+            parts = [x[:, 0], x[:, 1:].reshape(-1, x.shape[-1])] if self.cls else [x.reshape(-1, x.shape[-1])]
             s = self.out_sums.setdefault(key, [[0, 0.0] for _ in parts])
             for acc, p in zip(s, parts, strict=True):
                 acc[0], acc[1] = acc[0] + len(p), acc[1] + p.sum(0)
@@ -189,7 +185,7 @@ def measure(dm: Any, batches: Sequence[torch.Tensor], bar: Any = None) -> Compen
 def choose(comp: Compensation, dm: Any, probes: Sequence[ExecConfig], skip_probes: Sequence[ExecConfig],
            score: Callable[[Sequence[ExecConfig]], float], methods: Sequence[str] = compensate.METHODS,
            branch_probes: Sequence[ExecConfig] = ()) -> None:
-    """Set ``comp.method``, ``skip_means`` and ``branch_means`` to what scores lowest (``score``: held-out mean KL)."""
+    """Set ``comp.method``, ``skip_means`` and ``branch_fix`` to what scores lowest (``score``: held-out mean KL)."""
     for m in methods:
         comp.install(dm.module, method=m, skip_means=False)
         comp.comparison[m] = score(probes)
@@ -199,9 +195,9 @@ def choose(comp: Compensation, dm: Any, probes: Sequence[ExecConfig], skip_probe
             comp.install(dm.module, skip_means=on)
             comp.comparison[f"skip_means={on}"] = score(skip_probes)
         comp.skip_means = comp.comparison["skip_means=True"] < comp.comparison["skip_means=False"]
-    if branch_probes and any(k.startswith("branch.") for k in comp.skips):
+    if branch_probes and "fuse.in" in comp.layers:
         for on in (False, True):
-            comp.install(dm.module, branch_means=on)
-            comp.comparison[f"branch_means={on}"] = score(branch_probes)
-        comp.branch_means = comp.comparison["branch_means=True"] < comp.comparison["branch_means=False"]
+            comp.install(dm.module, branch_fix=on)
+            comp.comparison[f"branch_fix={on}"] = score(branch_probes)
+        comp.branch_fix = comp.comparison["branch_fix=True"] < comp.comparison["branch_fix=False"]
     comp.install(dm.module)

@@ -9,8 +9,8 @@ nothing of a skipped block or sub-layer, nothing of a SegFormer stage or decoder
 kept branch reads, and the decoder cut to its kept width. The path's plan is left as it was:
 once the weights are cut, every "first k" in the forward is the whole tensor, so the same
 forward runs with no slicing at all, which is what a tracer or compiler then sees. A calibrated
-compensation (``knobs.compensate``) is folded into the cut weights (a dropped decoder branch's mean
-term into the batch norm's running mean); skipped sub-layers keep their mean as a constant add.
+compensation (``knobs.compensate``) is folded into the cut weights (for dropped decoder branches, the
+constant into the batch norm's running mean); skipped sub-layers keep their mean as a constant add.
 """
 
 from __future__ import annotations
@@ -208,12 +208,13 @@ def _keep_mlp(mlp: nn.Module, k: int) -> None:
 def _keep_decoder(dec: nn.Module, dim: int, branches: tuple[int, ...]) -> None:
     """SegFormer's head at ``dim`` channels: kept branches' rows, their ``fuse`` column blocks, BN, classifier."""
     full = dec.width
-    for i, lin in enumerate(dec.linear_c):
-        term = None if i in branches else compensate.dropped_term(lin, dec.fuse.weight, dec.branch_columns(i).start,
-                                                                 dim)
-        if term is not None:  # a dropped branch's mean term is a constant: the batch norm's mean absorbs it
-            dec.bn.running_mean[:dim] -= term
-            compensate.uninstall(lin)
+    fix = dec.dropped_fix(dim, branches)
+    if fix is not None:  # the kept branches' corrected fuse columns; the constant goes into the batch norm's mean
+        for j, i in enumerate(branches):
+            start = dec.branch_columns(i).start
+            dec.fuse.weight[:dim, start:start + dim] = fix[0][:, j * dim:(j + 1) * dim].reshape(dim, dim, 1, 1)
+        dec.bn.running_mean[:dim] -= fix[1]
+        compensate.forget(dec.fuse)
     for i, lin in enumerate(dec.linear_c):
         if i in branches:
             if dim < full:

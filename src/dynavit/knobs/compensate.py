@@ -13,10 +13,9 @@ are closed-form:
   into the kept weights: ``W_k' = W_k + W_r A``, ``b' = b + W_r (mu_r - A mu_k)``.
 
 A skipped sub-layer adds back its mean output over the calibration images (for CLS-token models
-one mean for the CLS token and one for the patch tokens). A dropped SegFormer decoder branch adds
-back its mean term in the fused sum, ``fuse[:, branch] @ mean(branch map)``: without it the fused
-map's mean shifts, and the batch norm after it (running statistics of the full sum) amplifies the
-shift.
+one mean for the CLS token and one for the patch tokens). A dropped SegFormer decoder branch is
+the same least-squares problem on the decoder's ``fuse`` layer, whose input is all branches' maps
+side by side: the dropped branches' columns are predicted from the kept ones (``columns``).
 
 The corrected (out x k) weights of a (layer, k) are solved on the first forward that runs them and
 kept (``counts["solved"]``): switching between paths afterwards does no work, as with the int8
@@ -30,6 +29,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +52,12 @@ class LayerStats:
     cov: torch.Tensor | None  # (n, n); None for ``bias``
     method: str
     ridge: float = RIDGE
-    solved: dict[tuple[int, str, int], Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    solved: dict[tuple, Any] = field(default_factory=dict)  # (k, precision, version) -> callable; ``columns``' (w, b)
     solved_bytes: int = 0  # what the solved corrections hold (int8: weights + fp32 bias, as packed)
 
 
 _layers: weakref.WeakKeyDictionary[nn.Module, LayerStats] = weakref.WeakKeyDictionary()
 _skips: weakref.WeakKeyDictionary[nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()  # sub-layer -> mean
-_terms: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()  # branch -> solved mean terms
 
 
 def install(layer: nn.Module, stats: LayerStats) -> None:
@@ -80,7 +79,6 @@ def uninstall(module: nn.Module) -> None:
     for m in module.modules():
         _layers.pop(m, None)
         _skips.pop(m, None)
-        _terms.pop(m, None)
 
 
 def active(module: nn.Module) -> bool:
@@ -94,19 +92,50 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
 
 def solve(w: torch.Tensor, b: torch.Tensor | None, stats: LayerStats, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrected (out, k) weights and (out,) bias for keeping the first k of w's input channels."""
+    n = stats.mean.shape[0]
+    return solve_columns(w, b, stats, torch.arange(k), torch.arange(k, n))
+
+
+def solve_columns(w: torch.Tensor, b: torch.Tensor | None, stats: LayerStats, keep: torch.Tensor,
+                  drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrected (out, len(keep)) weights and (out,) bias when w's input columns ``drop`` are removed."""
     w64 = w.detach().double()
     mu = stats.mean.to(w64)
     bias = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if b is None else b.detach().double()
-    w_k, w_r = w64[:, :k], w64[:, k:]
+    keep, drop = keep.to(w.device), drop.to(w.device)
+    w_k, w_r = w64[:, keep], w64[:, drop]
     if stats.method == "matrix" and stats.cov is not None:
         s = stats.cov.to(w64)
-        s_kk = s[:k, :k] + stats.ridge * s.diagonal()[:k].mean().clamp_min(1e-12) * torch.eye(k).to(w64)
-        a = torch.linalg.solve(s_kk, s[:k, k:]).T  # (r, k)
+        s_kk = s[keep][:, keep]
+        s_kk = s_kk + stats.ridge * s_kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(keep)).to(w64)
+        a = torch.linalg.solve(s_kk, s[keep][:, drop]).T  # (r, k)
         w_k = w_k + w_r @ a
-        bias = bias + w_r @ (mu[k:] - a @ mu[:k])
+        bias = bias + w_r @ (mu[drop] - a @ mu[keep])
     else:
-        bias = bias + w_r @ mu[k:]
+        bias = bias + w_r @ mu[drop]
     return w_k.to(w.dtype).contiguous(), bias.to(w.dtype)
+
+
+def columns(layer: nn.Module, rows: int, keep: list[range], drop: list[range]
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``layer``'s first ``rows`` outputs on the input columns ``keep``, the columns ``drop`` predicted from them.
+
+    (rows, |keep|) weights and (rows,) bias, solved once per (rows, columns, weights) outside any
+    dispatch mode (a MAC count counts the path); None when the layer has no statistics installed.
+    """
+    stats = _layers.get(layer)
+    if stats is None or not drop:
+        return None
+    key = (rows, tuple((r.start, r.stop) for r in keep), tuple((r.start, r.stop) for r in drop), layer.weight._version)
+    fixed = stats.solved.get(key)
+    if fixed is None:
+        with _disable_current_modes(), torch.no_grad():
+            fixed = stats.solved[key] = solve_columns(weight_matrix(layer)[:rows], None, stats,
+                                                      torch.tensor([c for r in keep for c in r]),
+                                                      torch.tensor([c for r in drop for c in r]))
+        counts["solved"] += 1
+        stats.solved_bytes += sum(t.numel() * t.element_size() for t in fixed)
+    return fixed
 
 
 def weights(layer: nn.Module, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -171,24 +200,6 @@ def skipped(sublayer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = x + mean[1]
     out[:, 0] += mean[0] - mean[1]
     return out
-
-
-def dropped_term(branch: nn.Module, fuse_weight: torch.Tensor, col: int, dim: int) -> torch.Tensor | None:
-    """(dim,): what a dropped decoder ``branch`` (its projection) adds to the fused sum on average.
-
-    ``fuse_weight[:dim, col:col + dim] @ mean[:dim]``, made once per (width, weights) outside any
-    dispatch mode (a MAC count counts the path); None when the branch has no mean installed.
-    """
-    mean = _skips.get(branch)
-    if mean is None:
-        return None
-    key = (dim, col, fuse_weight._version)
-    terms = _terms.setdefault(branch, {})
-    if key not in terms:
-        with _disable_current_modes(), torch.no_grad():
-            w = fuse_weight.reshape(fuse_weight.shape[0], -1)
-            terms[key] = w[:dim, col:col + dim] @ mean[0, :dim].to(w)
-    return terms[key]
 
 
 def skipped_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from dynavit.config import BlockPlan, Plan, Space
 from dynavit.knobs import compensate
 from dynavit.knobs.layers import activation
 from dynavit.knobs.permute import permute_, permute_heads, permute_units
-from dynavit.knobs.width import heads_of, merge_heads, mlp, observe
+from dynavit.knobs.width import heads_of, merge_heads, mlp, observe, observing
 from dynavit.models.base import FamilyModel, Perms, resize_input
 
 
@@ -169,20 +169,26 @@ class Decoder(nn.Module):
         """Logits from the stage outputs ``feats`` ((B, N_i, C_i) tokens, h_i, w_i), ``dim`` channels wide."""
         size = feats[0][1:]
         fused = None
-        for i in branches:
+        fix = self.dropped_fix(dim, branches)
+        maps = {} if observing() else None
+        for j, i in enumerate(branches):
             x, h, w = feats[i]
             lin = self.linear_c[i]
             u = _spatial(_call(lin, {"weight": lin.weight[:dim], "bias": lin.bias[:dim]}, x), h, w)
             observe(lin, u)  # calibration ranks branch channels on the (B, dim, h, w) map
             if (h, w) != size:
                 u = F.interpolate(u, size=size, mode="bilinear", align_corners=False)
+            if maps is not None:
+                maps[i] = u
             col = self.branch_columns(i).start
-            y = _call(self.fuse, {"weight": self.fuse.weight[:dim, col:col + dim]}, u)
+            weight = self.fuse.weight[:dim, col:col + dim] if fix is None else fix[0][:, j * dim:(j + 1) * dim]
+            y = _call(self.fuse, {"weight": weight.reshape(dim, dim, 1, 1)}, u)
             fused = y if fused is None else fused.add_(y)
-        for i in range(self.num_branches):  # a dropped branch's mean term, when calibration installed one
-            if i not in branches and (term := compensate.dropped_term(
-                    self.linear_c[i], self.fuse.weight, self.branch_columns(i).start, dim)) is not None:
-                fused = fused + term.view(1, -1, 1, 1)
+        if fix is not None:  # dropped branches predicted from the kept ones (``compensate.columns``)
+            fused = fused + fix[1].view(1, -1, 1, 1)
+        if maps is not None and len(maps) == self.num_branches and dim == self.width:
+            # the fuse input in its column order, every other pixel each way (neighbours are alike; 1/4 the memory)
+            observe(self.fuse, torch.cat([maps[i][:, :, ::2, ::2] for i in reversed(range(self.num_branches))], 1))
         bn = self.bn  # eval-mode BN: running statistics, sliced to dim channels
         y = F.batch_norm(fused, bn.running_mean[:dim], bn.running_var[:dim], bn.weight[:dim], bn.bias[:dim],
                          False, 0.0, bn.eps)
@@ -192,6 +198,15 @@ class Decoder(nn.Module):
         if fixed is not None:  # the 1x1 classifier as a linear layer on channels-last pixels
             return fixed(y.movedim(1, -1)).movedim(-1, 1)
         return _call(self.classifier, {"weight": self.classifier.weight[:, :dim]}, y)
+
+    def dropped_fix(self, dim: int, branches: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Corrected fuse weights on the kept branches (in ``branches`` order) and the bias, or None."""
+        if len(branches) == self.num_branches:
+            return None
+        cols = {i: range(self.branch_columns(i).start, self.branch_columns(i).start + dim)
+                for i in range(self.num_branches)}
+        return compensate.columns(self.fuse, dim, [cols[i] for i in branches],
+                                  [cols[i] for i in range(self.num_branches) if i not in branches])
 
     def permute(self, branch_perms: list[torch.Tensor], fuse_perm: torch.Tensor) -> None:
         """Each branch's channels (its ``linear_c`` rows, its ``fuse`` columns), then the fused channels."""

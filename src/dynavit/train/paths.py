@@ -46,6 +46,7 @@ from dynavit.cost.flops import macs_per_image
 from dynavit.data import open_dataset
 from dynavit.errors import DynavitError
 from dynavit.evaluation import evaluate
+from dynavit.knobs import compensate
 from dynavit.knobs.tokens import recording_cls_attention
 from dynavit.sweep.space import SearchSpace, calibrated_block_order, load_space
 from dynavit.train import augment, loop
@@ -158,9 +159,14 @@ def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: P
     no anchor to the model as it was). ``default_weight`` scales the default path's loss against each
     other path's.
     ``token_distill`` > 0 adds SaiT's early token-selection distillation at ``paths.token_layers``.
+    A calibration's compensation is dropped first: it was solved from the weights as calibrated, and
+    here the paths learn to do without it.
     """
     use_labels = distill.use_labels
     _check(dm, dataset, paths, use_labels, token_distill)
+    if getattr(dm.calibration, "compensation", None) is not None:
+        compensate.uninstall(dm.module)
+        dm.calibration.compensation = None
     if not default_weight > 0:
         raise DynavitError(f"the default path's loss weight must be positive, got {default_weight}")
     default = ExecConfig()
@@ -250,7 +256,8 @@ def train_paths_and_save(dm: Any, dataset: Any, out: str | Path, recipe: Recipe,
             "default path loss": (f"{1 - label_weight:g} x KD from the model as loaded + {label_weight:g} x "
                                   "cross-entropy" if labels else "KD from the model as loaded")}
     if dm.calibration is not None:
-        card["calibration"] = "applied before training; the exported weights are in importance order"
+        card["calibration"] = ("applied before training; the exported weights are in importance order; no "
+                               "compensation (the trained paths do without it)")
     if held_out is not None:
         after = _score(dm, held_out, named)
         for name in named:
