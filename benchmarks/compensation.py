@@ -99,10 +99,13 @@ class Cached:
 
 
 def _point(ev, cfg: ExecConfig, task: str, x: float) -> dict:
-    r = ev.measure(cfg)
+    """One path's quality with its interval, and its paired difference to the full path on the same images."""
+    r, full = ev.measure(cfg), ev.measure(ExecConfig())
     lo, hi = stats.interval(r.per_image, task)
+    d, dlo, dhi = stats.paired_delta(r.per_image, full.per_image, task)
     return {"x": x, "config": cfg.to_dict(), "quality": round(100 * r.quality, 2),
-            "ci": [round(100 * lo, 2), round(100 * hi, 2)], "gmacs": round(r.macs / 1e9, 4), "_row": r}
+            "ci": [round(100 * lo, 2), round(100 * hi, 2)], "delta": round(100 * d, 2),
+            "delta_ci": [round(100 * dlo, 2), round(100 * dhi, 2)], "gmacs": round(r.macs / 1e9, 4), "_row": r}
 
 
 def composed_grid(dm, attn_order: list[int], lo: float = 0.35, hi: float = 0.41) -> list[ExecConfig]:
@@ -166,7 +169,7 @@ def toggled(model: str, data: Path, calib_images: list, hashes: list[str], out: 
         dm.eval()
         comp = dm.calibration.compensation
         if name == "off":
-            comp.install(dm.module, method="none", skip_means=False, branch_means=False)
+            comp.install(dm.module, method="none", skip_means=False, branch_fix=False)
         ev = Cached(ev, out / f"rows-{name}.pkl")
         result[name] = {"calibration_seconds": round(seconds, 1), **_summary(dm), "scored_images": ds.n,
                         "calibration_images_left_out": excluded, "curves": curves(ev, dm, task)}
