@@ -148,6 +148,14 @@ def _identity(dm: Any, dataset: Any, paths: PathSet, distill: Distill, token_dis
     return identity
 
 
+def _drop_compensation(dm: Any) -> None:
+    """The corrections were solved from the weights as calibrated; training moves them, and the paths
+    learn to do without (a correction solved under inference mode would also refuse autograd)."""
+    if getattr(dm.calibration, "compensation", None) is not None:
+        compensate.uninstall(dm.module)
+        dm.calibration.compensation = None
+
+
 def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: PathSet, *,
                 distill: Distill = Distill(temperature=1.0, label_weight=1.0), token_distill: float = 0.0,
                 default_weight: float = 1.0, progress: bool = True, workers: int = 2, stop_after: int | None = None,
@@ -159,14 +167,11 @@ def train_paths(dm: Any, dataset: Any, out: str | Path, recipe: Recipe, paths: P
     no anchor to the model as it was). ``default_weight`` scales the default path's loss against each
     other path's.
     ``token_distill`` > 0 adds SaiT's early token-selection distillation at ``paths.token_layers``.
-    A calibration's compensation is dropped first: it was solved from the weights as calibrated, and
-    here the paths learn to do without it.
+    A calibration's compensation is dropped first (``_drop_compensation``).
     """
     use_labels = distill.use_labels
     _check(dm, dataset, paths, use_labels, token_distill)
-    if getattr(dm.calibration, "compensation", None) is not None:
-        compensate.uninstall(dm.module)
-        dm.calibration.compensation = None
+    _drop_compensation(dm)
     if not default_weight > 0:
         raise DynavitError(f"the default path's loss weight must be positive, got {default_weight}")
     default = ExecConfig()
