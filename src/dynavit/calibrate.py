@@ -218,7 +218,8 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
     candidates = CRITERIA if criterion == "auto" else (criterion,)
     probes, n = _probe_configs(dm), dm.space.num_blocks
     n_all, n_held, n_fit = (sum(len(b) for b in bs) for bs in (batches, held, fit))
-    total = _passes(n_fit, n_held, n_all, len(candidates), len(probes), n, compensate, len(_branch_probes(dm)))
+    branch_probes = _branch_probes(dm)
+    total = _passes(n_fit, n_held, n_all, len(candidates), len(probes), n, compensate, len(branch_probes))
     bar = tqdm(total=total, desc="calibrate", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         perms = {c: {k: [v.argsort(descending=True, stable=True) for v in group]
@@ -235,7 +236,7 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
                 dm.module.permute(_inverse(perms[c]))
         best = min(comparison, key=comparison.get) if comparison else candidates[0]
         dm.module.permute(perms[best])
-        comp = _compensation(dm, fit, held, ref, probes, bar) if compensate else None
+        comp = _compensation(dm, fit, held, ref, probes, branch_probes, bar) if compensate else None
         block_kl = _block_kl(dm, batches, n, bar)
     finally:
         bar.close()
@@ -268,13 +269,13 @@ def _held_kl(dm: Any, held: list[torch.Tensor], ref: torch.Tensor, probes: Seque
 
 
 def _compensation(dm: Any, fit: list[torch.Tensor], held: list[torch.Tensor], ref: torch.Tensor,
-                  probes: Sequence[ExecConfig], bar: Any) -> Compensation:
-    """Statistics on the fit images; method (and whether skips get their mean) chosen on the held-out ones."""
+                  probes: Sequence[ExecConfig], branch_probes: Sequence[ExecConfig], bar: Any) -> Compensation:
+    """Statistics on the fit images; the method, skip means and branch correction chosen on the held-out ones."""
     comp = measure(dm, fit, bar)
     n = dm.space.num_blocks
     skip_probes = [ExecConfig(skip_attn=(n - 1,)), ExecConfig(skip_mlp=(n - 1,)), ExecConfig(skip_blocks=(n // 2,))]
     choose(comp, dm, probes, skip_probes, lambda cfgs: _held_kl(dm, held, ref, cfgs, bar),
-           branch_probes=_branch_probes(dm))
+           branch_probes=branch_probes)
     return comp
 
 

@@ -159,6 +159,7 @@ class Decoder(nn.Module):
             raise ValueError("SegFormer's linear_fuse has no bias; a sum of branch terms would add it once per branch")
         self.width = self.fuse.out_channels
         self.num_branches = len(self.linear_c)
+        self._fix_columns: dict[tuple[int, tuple[int, ...]], tuple[list[range], list[range]]] = {}
 
     def branch_columns(self, i: int) -> slice:
         """``fuse`` input columns that read branch i (transformers concatenates the branches reversed)."""
@@ -203,10 +204,13 @@ class Decoder(nn.Module):
         """Corrected fuse weights on the kept branches (in ``branches`` order) and the bias, or None."""
         if len(branches) == self.num_branches:
             return None
-        cols = {i: range(self.branch_columns(i).start, self.branch_columns(i).start + dim)
-                for i in range(self.num_branches)}
-        return compensate.columns(self.fuse, dim, [cols[i] for i in branches],
-                                  [cols[i] for i in range(self.num_branches) if i not in branches])
+        key = (dim, branches)
+        if key not in self._fix_columns:  # once per path, not per forward
+            cols = [range(self.branch_columns(i).start, self.branch_columns(i).start + dim)
+                    for i in range(self.num_branches)]
+            self._fix_columns[key] = ([cols[i] for i in branches],
+                                      [cols[i] for i in range(self.num_branches) if i not in branches])
+        return compensate.columns(self.fuse, dim, *self._fix_columns[key])
 
     def permute(self, branch_perms: list[torch.Tensor], fuse_perm: torch.Tensor) -> None:
         """Each branch's channels (its ``linear_c`` rows, its ``fuse`` columns), then the fused channels."""
