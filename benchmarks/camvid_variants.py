@@ -1,16 +1,17 @@
 """CamVid: two real SegFormers of different size in one menu, swept, chosen, costed and switched between.
 
-The models differ only in size. ``models/segformer-b0-camvid-ft`` is the committed SegFormer-B0 fine-tuned
-1500 more steps; ``models/segformer-b0-half-camvid`` is derived from the committed B0 (``dynavit derive``:
-MLP width 0.5 and decoder width 0.5, calibrated units kept, compensation folded in) and fine-tuned with the
-same 1500-step recipe (``dynavit train``). Both are swept into one store, every knob of each composed.
+The models differ only in size. Both start from the same first training stage (``runs/camvid-b0-s1``):
+``models/segformer-b0-camvid`` continues it with a 1500-step recipe; ``models/segformer-b0-half-camvid``
+is derived from it first (``dynavit derive``: MLP width 0.5 and decoder width 0.5, calibrated units kept,
+compensation folded in) and then trained with the same 1500-step recipe. Both are swept into one store,
+every knob of each composed.
 
 Selection and report are kept apart as in ``camvid_segformer.py``: both calibrations use 62 train images
 (every 6th index), every choice is made on ``--select-images`` other train images, and each chosen path is
 evaluated once on the 101 val images, which also give the controller's trace frames.
 
-0. ``--from-run DIR`` / ``--base-run DIR``: write the models that ``dynavit train`` exported to ``DIR/model``
-   under ``models/`` (fp16), each card saying how the model was made.
+0. ``--from-run DIR``: write the derived model that ``dynavit train`` exported to ``DIR/model`` under
+   ``models/`` (fp16), its card saying how it was made (``camvid_segformer.py --from-run`` commits the B0).
 1. Calibrate each model (cached under ``--out``), then sweep: a grid of resolutions on both models, then
    NSGA-II over the joint default space (the variant is the first dimension). Latency is timed round-robin.
 2. Choose on the carve-out: the joint fronts by MACs and by measured latency, and the cheapest path within
@@ -23,7 +24,6 @@ evaluated once on the 101 val images, which also give the controller's trace fra
 Writes ``camvid-variants`` (.md, .json) under benchmarks/results/ and docs/img/camvid_variants.png:
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/camvid_variants.py [--from-run runs/camvid-b0-half]
-        [--base-run runs/camvid-b0-ft]
 """
 
 from __future__ import annotations
@@ -51,32 +51,26 @@ from dynavit.sweep import ResultStore, Row, SweepTarget, pareto, run_sweep, stat
 from dynavit.sweep.engine import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE, SMALL = ROOT / "models" / "segformer-b0-camvid-ft", ROOT / "models" / "segformer-b0-half-camvid"
+BASE, SMALL = ROOT / "models" / "segformer-b0-camvid", ROOT / "models" / "segformer-b0-half-camvid"
 NAME = "b0-half"
-DERIVE = ("dynavit derive models/segformer-b0-camvid --calibration out/bench-comp/camvid/calibration-compensated "
-          "--config '{\"mlp_width\": 0.5, \"decoder_width\": 0.5}' --out out/variant/derived")
+DERIVE = ("dynavit derive runs/camvid-b0-s1/model --calibration out/variant/calibration-s1 "
+          "--config '{\"mlp_width\": 0.5, \"decoder_width\": 0.5}' --out out/variant/derived-s1")
 DROPS = (0.01, 0.04)
 RESOLUTIONS = [None, [320, 448], [288, 384], [256, 352], [224, 320]]
 TASK = "segmentation"
 
 
-def commit_models(half_run: Path | None, base_run: Path | None) -> None:
-    if base_run is not None:
-        commit_model([base_run], BASE, "SegFormer-B0 for CamVid: models/segformer-b0-camvid fine-tuned 1500 more steps",
-               {"started from": "models/segformer-b0-camvid (its card gives its two training stages)",
-                "why": "the same 1500-step recipe as the derived half-width model, so the two differ only in size",
-                "selection": "the recipe and step count are the half-width model's, fixed before it was trained; "
-                             "this model was trained because that one's val score beat the committed B0's, so "
-                             "that the two compare at equal training; nothing was tuned on val"})
-    if half_run is not None:
-        commit_model([half_run], SMALL,
-                     "SegFormer-B0-half for CamVid: derived from models/segformer-b0-camvid, fine-tuned",
-               {"derived by": f"`{DERIVE}` (the calibration: the B0's, on 62 CamVid train images, every 6th index, "
-                              "as `benchmarks/compensation.py --camvid` writes it): the calibrated most important "
-                              "half of every MLP and of the decoder, with the calibrated least-squares "
-                              "compensation folded into the cut weights",
-                "selection": "nothing was chosen on val: the structure, the recipe and the step count were fixed "
-                             "before training; val was scored once at the end"})
+def commit_model_half(half_run: Path) -> None:
+    """The derived model's card: how it was cut, then its training run's card."""
+    commit_model([half_run], SMALL, "SegFormer-B0-half for CamVid: derived from the B0's first training stage, trained",
+                 {"derived by": f"`{DERIVE}` (the calibration: stage 1's, on 62 CamVid train images, every 6th "
+                                "index, as `camvid_segformer.calibrate` writes it): the calibrated most important "
+                                "half of every MLP and of the decoder, with the calibrated least-squares "
+                                "compensation folded into the cut weights",
+                  "sibling": "models/segformer-b0-camvid continues the same stage 1 with the same recipe, so the "
+                             "two differ only in size",
+                  "selection": "nothing was chosen on val: the structure, the recipe and the step count were fixed "
+                               "before training; val was scored once at the end"})
 
 
 def sweep(args: argparse.Namespace, target: SweepTarget, store: Path) -> dict[str, Any]:
@@ -187,13 +181,13 @@ HEAD = ("| {} | model | path | GMACs | MACs saved | p50 ms | Δ carve-out | mIoU
 def section(args: argparse.Namespace, res: dict[str, Any]) -> str:
     t, c = res["trace"], {p["policy"]: p for p in res["trace"]["policies"]}
     lines = [
-        f"Machine: {res['machine']}; {res['date']}; command: `OMP_NUM_THREADS=2 .venv/bin/python "
-        f"benchmarks/camvid_variants.py --budget {args.budget} --frames {args.frames}`; raw output in "
+        f"Machine: {res['machine']}; {res['date']}; command: `OMP_NUM_THREADS={torch.get_num_threads()} "
+        f".venv/bin/python benchmarks/camvid_variants.py --budget {args.budget} --frames {args.frames}`; raw output in "
         "`benchmarks/results/camvid-variants.json`.", "",
-        f"Models: `models/segformer-b0-camvid-ft` (B0, {res['gmacs']['b0']:.2f} GMACs at 352x480: the committed B0 "
-        f"fine-tuned 1500 more steps) and `models/segformer-b0-half-camvid` ({NAME}, {res['gmacs'][NAME]:.2f} "
-        "GMACs: derived from the committed B0 with half of every MLP and half the decoder, then fine-tuned with "
-        "the same recipe; the cards give the commands). "
+        f"Models: `models/segformer-b0-camvid` (B0, {res['gmacs']['b0']:.2f} GMACs at 352x480) and "
+        f"`models/segformer-b0-half-camvid` ({NAME}, {res['gmacs'][NAME]:.2f} GMACs: half of every MLP and half "
+        "the decoder). Both continue one first training stage with the same 1500-step recipe, the half model "
+        "after `dynavit derive`; the cards give the commands. "
         f"Both calibrated on 62 train images; every choice made on {res['select_images']} other train images; "
         "each chosen path evaluated once on the 101 val images. Δ is against B0's default path.", "",
         "| sweep (train carve-out) | measured, reused | wall time |", "|---|---|---|",
@@ -224,7 +218,6 @@ def section(args: argparse.Namespace, res: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--from-run", type=Path, default=None, help="training run of the derived model")
-    ap.add_argument("--base-run", type=Path, default=None, help="training run of the fine-tuned B0")
     ap.add_argument("--budget", type=int, default=16, help="NSGA-II configs over the joint space")
     ap.add_argument("--select-images", type=int, default=101)
     ap.add_argument("--frames", type=int, default=2000, help="controller trace length")
@@ -233,7 +226,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench-variants")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    commit_models(args.from_run, args.base_run)
+    if args.from_run is not None:
+        commit_model_half(args.from_run)
     cal_b0, cal_small = calibrate(BASE, args.out / "calibration-b0"), calibrate(SMALL, args.out / "calibration-half")
     target = SweepTarget(model=str(BASE), data=str(assets_dir() / "camvid" / "train"), calibration=str(cal_b0),
                          limit=args.select_images, variants={NAME: str(SMALL)},

@@ -11,7 +11,7 @@ import torch
 import dynavit
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-COMMITTED = ("segformer-b0-camvid", "segformer-b0-camvid-ft", "segformer-b0-half-camvid")
+COMMITTED = ("segformer-b0-camvid", "segformer-b0-half-camvid")
 
 
 @pytest.mark.parametrize("name", COMMITTED)
