@@ -23,7 +23,15 @@ evaluated once on the 101 val images, which also give the controller's trace fra
 
 Writes ``camvid-variants`` (.md, .json) under benchmarks/results/ and docs/img/camvid_variants.png:
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/camvid_variants.py [--from-run runs/camvid-b0-half]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/camvid_variants.py [--from-run runs/camvid-b0-half-clean]
+
+The derived model's starting point (its card gives the training command that follows):
+
+    .venv/bin/python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+        from camvid_segformer import calibrate; \
+        calibrate(Path('runs/camvid-b0-s1/model'), Path('out/variant/calibration-s1'))"
+    .venv/bin/dynavit derive runs/camvid-b0-s1/model --calibration out/variant/calibration-s1 \
+        --config '{"mlp_width": 0.5, "decoder_width": 0.5}' --out out/variant/derived-s1
 """
 
 from __future__ import annotations
