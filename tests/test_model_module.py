@@ -15,6 +15,7 @@ from dynavit.errors import DynavitError
 from dynavit.model import from_config
 from dynavit.models import FAMILIES, family_class
 from dynavit.models.static import StaticModel
+from dynavit.packaging import provenance
 
 
 def tiny_vit_config() -> ViTConfig:
@@ -99,6 +100,14 @@ def test_save_pretrained_keeps_the_segformer_input_size(tmp_path):
     dm.input_size = (64, 96)
     back = dynavit.load(dm.save_pretrained(tmp_path / "seg"))
     assert back.input_size == (64, 96) and back.task == "segmentation"
+
+
+def test_manifest_names_a_local_source_relative_to_the_folder(tmp_path):
+    first = from_config(tiny_vit_config()).save_pretrained(tmp_path / "runs" / "a" / "model")
+    second = dynavit.load(first).save_pretrained(tmp_path / "models" / "b")
+    saved_from = json.loads((second / "dynavit.json").read_text())["saved_from"]
+    assert saved_from == "../../runs/a/model" and (second / saved_from).resolve() == first.resolve()
+    assert provenance("facebook/deit-tiny-patch16-224", second) == "facebook/deit-tiny-patch16-224"
 
 
 def test_unknown_manifest_format_is_refused(tmp_path):

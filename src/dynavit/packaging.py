@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,8 @@ def write_pretrained(dm: Any, folder: Path, *, half: bool = False) -> Path:
     pre = {**dm.preprocessor, "image_mean": list(dm.mean), "image_std": list(dm.std), "crop_pct": dm.crop_pct,
            "size": {"height": h, "width": w}, "do_resize": True, "do_normalize": True}
     (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-    manifest: dict[str, Any] = {"format": FORMAT, "saved_from": str(dm.source), "calibration": None,
-                                "multiplexers": {}}
+    manifest: dict[str, Any] = {"format": FORMAT, "saved_from": provenance(dm.source, folder),
+                                "calibration": None, "multiplexers": {}}
     if dm.calibration is not None:
         now = fingerprint(dm.base_module, stored_as=torch.float16 if half else None)
         calib = dm.calibration
@@ -54,6 +55,15 @@ def write_pretrained(dm: Any, folder: Path, *, half: bool = False) -> Path:
         manifest["multiplexers"][str(n)] = f"mux{n}"
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
+
+
+def provenance(source: Any, folder: Path) -> str:
+    """Where the model came from, as the manifest records it: a hub id as given, a local folder
+    relative to the written one, so the manifest names no machine's absolute paths."""
+    path = Path(str(source))
+    if not path.exists():
+        return str(source)
+    return Path(os.path.relpath(path.resolve(), folder.resolve())).as_posix()
 
 
 def read_extras(dm: Any, folder: Path) -> None:
