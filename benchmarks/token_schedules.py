@@ -6,11 +6,15 @@ Schedules (``ExecConfig`` token fields; see ``dynavit.knobs.tokens``):
 - merge r (ToMe): ToMe's own schedule, a constant r tokens merged at every block (``token_r``);
 - prune r: EViT pruning of the r least-attended tokens at every block;
 - prune+merge r: at every block, prune ceil(r/2) least-attended tokens, then merge r//2 pairs;
-- prune keep @3,6,9 (EViT): EViT's placement and keep rate.
+- prune keep @3,6,9 (EViT): EViT's placement and keep rate;
+- merge similar, step s (ATM): per image, every pair more similar than a threshold merges, the
+  threshold falling by s per block (``token_threshold``, ``token_threshold_step``); s = 0, 0.01, 0.02.
 
 For each MAC saving (25 %, 35 %, 44 %) every schedule is set to the mildest setting that saves at
 least that much (MACs counted exactly, one image; keep rates in steps of 0.005 / 0.01, r in steps
-of 1, so the savings land within about a point of each other). Calibration on 100 of the 500 ImageNet sample
+of 1, thresholds in steps of 0.005, so the savings land within about a point of each other). A
+per-image schedule's MACs differ per image: its setting is matched on the mean over the 100
+calibration photographs, and its row reports the mean over scored images. Calibration on 100 of the 500 ImageNet sample
 photographs (every 5th, as benchmarks/sweep_deit.py), the other 400 scored. The schedule for a
 saving is chosen on one half of the 400 (``confirmed_best``) and scored on the other half: top-1
 with its exact interval and the paired delta against the full model, bootstrap 95 % CI. Accuracy
@@ -29,12 +33,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from docsection import write_json, write_section
 from sweep_deit import calibrate
 
 from dynavit.assets import assets_dir, deit_tiny_source
 from dynavit.config import ExecConfig
 from dynavit.cost import total_macs
+from dynavit.data.datasets import list_images, read_image
 from dynavit.sweep import SweepTarget, stats
 from dynavit.sweep.pareto import confirmed_best
 
@@ -50,16 +56,26 @@ FAMILIES = {  # name -> (parameter values, mildest first; config of a value)
     "prune+merge r": (list(range(1, 31)), lambda r: ExecConfig(token_method="prune+merge", token_r=r)),
     "prune keep @3,6,9 (EViT)": ([round(1 - i / 100, 2) for i in range(1, 71)],
                                  lambda k: ExecConfig(token_method="prune", token_keep=k)),
+    **{f"merge similar, step {step} (ATM)": (
+        [round(1 - i / 200, 3) for i in range(1, 61)],
+        lambda t, step=step: ExecConfig(token_method="merge", token_threshold=t, token_threshold_step=step))
+       for step in (0.0, 0.01, 0.02)},
 }
 
 
-def matched(dm, x, base_macs: int) -> dict[float, dict[str, ExecConfig]]:
-    """Per saving, per schedule: the mildest setting with at least that MAC saving."""
+def mean_macs(dm, images: torch.Tensor) -> float:
+    """MACs of the configured path, one image at a time, averaged over ``images``."""
+    return sum(total_macs(dm.module, lambda im=im: dm(im[None])) for im in images) / len(images)
+
+
+def matched(dm, x, photos, base_macs: int) -> dict[float, dict[str, ExecConfig]]:
+    """Per saving, per schedule: the mildest setting with at least that MAC saving (``x``: one image;
+    ``photos``: the calibration images, over which a per-image schedule's MACs are averaged)."""
     out: dict[float, dict[str, ExecConfig]] = {s: {} for s in SAVINGS}
     for name, (values, make) in FAMILIES.items():
         for v in values:
             dm.configure(make(v))
-            saving = 1 - total_macs(dm.module, lambda: dm(x)) / base_macs
+            saving = 1 - mean_macs(dm, photos if make(v).token_threshold is not None else x) / base_macs
             for s in SAVINGS:
                 if saving >= s and name not in out[s]:
                     out[s][name] = make(v)
@@ -144,8 +160,10 @@ def main() -> None:
     dm, data, ev, excluded = target.build()
     dm.eval()
     x = dm.example_input(1)
+    photos = torch.stack([dm.transform(read_image(p))
+                          for p in list_images(assets_dir() / "imagenet-samples" / "images")[::5]])
     base = ev.measure(ExecConfig(), label="default")
-    configs = matched(dm, x, base.macs)
+    configs = matched(dm, x, photos, base.macs)
     rows = {}
     pick, score = stats.split_images(len(base.per_image))
     levels = [level(s, configs[s], rows, ev, base, pick, score) for s in SAVINGS]

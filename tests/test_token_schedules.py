@@ -168,3 +168,67 @@ def test_default_sweep_space_explores_constant_r(small):
     tok = next(k for k in space.knobs if k.name == "tokens")
     assert any(lv.get("token_r") for lv in tok.levels)
     assert not any(lv.get("token_r") for lv in preset("small", small.space)["tokens"])  # the quick look stays small
+
+
+def _merge_alone(x: torch.Tensor, keys: torch.Tensor, theta: float) -> torch.Tensor:
+    """One image through ``merge_similar`` by itself: its tokens, no padding."""
+    out, state = tokens.merge_similar(x, keys, theta, tokens.TokenState())
+    assert state.valid is None
+    return out[0]
+
+
+def test_merge_similar_merges_per_image_and_pads_at_the_end():
+    torch.manual_seed(0)
+    n, c = 17, 8  # CLS + 16 patches: A = CLS + 8 patches (even positions), B = 8 (odd)
+    plain = torch.randn(1, n, c)
+    twins = plain.clone()
+    twins[0, 2:n:2] = twins[0, 1:n - 1:2]  # every A patch duplicates the B token before it
+    x = torch.cat([twins, plain])
+    keys = x.unsqueeze(1)  # (B, H=1, N, d): keys equal to the tokens
+    out, state = tokens.merge_similar(x, keys, 0.999, tokens.TokenState())
+    counts = state.valid.sum(1).tolist()
+    assert counts == [n - 8, n]  # the twins image merged its 8 duplicate pairs, the plain one none
+    assert out.shape[1] == n and not state.valid[0, n - 8:].any()  # padding is at the end
+    for i in range(2):  # batched = alone, and size-weighted sums (what merging averages) are kept
+        assert torch.allclose(out[i, :counts[i]], _merge_alone(x[i:i + 1], keys[i:i + 1], 0.999), atol=1e-6)
+        kept = state.valid[i]
+        assert state.size[i, kept].sum() == n
+        assert torch.allclose((out[i, kept] * state.size[i, kept]).sum(0), x[i].sum(0), atol=1e-5)
+    assert torch.equal(out[0, 0], x[0, 0])  # CLS is never merged
+
+
+def test_merge_similar_path_runs_batched_as_one_image_at_a_time(small):
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 64, 64)
+    x[0] = x[0].mean(dim=(1, 2), keepdim=True)  # a flat image: its patches are alike and merge
+    cfg = ExecConfig(token_method="merge", token_threshold=0.95, token_threshold_step=0.05)
+    plan = resolve(cfg, small.space)
+    assert [b.token_op for b in plan.blocks] == ["merge-similar"] * 4  # every block, as ToMe's r
+    assert [round(b.similarity, 3) for b in plan.blocks] == [0.95, 0.9, 0.85, 0.8]
+    batched = ours(small, x, cfg)
+    alone = torch.cat([ours(small, x[i:i + 1], cfg) for i in range(4)])
+    assert torch.allclose(batched, alone, atol=1e-5)
+    counts = [mlp_token_counts(small, x[i:i + 1], cfg) for i in range(4)]
+    assert counts[0][-1] < min(c[-1] for c in counts[1:])  # the flat image keeps fewer tokens
+    flat = [total_macs(small.module, lambda i=i: small(x[i:i + 1])) for i in range(2)]
+    assert flat[0] < flat[1]
+    assert torch.allclose(ours(small, x, ExecConfig(token_method="merge", token_threshold=1.0)),
+                          ours(small, x, ExecConfig()), atol=1e-5)  # nothing is more similar than 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(token_method="prune", token_threshold=0.9, token_threshold_step=0.01), "token_threshold_step"),
+    (dict(token_method="merge", token_threshold_step=0.01), "token_threshold_step"),
+    (dict(token_method="merge", token_threshold=0.9, token_threshold_step=-0.1), ">= 0"),
+    (dict(token_method="prune+merge", token_threshold=0.9), "token_threshold works"),
+])
+def test_merge_threshold_settings_are_checked(small, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve(ExecConfig(**bad), small.space)
+
+
+def test_merge_threshold_round_trips_and_cannot_be_exported(small, tmp_path):
+    cfg = ExecConfig(token_method="merge", token_threshold=0.9, token_threshold_step=0.01)
+    assert ExecConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(dynavit.DynavitError, match="different number of tokens per image"):
+        small.export(tmp_path / "m.onnx", cfg)

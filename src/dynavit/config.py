@@ -20,8 +20,11 @@ Knob semantics (block indices count blocks across all stages, from 0):
   ``"merge"`` merges the most similar ones (ToMe bipartite matching, proportional attention);
   ``"prune+merge"`` prunes ``ceil(t / 2)`` of the ``t`` removed, then merges ``t // 2``
   (``dynavit.knobs.tokens.removal``). No ``token_layers``: blocks 3, 6, 9 of 12 (EViT), every block
-  for ``token_r`` (ToMe). ``token_threshold`` (prune only) keeps, per image, the fewest tokens whose
-  cumulative CLS attention reaches the threshold.
+  for ``token_r`` (ToMe). ``token_threshold`` keeps, per image, as many tokens as the image needs:
+  with ``"prune"``, the fewest whose cumulative CLS attention reaches the threshold; with
+  ``"merge"`` (at every block), every bipartite pair whose keys' cosine similarity exceeds
+  ``token_threshold - i * token_threshold_step`` at block ``i`` (ATM's adaptive merging: deeper
+  blocks, whose tokens grow alike, merge at a lower similarity).
 - ``resolution``: the input is resized to (H, W) before the patch embedding.
 - ``decoder_width`` / ``decoder_branches`` (SegFormer): fraction of decoder channels, and
   which of the four encoder scales feed the decoder.
@@ -42,14 +45,11 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from dynavit.errors import DynavitError
+from dynavit.configvalues import ConfigError, int_tuple, is_int, is_number, num_or_tuple, resolution, whole
 
 PRECISIONS = ("fp32", "int8", "fp16", "bf16")  # ExecConfig.precision values; fp32 is the model as loaded
 TOKEN_METHODS = ("prune", "merge", "prune+merge")  # ExecConfig.token_method values
-
-
-class ConfigError(DynavitError, ValueError):
-    """A config value the model cannot take: names the field, the value and the legal range."""
+THRESHOLD_OPS = {"prune": "threshold", "merge": "merge-similar"}  # token_method -> its per-image token op
 
 
 @dataclass(frozen=True)
@@ -74,47 +74,6 @@ class Space:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _whole(name: str, v: Any) -> int:
-    """``v`` as an int: an int, or a float with no fractional part (JSON may write 2 as 2.0)."""
-    if _is_int(v) or (isinstance(v, float) and v.is_integer()):
-        return int(v)
-    raise ConfigError(f"{name}={v!r} must be a whole number")
-
-
-def _int_tuple(name: str, v: Any) -> tuple[int, ...]:
-    if v is None:
-        return ()
-    if _is_int(v):
-        return (v,)
-    if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__"):
-        raise ConfigError(f"{name}={v!r} is not a list of block indices")
-    out = tuple(v)
-    if not all(_is_int(i) for i in out):
-        raise ConfigError(f"{name}={v!r} must contain integers")
-    return tuple(sorted(set(out)))
-
-
-def _num_or_tuple(name: str, v: Any, kind: type) -> Any:
-    """A number or a list of numbers; ``kind`` int takes whole numbers only, float any number."""
-    def one(x: Any) -> Any:
-        if not _is_number(x):
-            raise ConfigError(f"{name}={v!r} must be a number or a list of numbers")
-        return _whole(name, x) if kind is int else float(x)
-    if v is None:
-        return None
-    if _is_number(v) or isinstance(v, (str, bytes, bool, dict)) or not hasattr(v, "__iter__"):
-        return one(v)
-    return tuple(one(x) for x in tuple(v))
-
-
 @dataclass(frozen=True, kw_only=True)
 class ExecConfig:
     """One execution path. ``ExecConfig()`` is the unmodified model. See the module docstring.
@@ -135,6 +94,7 @@ class ExecConfig:
     token_method: str = "prune"
     token_fuse: bool = False
     token_threshold: float | None = None
+    token_threshold_step: float = 0.0
     resolution: tuple[int, int] | None = None
     decoder_width: float = 1.0
     decoder_branches: tuple[int, ...] | None = None
@@ -205,46 +165,35 @@ def _normalised(cfg: ExecConfig) -> dict[str, Any]:
     """``cfg``'s values in canonical form (so equal paths hash equal), or a ConfigError naming the field."""
     v = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     for name in ("skip_blocks", "skip_attn", "skip_mlp", "token_layers"):
-        v[name] = _int_tuple(name, v[name])
+        v[name] = int_tuple(name, v[name])
     if v["decoder_branches"] is not None:
-        v["decoder_branches"] = _int_tuple("decoder_branches", v["decoder_branches"])
-    v["heads"] = _num_or_tuple("heads", v["heads"], int)
-    v["mlp_width"] = _num_or_tuple("mlp_width", v["mlp_width"], float)
-    for name in ("token_keep", "decoder_width"):
+        v["decoder_branches"] = int_tuple("decoder_branches", v["decoder_branches"])
+    v["heads"] = num_or_tuple("heads", v["heads"], int)
+    v["mlp_width"] = num_or_tuple("mlp_width", v["mlp_width"], float)
+    for name in ("token_keep", "decoder_width", "token_threshold_step"):
         if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
             raise ConfigError(f"{name}={v[name]!r} must be a number in (0, 1]")
         v[name] = float(v[name])
-    if v["token_threshold"] is not None and not _is_number(v["token_threshold"]):
+    if v["token_threshold"] is not None and not is_number(v["token_threshold"]):
         raise ConfigError(f"token_threshold={v['token_threshold']!r} must be a number in (0, 1]")
     v["token_threshold"] = None if v["token_threshold"] is None else float(v["token_threshold"])
     if not isinstance(v["token_fuse"], bool):
         raise ConfigError(f"token_fuse={v['token_fuse']!r} must be true or false")
     if v["variant"] is not None and not isinstance(v["variant"], str):
         raise ConfigError(f"variant={v['variant']!r} must be the name of a variant")
-    v["resolution"] = _resolution(v["resolution"])
+    v["resolution"] = resolution(v["resolution"])
     if v["token_method"] not in TOKEN_METHODS:
         raise ConfigError(f"token_method={v['token_method']!r} must be one of {', '.join(TOKEN_METHODS)}")
-    v["token_r"] = _whole("token_r", v["token_r"])
+    v["token_r"] = whole("token_r", v["token_r"])
     if v["token_r"] < 0:
         raise ConfigError(f"token_r={v['token_r']} is outside 0.. (patch tokens removed per block)")
-    if not _is_int(v["granularity"]) or v["granularity"] < 1:
+    if not is_int(v["granularity"]) or v["granularity"] < 1:
         raise ConfigError(f"granularity={v['granularity']!r} must be a positive integer")
-    if not _is_int(v["mux"]) or v["mux"] < 1:
+    if not is_int(v["mux"]) or v["mux"] < 1:
         raise ConfigError(f"mux={v['mux']!r} must be a positive integer (images per forward pass)")
     if v["precision"] not in PRECISIONS:
         raise ConfigError(f"precision={v['precision']!r} must be one of {', '.join(PRECISIONS)}")
     return v
-
-
-def _resolution(res: Any) -> tuple[int, int] | None:
-    if res is None:
-        return None
-    if isinstance(res, (str, bytes, dict, float, bool)) or not (_is_int(res) or hasattr(res, "__iter__")):
-        raise ConfigError(f"resolution={res!r} must be a positive int or (height, width)")
-    out = (res, res) if _is_int(res) else tuple(res)
-    if len(out) != 2 or not all(_is_int(r) and r > 0 for r in out):
-        raise ConfigError(f"resolution={res!r} must be a positive int or (height, width)")
-    return out
 
 
 @dataclass(frozen=True)
@@ -255,7 +204,8 @@ class BlockPlan:
     mlp: bool
     heads: int
     mlp_dim: int
-    token_op: str | None = None  # "prune" | "merge" | "prune+merge" | "threshold" after this block's attention
+    token_op: str | None = None  # "prune" | "merge" | "prune+merge" | "threshold" | "merge-similar", after attention
+    similarity: float = 0.0  # "merge-similar": merge the pairs whose keys' cosine similarity exceeds this
     precision: str = "fp32"  # the block's linear layers (so a prefix computed in fp32 never serves int8)
 
 
@@ -302,8 +252,8 @@ def resolve(cfg: ExecConfig, space: Space) -> Plan:
     _check_decoder(cfg, space)
     token_op = None
     if space.cls_token and _token_change(cfg):
-        token_op = "threshold" if cfg.token_threshold is not None else cfg.token_method
-    every = tuple(range(n)) if cfg.token_r else default_token_layers(n)  # ToMe: every block; EViT: 3, 6, 9
+        token_op = cfg.token_method if cfg.token_threshold is None else THRESHOLD_OPS[cfg.token_method]
+    every = tuple(range(n)) if cfg.token_r or token_op == "merge-similar" else default_token_layers(n)  # EViT: 3, 6, 9
     layers = set(cfg.token_layers or (every if token_op else ()))
     skip_all = set(cfg.skip_blocks)
     blocks = tuple(
@@ -313,6 +263,7 @@ def resolve(cfg: ExecConfig, space: Space) -> Plan:
             heads=space.heads[i] if heads[i] is None else heads[i],
             mlp_dim=keep_count(space.mlp_hidden[i], widths[i], cfg.granularity),
             token_op=token_op if (i in layers and i not in skip_all and i not in cfg.skip_attn) else None,
+            similarity=cfg.token_threshold - i * cfg.token_threshold_step if token_op == "merge-similar" else 0.0,
             precision=cfg.precision,
         )
         for i in range(n)
@@ -367,7 +318,7 @@ def _token_change(cfg: ExecConfig) -> bool:
 
 
 def _check_tokens(cfg: ExecConfig, space: Space) -> None:
-    if not (_token_change(cfg) or cfg.token_layers):
+    if not (_token_change(cfg) or cfg.token_layers or cfg.token_threshold_step):
         return
     if not space.cls_token:
         raise ConfigError(f"token knobs need a CLS-token model; {space.family} has no CLS token")
@@ -383,8 +334,13 @@ def _check_tokens(cfg: ExecConfig, space: Space) -> None:
         raise ConfigError("token_fuse=True works with token_method='prune' only, not 'prune+merge'")
     if cfg.token_threshold is not None and not 0.0 < cfg.token_threshold <= 1.0:
         raise ConfigError(f"token_threshold={cfg.token_threshold} is outside (0, 1]")
-    if cfg.token_threshold is not None and (cfg.token_method != "prune" or cfg.token_fuse):
-        raise ConfigError("token_threshold works with token_method='prune' and token_fuse=False only")
+    if cfg.token_threshold is not None and (cfg.token_method not in THRESHOLD_OPS or cfg.token_fuse):
+        raise ConfigError("token_threshold works with token_method='prune' or 'merge' and token_fuse=False only")
+    if cfg.token_threshold_step < 0:
+        raise ConfigError(f"token_threshold_step={cfg.token_threshold_step} must be >= 0 (a fall per block)")
+    if cfg.token_threshold_step and (cfg.token_threshold is None or cfg.token_method != "merge"):
+        raise ConfigError(f"token_threshold_step={cfg.token_threshold_step} lowers a merge similarity threshold per "
+                          "block: it needs token_method='merge' and a token_threshold")
 
 
 def _check_decoder(cfg: ExecConfig, space: Space) -> None:

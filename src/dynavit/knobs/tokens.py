@@ -6,7 +6,7 @@ All three run between a block's attention and its MLP and physically shrink the 
 The state that travels with the tokens is a ``TokenState``:
 - ``size`` (merge only): how many original patches each token stands for; attention adds
   ``log(size)`` to the keys' logits (ToMe's proportional attention) through SDPA's mask.
-- ``valid`` (adaptive threshold only): images of one batch keep different numbers of
+- ``valid`` (per-image thresholds only): images of one batch keep different numbers of
   tokens; the batch is padded to the largest count and padded keys get ``-inf``. This is
   the padding strategy (not bucketing): one kernel per layer for the whole batch, paying
   for the padded rows in the MLP. ``docs/results.md`` measures its cost.
@@ -28,6 +28,9 @@ Math:
   by size-weighted average; CLS is never merged (ToMe's bipartite soft matching).
 - threshold: per image, keep the fewest tokens (by CLS attention) whose cumulative
   attention reaches tau.
+- merge-similar: ToMe's matching, but per image every pair whose similarity exceeds the block's
+  threshold merges (ATM, Lee & Choi 2025, without its size-aware matching): a cluttered image keeps
+  more tokens than a plain one at the same threshold.
 """
 
 from __future__ import annotations
@@ -167,6 +170,37 @@ def threshold(x: torch.Tensor, scores: torch.Tensor, tau: float, state: TokenSta
     return torch.cat([x[:, :1], kept], dim=1), TokenState(valid=None if bool(valid.all()) else valid)
 
 
+def merge_similar(x: torch.Tensor, keys: torch.Tensor, theta: float, state: TokenState
+                  ) -> tuple[torch.Tensor, TokenState]:
+    """Per image, merge every bipartite pair whose key cosine similarity exceeds ``theta``.
+
+    Images of a batch merge different numbers of pairs. Each image's tokens stay first, in the
+    order the image alone would have them (the bipartite split is by position, so a batched image
+    computes what it computes alone); the batch is padded at the end to the longest. Padded tokens
+    never match (their similarity is -inf) and carry nothing into a merge.
+    """
+    b, n1, c = x.shape
+    size = state.size if state.size is not None else torch.ones(b, n1, 1, dtype=x.dtype, device=x.device)
+    valid = state.valid if state.valid is not None else torch.ones(b, n1, dtype=torch.bool, device=x.device)
+    metric = keys.mean(1)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    sim = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    sim = sim.masked_fill(~valid[:, ::2, None] | ~valid[:, None, 1::2], float("-inf"))
+    sim[:, 0, :] = float("-inf")  # CLS (index 0, in A) is never merged
+    best, dst = sim.max(dim=-1)
+    moves = (best > theta).unsqueeze(-1)  # (B, nA, 1): this A token merges into its dst in B
+    ta, tb = (x * size)[:, ::2], (x * size)[:, 1::2]
+    sa, sb = size[:, ::2], size[:, 1::2]
+    tb = tb.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, c), ta * moves)
+    sb = sb.scatter_add(1, dst.unsqueeze(-1), sa * moves)
+    keep = torch.cat([valid[:, ::2] & ~moves[..., 0], valid[:, 1::2]], dim=1)
+    order = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :int(keep.sum(1).max())]  # kept first
+    size = torch.cat([sa, sb], dim=1).gather(1, order.unsqueeze(-1))
+    x = torch.cat([ta, tb], dim=1).gather(1, order.unsqueeze(-1).expand(-1, -1, c)) / size
+    valid = keep.gather(1, order)
+    return x, TokenState(size=size, valid=None if bool(valid.all()) else valid)
+
+
 @contextmanager
 def recording_cls_attention(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect the CLS attention (B, N-1) of every attention layer that runs, in order, with its graph.
@@ -187,4 +221,5 @@ def recording_cls_attention(model: torch.nn.Module) -> Iterator[list[torch.Tenso
             m.record = None
 
 
-__all__ = ["TokenState", "cls_attention", "merge", "prune", "recording_cls_attention", "reduce", "removal", "threshold"]
+__all__ = ["TokenState", "cls_attention", "merge", "merge_similar", "prune", "recording_cls_attention", "reduce",
+           "removal", "threshold"]

@@ -53,7 +53,7 @@ class Attention(nn.Module):
         """
         q, k, v = (heads_of(x, lin, heads, self.head_dim, off, precision) for lin, off in self.qkv_parts())
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        scores = tokens.cls_attention(q, k, bias) if token_op not in (None, "merge") else None
+        scores = tokens.cls_attention(q, k, bias) if token_op in ("prune", "prune+merge", "threshold") else None
         if self.record is not None:
             self.record.append(scores if scores is not None else tokens.cls_attention(q, k, bias))
         return merge_heads(out, self.o, precision), (scores, k if token_op and "merge" in token_op else None)
@@ -83,6 +83,8 @@ class Block(nn.Module):
             x = x + out
             if p.token_op == "threshold":
                 x, state = tokens.threshold(x, scores, plan.token_threshold, state)
+            elif p.token_op == "merge-similar":
+                x, state = tokens.merge_similar(x, keys, p.similarity, state)
             elif p.token_op:
                 counts = tokens.removal(x.shape[1] - 1, p.token_op, plan.token_keep, plan.token_r)
                 x, state = tokens.reduce(x, p.token_op, scores, keys, counts, plan.token_fuse, state)

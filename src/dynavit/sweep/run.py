@@ -120,7 +120,7 @@ def _sharing_order(cfgs: Sequence[ExecConfig], dm: Any) -> list[int]:
     """Order configs so that those executing the same leading blocks (of the same model) run back to back."""
     def key(i: int) -> tuple:
         plan = dm.plan_for(cfgs[i])
-        blocks = tuple((b.attn, b.mlp, b.heads, b.mlp_dim, b.token_op or "") for b in plan.blocks)
+        blocks = tuple((b.attn, b.mlp, b.heads, b.mlp_dim, b.token_op or "", b.similarity) for b in plan.blocks)
         token = (plan.token_keep, plan.token_r, plan.token_fuse, plan.token_threshold or 0.0)
         return (cfgs[i].variant or "", plan.resolution or (0, 0), blocks, token)
     return sorted(range(len(cfgs)), key=key)
