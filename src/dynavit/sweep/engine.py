@@ -178,7 +178,7 @@ class Evaluator:
 
     def __init__(self, dm: Any, data: CachedData, *, latency_repeats: int = 50, warmup: int = 2,
                  throughput_repeats: int = 3, measure_latency: bool = True, reuse_prefix: bool = True,
-                 n_boot: int = 1000, seed: int = 0, mac_images: int = 8) -> None:
+                 n_boot: int = 1000, seed: int = 0, mac_images: int = 32) -> None:
         self.dm, self.data = dm, data
         self.latency_repeats, self.warmup = latency_repeats, warmup
         self.throughput_repeats = throughput_repeats
@@ -264,7 +264,8 @@ class Evaluator:
         return [torch.cat(imgs[i::k]) for i in range(k)]
 
     def _macs(self, impl: Any, cfg: ExecConfig) -> dict[str, float]:
-        """Per-image MACs by class at batch 1 (averaged over images when the path is adaptive)."""
+        """Per-image MACs by class at batch 1, averaged over ``mac_images`` images when the path is adaptive
+        (8 misread DeiT-tiny's per-image merges by up to 1.5 points of saving against all 400 images)."""
         imgs = self._passes(self.mac_images if cfg.token_threshold is not None else 1, cfg.mux)
         by_class: dict[str, float] = {}
         for x in imgs:
