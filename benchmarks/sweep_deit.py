@@ -142,7 +142,7 @@ def main() -> None:
     cfgs = [space.config(p) for p in Greedy(space.shape, None).singles()]
     from dynavit.sweep.run import _sharing_order
 
-    order = [cfgs[i] for i in _sharing_order(cfgs, dm.space)]
+    order = [cfgs[i] for i in _sharing_order(cfgs, dm)]
     from dataclasses import replace
 
     part = replace(data, batches=data.batches[:2], targets=data.targets[:2])  # 64 images keep this short
