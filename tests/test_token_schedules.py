@@ -227,6 +227,11 @@ def test_merge_threshold_settings_are_checked(small, bad, match):
         resolve(ExecConfig(**bad), small.space)
 
 
+def test_merge_threshold_step_must_be_a_number():
+    with pytest.raises(ConfigError, match="token_threshold_step='x' must be a number >= 0"):
+        ExecConfig(token_method="merge", token_threshold=0.9, token_threshold_step="x")
+
+
 def test_merge_threshold_round_trips_and_cannot_be_exported(small, tmp_path):
     cfg = ExecConfig(token_method="merge", token_threshold=0.9, token_threshold_step=0.01)
     assert ExecConfig.from_json(cfg.to_json()) == cfg

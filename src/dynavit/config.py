@@ -170,10 +170,13 @@ def _normalised(cfg: ExecConfig) -> dict[str, Any]:
         v["decoder_branches"] = int_tuple("decoder_branches", v["decoder_branches"])
     v["heads"] = num_or_tuple("heads", v["heads"], int)
     v["mlp_width"] = num_or_tuple("mlp_width", v["mlp_width"], float)
-    for name in ("token_keep", "decoder_width", "token_threshold_step"):
-        if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
+    for name in ("token_keep", "decoder_width"):
+        if not is_number(v[name]):
             raise ConfigError(f"{name}={v[name]!r} must be a number in (0, 1]")
         v[name] = float(v[name])
+    if not is_number(v["token_threshold_step"]):
+        raise ConfigError(f"token_threshold_step={v['token_threshold_step']!r} must be a number >= 0")
+    v["token_threshold_step"] = float(v["token_threshold_step"])
     if v["token_threshold"] is not None and not is_number(v["token_threshold"]):
         raise ConfigError(f"token_threshold={v['token_threshold']!r} must be a number in (0, 1]")
     v["token_threshold"] = None if v["token_threshold"] is None else float(v["token_threshold"])
