@@ -10,7 +10,8 @@
    top-1 drop, and composed configs against the best single knob at matched MACs; every "best" is
    chosen on one half of the images and scored on the other.
 
-Writes the ``sweep-deit`` section (benchmarks/results/). Run alone (other load skews latency):
+Writes the ``sweep-deit`` section and its rows as JSON (benchmarks/results/). Run alone (other load
+skews latency):
 
     .venv/bin/python benchmarks/sweep_deit.py [--budget 100] [--out out/bench-sweep]
 """
@@ -22,7 +23,7 @@ import datetime as dt
 import time
 from pathlib import Path
 
-from docsection import write_section
+from docsection import write_json, write_section
 
 from dynavit.assets import assets_dir, deit_tiny_source
 from dynavit.data.datasets import file_sha1, list_images, read_image
@@ -45,6 +46,14 @@ def calibrate(out: Path) -> Path:
     cal.image_hashes = [file_sha1(p) for p in paths]
     dm.save_calibration(folder)
     return folder
+
+
+def write_raw(store: Path, budget: int, timings: dict | None = None) -> Path:
+    """The store's rows (without per-image data) as ``benchmarks/results/sweep-deit.json``."""
+    with ResultStore(store, readonly=True) as rs:
+        payload = {"command": f".venv/bin/python benchmarks/sweep_deit.py --budget {budget}", "meta": rs.meta,
+                   "timings": timings or {}, "rows": rs.table()}
+    return write_json("sweep-deit", payload)
 
 
 def single_knob(label: str) -> bool:
@@ -191,6 +200,9 @@ def main() -> None:
     lines += menu_tables(rows, base, "top-1")
     body = "\n".join(lines)
     write_section("sweep-deit", "Sweep: DeiT-tiny accuracy-MACs menu (ImageNet samples)", body)
+    write_raw(store, args.budget, {"evolutionary_s": evo.seconds, "evolutionary_measured": evo.measured,
+                                   "greedy_s": greedy.seconds, "greedy_measured": greedy.measured,
+                                   "prefix_reuse_s": {"without": no_reuse, "with": with_reuse}})
     print(body)
 
 
