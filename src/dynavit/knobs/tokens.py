@@ -108,6 +108,22 @@ def prune(x: torch.Tensor, scores: torch.Tensor, drop: int, fuse: bool, state: T
     return out, TokenState(size=size), None if metric is None else _take(metric, idx)
 
 
+def best_match(keys: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite matching: for each token of A (even positions), its most similar token of B
+    (odd positions) by cosine similarity of the keys (mean over heads). Returns (similarity, index in B),
+    each (B, nA); CLS (index 0, in A) and tokens ``valid`` marks False never match (-inf).
+
+    ``keys``: (B, H, N, d), or their mean over heads (B, N, d).
+    """
+    metric = keys.mean(1) if keys.dim() == 4 else keys
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    sim = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    if valid is not None:
+        sim = sim.masked_fill(~valid[:, ::2, None] | ~valid[:, None, 1::2], float("-inf"))
+    sim[:, 0, :] = float("-inf")
+    return sim.max(dim=-1)
+
+
 def merge(x: torch.Tensor, keys: torch.Tensor, r: int, state: TokenState) -> tuple[torch.Tensor, TokenState]:
     """ToMe bipartite soft matching: merge the ``r`` most similar token pairs (r <= n // 2 of n patches).
 
@@ -118,12 +134,7 @@ def merge(x: torch.Tensor, keys: torch.Tensor, r: int, state: TokenState) -> tup
     if r <= 0:
         return x, state
     size = state.size if state.size is not None else torch.ones(b, n1, 1, dtype=x.dtype, device=x.device)
-    metric = keys.mean(1) if keys.dim() == 4 else keys  # (B, N, d): keys averaged over heads
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, bb = metric[:, ::2], metric[:, 1::2]
-    sim = a @ bb.transpose(-1, -2)
-    sim[:, 0, :] = float("-inf")  # CLS (index 0, in A) is never merged
-    best, best_idx = sim.max(dim=-1)
+    best, best_idx = best_match(keys)
     order = best.argsort(dim=-1, descending=True)
     unmerged = order[:, r:].sort(dim=-1).values  # keeps CLS first
     src = order[:, :r]
@@ -182,12 +193,7 @@ def merge_similar(x: torch.Tensor, keys: torch.Tensor, theta: float, state: Toke
     b, n1, c = x.shape
     size = state.size if state.size is not None else torch.ones(b, n1, 1, dtype=x.dtype, device=x.device)
     valid = state.valid if state.valid is not None else torch.ones(b, n1, dtype=torch.bool, device=x.device)
-    metric = keys.mean(1)
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    sim = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-    sim = sim.masked_fill(~valid[:, ::2, None] | ~valid[:, None, 1::2], float("-inf"))
-    sim[:, 0, :] = float("-inf")  # CLS (index 0, in A) is never merged
-    best, dst = sim.max(dim=-1)
+    best, dst = best_match(keys, valid)
     moves = (best > theta).unsqueeze(-1)  # (B, nA, 1): this A token merges into its dst in B
     ta, tb = (x * size)[:, ::2], (x * size)[:, 1::2]
     sa, sb = size[:, ::2], size[:, 1::2]
@@ -221,5 +227,5 @@ def recording_cls_attention(model: torch.nn.Module) -> Iterator[list[torch.Tenso
             m.record = None
 
 
-__all__ = ["TokenState", "cls_attention", "merge", "merge_similar", "prune", "recording_cls_attention", "reduce",
-           "removal", "threshold"]
+__all__ = ["TokenState", "best_match", "cls_attention", "merge", "merge_similar", "prune", "recording_cls_attention",
+           "reduce", "removal", "threshold"]
