@@ -78,6 +78,29 @@ def test_calibration_helps_reduced_paths_on_real_model(deit_tiny_path, assets):
     assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
 
 
+def test_composed_skip_orders_are_greedy_and_lead_every_block_order():
+    """Each next block of a composed order is the one whose skip, added to those before it, costs least KL."""
+    dm = dynavit.from_config(ViTConfig(**{**SMALL, "num_hidden_layers": 6}), seed=1)
+    imgs = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    cal = dm.calibrate(imgs, criterion="magnitude", batch_size=8, compensate=False)
+    with torch.no_grad():
+        ref = dm.configure(ExecConfig())(imgs)
+        for kind, key in (("block", "skip_blocks"), ("attn", "skip_attn"), ("mlp", "skip_mlp")):
+            order = cal.skip_orders[kind]
+            assert len(order) == 3 and order[0] == min(range(6), key=cal.block_kl[kind].__getitem__)
+            for step in (1, 2):  # recomputed with plain forwards (the calibration shares prefixes)
+                cost = {j: kl(ref, dm.configure(ExecConfig(**{key: tuple(sorted([*order[:step], j]))}))(imgs))
+                        for j in range(6) if j not in order[:step]}
+                assert order[step] == min(cost, key=cost.get), (kind, step, cost)
+            full = cal.block_order(kind)
+            assert full[:3] == order and sorted(full) == list(range(6))
+            rest = full[3:]
+            assert rest == sorted(rest, key=cal.block_kl[kind].__getitem__)
+    plain = Calibration(criterion=cal.criterion, perms=cal.perms, block_kl=cal.block_kl)
+    assert plain.block_order("attn") == sorted(range(6), key=cal.block_kl["attn"].__getitem__)
+    assert plain.identity() != cal.identity()  # a store pins which order its skip levels meant
+
+
 def test_save_load_round_trip_and_wrong_model(tmp_path, small_and_images):
     dm, imgs = small_and_images
     dm.calibrate(imgs, criterion="magnitude", batch_size=8)
@@ -85,6 +108,7 @@ def test_save_load_round_trip_and_wrong_model(tmp_path, small_and_images):
     fresh = dynavit.from_config(ViTConfig(**SMALL), seed=1)
     loaded = fresh.load_calibration(tmp_path / "cal")
     assert isinstance(loaded, Calibration) and loaded.block_kl == dm.calibration.block_kl
+    assert loaded.skip_orders == dm.calibration.skip_orders and loaded.identity() == dm.calibration.identity()
     x = torch.randn(2, 3, 32, 32)
     cfg = ExecConfig(mlp_width=0.5, heads=2)
     with torch.no_grad():

@@ -174,21 +174,46 @@ def test_other_families_compensate_width_heads_skips_and_decoder(family):
         assert not torch.allclose(a, b)
 
 
-def test_compensation_helps_deit_tiny_on_photos_it_never_saw(deit_tiny_path, assets):
-    """Statistics from 48 ImageNet photos; reduced paths judged on 32 others (KL to the full model)."""
+@pytest.fixture(scope="module")
+def deit_48(deit_tiny_path, assets):
+    """DeiT-tiny calibrated on 48 ImageNet photos, and 32 others it never saw."""
     photos = list_images(assets / "imagenet-samples" / "images")
     dm = dynavit.load(deit_tiny_path)
     dm.calibrate([read_image(p) for p in photos[::5][:48]], criterion="variance")
-    held = torch.stack([dm.transform(read_image(p)) for p in photos[2::5][:32]])
+    return dm, torch.stack([dm.transform(read_image(p)) for p in photos[2::5][:32]])
+
+
+def test_compensation_helps_deit_tiny_on_photos_it_never_saw(deit_48):
+    """Statistics from 48 ImageNet photos; reduced paths judged on 32 others (KL to the full model)."""
+    dm, held = deit_48
     ref = run(dm, held, ExecConfig())
     comp = dm.calibration.compensation
     paths = [ExecConfig(mlp_width=0.75), ExecConfig(mlp_width=0.5), ExecConfig(heads=2)]
-    comp.install(dm.module, method="none", skip_means=False)
-    off = [kl(ref, run(dm, held, c)) for c in paths]
-    comp.install(dm.module, method="matrix", skip_means=False)
-    on = [kl(ref, run(dm, held, c)) for c in paths]
+    try:
+        comp.install(dm.module, method="none", skip_means=False)
+        off = [kl(ref, run(dm, held, c)) for c in paths]
+        comp.install(dm.module, method="matrix", skip_means=False)
+        on = [kl(ref, run(dm, held, c)) for c in paths]
+    finally:
+        comp.install(dm.module)
     for a, b in zip(on, off, strict=True):
         assert a < 0.8 * b
+
+
+def test_composed_skip_orders_beat_single_skip_ranking_on_photos_it_never_saw(deit_48):
+    """3 to 6 blocks or sub-layers skipped: the composed orders' choices against those ranked best alone."""
+    dm, held = deit_48
+    cal = dm.calibration
+    ref = run(dm, held, ExecConfig())
+    totals = {"single": 0.0, "composed": 0.0}
+    for kind, key in (("block", "skip_blocks"), ("attn", "skip_attn"), ("mlp", "skip_mlp")):
+        orders = {"single": sorted(range(12), key=cal.block_kl[kind].__getitem__), "composed": cal.block_order(kind)}
+        assert orders["single"][:6] != orders["composed"][:6]
+        for k in range(3, 7):
+            cost = {name: kl(ref, run(dm, held, ExecConfig(**{key: tuple(o[:k])}))) for name, o in orders.items()}
+            assert cost["composed"] <= cost["single"] * 1.01 or k < 5, (kind, k, cost)
+            totals = {name: totals[name] + cost[name] for name in totals}
+    assert totals["composed"] < 0.85 * totals["single"], totals
 
 
 def test_mac_count_of_a_first_run_excludes_the_one_off_solve(calibrated):

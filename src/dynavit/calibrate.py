@@ -13,8 +13,11 @@ reduced paths at 25/50/75 % MLP width and half the heads, each path run as it wi
 (with the compensation, when one is made).
 Compensation (``compensate=True``, ``dynavit.compensation``): the full model's statistics that
 restore what removed units and skipped sub-layers contributed, the method chosen the same way.
-Blocks are ranked (not reordered) by KL(full || block skipped), for attention and MLP
-sub-layers separately: the sweep's greedy strategy skips where the model is resilient.
+Blocks are ranked (not reordered) by KL(full || block skipped), for whole blocks and attention and
+MLP sub-layers separately. What is served is a set of skipped blocks, not one, and two blocks each
+harmless alone can be ruinous together: the first half of each order is therefore composed
+greedily (``skip_orders``): the next block is the one whose skip, added to those before it, raises
+the KL least. "Skip k" knobs and deadlines take the first k of that order.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from dynavit.errors import DynavitError
 from dynavit.importance import CRITERIA, counted, scores
 from dynavit.knobs import compensate as compensate_
 from dynavit.models.base import Perms
+from dynavit.models.prefix import PrefixRunner, share_depth
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Calibration:
     criterion: str
     perms: dict[str, list[torch.Tensor]]  # "mlp", "heads" per block; "branch", "fuse" for a decoder
     block_kl: dict[str, list[float]] = field(default_factory=dict)  # "block" | "attn" | "mlp" -> per block
+    skip_orders: dict[str, list[int]] = field(default_factory=dict)  # kind -> first blocks to skip, composed
     comparison: dict[str, float] = field(default_factory=dict)  # criterion -> held-out mean KL
     n_images: int = 0
     source: str = ""
@@ -66,14 +71,17 @@ class Calibration:
             for t in self.perms[group]:
                 h.update(group.encode() + t.to(torch.int64).numpy().tobytes())
         h.update(json.dumps(self.block_kl, sort_keys=True).encode())
+        if self.skip_orders:  # absent in calibrations made before composed orders: their identity stays
+            h.update(json.dumps(self.skip_orders, sort_keys=True).encode())
         if self.compensation is not None:
             h.update(self.compensation.identity().encode())
         return f"{self.criterion}:{h.hexdigest()[:16]}"
 
     def block_order(self, kind: str = "block") -> list[int]:
-        """Blocks from least to most important (the order in which to skip them)."""
+        """Blocks in the order in which to skip them: the composed order first, then by single-skip KL."""
         kl = self.block_kl[kind]
-        return sorted(range(len(kl)), key=lambda i: kl[i])
+        first = self.skip_orders.get(kind, [])
+        return first + [i for i in sorted(range(len(kl)), key=lambda i: kl[i]) if i not in first]
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -153,7 +161,8 @@ def _passes(n_fit: int, n_held: int, n_all: int, candidates: int, probes: int, b
     """Images run through the model by a calibration: the progress bar's total."""
     compare = n_held * candidates * probes + (candidates * n_fit if compensate else 0) if candidates > 1 else 0
     fit_comp = n_fit + n_held * (3 * probes + 6 + 2 * branches) if compensate else 0
-    return candidates * n_fit + n_held + compare + fit_comp + n_all * (1 + 3 * blocks)
+    composed = min(GREEDY_IMAGES, n_all) * (1 + len(SKIP_KINDS) * sum(blocks - s for s in range(1, blocks // 2)))
+    return candidates * n_fit + n_held + compare + fit_comp + n_all * (1 + 3 * blocks) + composed
 
 
 def _probe_configs(dm: Any) -> list[ExecConfig]:
@@ -238,15 +247,16 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
         dm.module.permute(perms[best])
         comp = _compensation(dm, fit, held, ref, probes, branch_probes, bar) if compensate else None
         block_kl = _block_kl(dm, batches, n, bar)
+        skip_orders = _skip_orders(dm, batches, block_kl, bar)
     finally:
         bar.close()
         dm.configure(previous)
     old = dm.calibration
     chosen = perms[best] if old is None else _compose(old.perms, perms[best])  # relative to the original weights
     return Calibration(criterion=best, perms={k: [p.cpu() for p in v] for k, v in chosen.items()},
-                       block_kl=block_kl, comparison=comparison, n_images=n_all, source=dm.source,
-                       fingerprint=fp, seconds=time.perf_counter() - t0, image_hashes=files, pixel_hashes=pixels,
-                       compensation=comp)
+                       block_kl=block_kl, skip_orders=skip_orders, comparison=comparison, n_images=n_all,
+                       source=dm.source, fingerprint=fp, seconds=time.perf_counter() - t0, image_hashes=files,
+                       pixel_hashes=pixels, compensation=comp)
 
 
 def _split(batches: list[torch.Tensor], heldout_fraction: float, batch_size: int
@@ -285,11 +295,53 @@ def _branch_probes(dm: Any) -> list[ExecConfig]:
     return [ExecConfig(decoder_branches=tuple(j for j in range(n) if j != i)) for i in range(n)]
 
 
+SKIP_KINDS = (("block", "skip_blocks"), ("attn", "skip_attn"), ("mlp", "skip_mlp"))
+GREEDY_IMAGES = 48  # the composed orders are ranked on this many calibration images (evenly spread)
+
+
 def _block_kl(dm: Any, batches: list[torch.Tensor], n: int, bar: Any) -> dict[str, list[float]]:
     """KL(full || one block or sub-layer skipped) on every calibration image, as served (compensated)."""
     ref = _outputs(dm, batches, ExecConfig(), bar)
-    return {kind: [_kl(ref, _outputs(dm, batches, ExecConfig(**{key: (i,)}), bar)) for i in range(n)]
-            for kind, key in (("block", "skip_blocks"), ("attn", "skip_attn"), ("mlp", "skip_mlp"))}
+    return {kind: _kl_each(dm, batches, ref, [ExecConfig(**{key: (i,)}) for i in range(n)], bar)
+            for kind, key in SKIP_KINDS}
+
+
+def _skip_orders(dm: Any, batches: list[torch.Tensor], block_kl: dict[str, list[float]], bar: Any
+                 ) -> dict[str, list[int]]:
+    """Per kind, the first half of the blocks in composed order: each next one is the block whose skip,
+    added to those already chosen, raises KL(full || path) least (the first: the single ranking's)."""
+    n = len(block_kl["block"])
+    flat = torch.cat(batches)
+    pick = torch.linspace(0, len(flat) - 1, min(GREEDY_IMAGES, len(flat))).long()
+    imgs = list(flat[pick].split(len(batches[0])))
+    ref = _outputs(dm, imgs, ExecConfig(), bar)
+    orders: dict[str, list[int]] = {}
+    for kind, key in SKIP_KINDS:
+        order = [min(range(n), key=block_kl[kind].__getitem__)]
+        while len(order) < n // 2:
+            cands = [j for j in range(n) if j not in order]  # ascending: neighbours share the blocks before j
+            kls = _kl_each(dm, imgs, ref, [ExecConfig(**{key: tuple(sorted([*order, j]))}) for j in cands], bar)
+            order.append(cands[kls.index(min(kls))])
+        orders[kind] = order
+    return orders
+
+
+def _kl_each(dm: Any, batches: list[torch.Tensor], ref: torch.Tensor, cfgs: Sequence[ExecConfig], bar: Any
+             ) -> list[float]:
+    """KL(full || path) for each config in turn; consecutive paths compute the blocks they share once."""
+    runner, kls = PrefixRunner(), []
+    for i, cfg in enumerate(cfgs):
+        impl = dm.configure(cfg).module
+        with torch.no_grad():
+            if impl.steps:
+                save = share_depth(impl, impl.plan, dm.plan_for(cfgs[i + 1])) if i + 1 < len(cfgs) else 0
+                out = torch.cat(list(runner.outputs(impl, batches, save)))
+            else:
+                out = torch.cat([dm(x) for x in batches])
+        kls.append(_kl(ref, out))
+        if bar is not None:
+            bar.update(sum(len(b) for b in batches))
+    return kls
 
 
 def apply_saved(dm: Any, calib: Calibration) -> None:

@@ -35,6 +35,7 @@ from dynavit.config import ExecConfig, resolve
 from dynavit.cost.energy import EnergyMeter
 from dynavit.cost.flops import macs_per_image
 from dynavit.errors import DynavitError
+from dynavit.models.prefix import PrefixRunner, share_depth
 from dynavit.pipeline import Scorer, batches, check_compatible, dataset_name, placement
 from dynavit.sweep import stats
 from dynavit.sweep.store import Row
@@ -165,14 +166,6 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1e3, q))
 
 
-@dataclass
-class _Saved:
-    impl: Any
-    depth: int
-    key: tuple
-    carries: list[Any]
-
-
 class Evaluator:
     """Measures configs of one ``DynamicModel`` on one ``CachedData``."""
 
@@ -188,12 +181,16 @@ class Evaluator:
         self.device_name = device_name(self.device)
         self.versions = versions()
         self.energy = EnergyMeter.for_device(self.device)
-        self._saved: _Saved | None = None
+        self._prefix = PrefixRunner()
         self._singles: dict[int, list[torch.Tensor]] = {}
-        self.reused_blocks = 0  # block-batches not recomputed thanks to prefix reuse
         warn_calibration_overlap(dm, data)
 
     # ---- quality -------------------------------------------------------------------------------
+    @property
+    def reused_blocks(self) -> int:
+        """Block-batches not recomputed thanks to prefix reuse."""
+        return self._prefix.reused_blocks
+
     def _share_depth(self, impl: Any, cfg: ExecConfig, nxt: ExecConfig | None) -> int:
         """How many leading blocks ``cfg`` and ``nxt`` execute identically (0: none)."""
         if nxt is None or not impl.steps or nxt.variant != cfg.variant:
@@ -202,44 +199,27 @@ class Evaluator:
             other = resolve(nxt, impl.space)
         except DynavitError:
             return 0
-        d = 0
-        while d < len(impl.blocks) and impl.prefix_key(impl.plan, d + 1) == impl.prefix_key(other, d + 1):
-            d += 1
-        return d
+        return share_depth(impl, impl.plan, other)
 
     def _forward_all(self, impl: Any, cfg: ExecConfig, nxt: ExecConfig | None,
                      ) -> tuple[list[torch.Tensor], list[float], bool]:
         staged = self.reuse_prefix and impl.steps
-        start, carries = 0, None
-        s = self._saved
-        if staged and s is not None and s.impl is impl and impl.prefix_key(impl.plan, s.depth) == s.key:
-            start, carries = s.depth, s.carries
-        save = self._share_depth(impl, cfg, nxt) if staged else 0
-        keep_old = save == start and carries is not None
-        new_carries: list[Any] = []
+        if staged:
+            run = self._prefix.outputs(impl, self.data.batches, self._share_depth(impl, cfg, nxt),
+                                       lambda px: px.to(self.device, self.dtype))
+        else:
+            run = (impl(px.to(self.device, self.dtype)) for px in self.data.batches)
         outs, times = [], []
-        for b, px in enumerate(self.data.batches):
+        while True:
             t0 = time.perf_counter()
-            if staged:
-                carry = carries[b] if start else impl.begin(px.to(self.device, self.dtype))
-                for i in range(start, len(impl.blocks)):
-                    if i == save and save > start:
-                        new_carries.append(carry)
-                    carry = impl.step(carry, i)
-                if save == len(impl.blocks) and save > start:
-                    new_carries.append(carry)
-                out = impl.end(carry)
-            else:
-                out = impl(px.to(self.device, self.dtype))
+            out = next(run, None)
+            if out is None:
+                break
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             times.append(time.perf_counter() - t0)
             outs.append(out.float().cpu())
-        self.reused_blocks += start * len(self.data.batches)
-        if not keep_old:
-            self._saved = _Saved(impl, save, impl.prefix_key(impl.plan, save), new_carries) if save > start \
-                else None
-        return outs, times, start > 0
+        return outs, times, staged and self._prefix.resumed
 
     def _score(self, outs: list[torch.Tensor]) -> tuple[dict[str, Any], np.ndarray]:
         d = self.data
