@@ -277,7 +277,7 @@ def figure(result: dict, path: Path) -> None:
     axes[0].set_ylabel("top-1 % (400 unseen photos)")
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=8)
-    fig.suptitle("DeiT-tiny, training-free knobs: without and with compensation")
+    fig.suptitle("DeiT-tiny, training-free knobs: without and with compensation; skips in composed and single order")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
