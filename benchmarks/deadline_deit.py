@@ -7,6 +7,9 @@
    least important first), and the share of the path's time each saves.
 3. What measuring the ladders takes with ``path_quality`` told the next rung (activations the rungs
    share are kept, as in a sweep) and without (each rung from the input), and that both agree.
+4. Whether the ladders' savings hold: each path and its deepest rung timed at batch 1, interleaved,
+   against the saving the stage shares predict. A dropped block that reduces tokens still computes
+   its keys, and per-image merges make a path's time depend on the image.
 
 Writes benchmarks/results/deadline.{md,json}:
 
@@ -26,12 +29,26 @@ import torch
 from docsection import write_json, write_section
 
 from dynavit.config import ExecConfig
-from dynavit.deadline import Deadline
+from dynavit.deadline import Deadline, droppable, with_dropped
 from dynavit.runtime import Controller, Entry, Menu
+from dynavit.runtime.run import forward
 from dynavit.runtime.simulate import path_quality
 from dynavit.sweep.engine import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def measured_saving(dm, x: torch.Tensor, e: Entry, order: list[int], runs: int) -> float:
+    """1 - median time of ``e``'s deepest rung / median time of ``e``, timed interleaved at batch 1."""
+    plan = dm.configure(e.config).module.plan
+    rung = with_dropped(e.config, droppable(plan, order)[:len(e.ladder)], plan)
+    times: dict[ExecConfig, list[float]] = {e.config: [], rung: []}
+    for i in range(runs + 4):
+        for cfg in ((e.config, rung) if i % 2 else (rung, e.config)):
+            ms = forward(dm, cfg, x).ms
+            if i >= 4:  # the first rounds warm the caches after a switch of path
+                times[cfg].append(ms)
+    return float(1 - np.median(times[rung]) / np.median(times[e.config]))
 
 
 def main() -> None:
@@ -75,6 +92,10 @@ def main() -> None:
                 (timed if with_deadline else plain).append((time.perf_counter() - t0) * 1e3)
         impl.deadline = None
     ratio = float(np.median(timed) / np.median(plain))
+    laddered = sorted((e for e in ctrl.entries if e.ladder), key=lambda e: e.quality)
+    frame_x = [f[0] for f in frames[:8]]  # per-image merges take an image-dependent time: 8 images in turn
+    measured = {e.config: float(np.median([measured_saving(dm, xi, e, order, max(4, args.runs // 40))
+                                           for xi in frame_x])) for e in laddered}
 
     cmd = "`.venv/bin/python benchmarks/deadline_deit.py " + " ".join(sys.argv[1:]) + "`"
     lines = [f"Machine: {device_name(torch.device('cpu'))}; {dt.date.today()}; "
@@ -87,20 +108,26 @@ def main() -> None:
              f"(`path_quality(dm, data)`), {blind_s:.0f} s when each rung runs from the input: "
              f"{blind_s / hinted_s:.2f}x; the ladders are {'identical' if same else 'NOT identical'}.", "",
              f"**Rescue ladders** (top-1 on the sweep's {data.n} images; *saves*: share of the path's measured "
-             "time; blocks are dropped in the calibration's order, least important first, skipping blocks that "
-             "change the token count; the default path is added to the profiled menu):", "",
-             "| path | top-1 % | 1 block dropped: top-1 %, saves | 2 blocks | 3 blocks |", "|---|---|---|---|---|"]
+             "time; blocks are dropped in the calibration's order, least important first; "
+             "a dropped block that reduces tokens still reduces them; the default path is added to the profiled "
+             "menu; *deepest rung, measured*: the median over 8 images of the saving timed at batch 1, "
+             f"{max(4, args.runs // 40)} interleaved runs of the path and the rung each):", "",
+             "| path | top-1 % | 1 block dropped: top-1 %, saves | 2 blocks | 3 blocks "
+             "| deepest rung: saves, measured |",
+             "|---|---|---|---|---|---|"]
     for e in sorted(ctrl.entries, key=lambda e: e.quality):
         rungs = [f"{100 * q:.1f}, {100 * s:.0f} %" for s, q in e.ladder]
         rungs += ["—"] * (3 - len(rungs))
-        lines.append(f"| {e.label} | {100 * e.quality:.1f} | " + " | ".join(rungs[:3]) + " |")
+        seen = f"{100 * measured[e.config]:.0f} %" if e.config in measured else "—"
+        lines.append(f"| {e.label} | {100 * e.quality:.1f} | " + " | ".join(rungs[:3]) + f" | {seen} |")
     body = "\n".join(lines + [""])
     write_section("deadline", "Deadlines in the forward: overhead and the cost of dropped blocks (DeiT-tiny, CPU)",
                   body)
     write_json("deadline", {
         "runs": args.runs, "threads": args.threads, "plain_ms": plain, "deadline_ms": timed, "ratio": ratio,
         "ladders_hinted_s": hinted_s, "ladders_blind_s": blind_s, "ladders_identical": same, "images": data.n,
-        "paths": [{"label": e.label, "top1": e.quality, "ladder": [list(r) for r in e.ladder]}
+        "paths": [{"label": e.label, "top1": e.quality, "ladder": [list(r) for r in e.ladder],
+                   "deepest_rung_saving_measured": measured.get(e.config)}
                   for e in sorted(ctrl.entries, key=lambda e: e.quality)]})
     print(body)
 

@@ -99,7 +99,8 @@ def run(args, threads: int, load: bool = False) -> dict:
     c, o = by["controller"], by["oracle"]
     return {"threads": threads, "load": load, "frames": args.frames, "budgets_ms": [lo, hi],
             "menu": [{"config": e.label, "top1_menu_images": e.quality, "top1_frame_images": s.held_out_of(e.config),
-                      "latency_p50_ms": e.latency_p50_ms, "latency_p95_ms": e.latency_p95_ms} for e in ctrl.entries],
+                      "latency_p50_ms": e.latency_p50_ms, "latency_p95_ms": e.latency_p95_ms,
+                      "ladder_saved_top1": [list(r) for r in e.ladder or ()]} for e in ctrl.entries],
             "policies": rows, "bounds": hindsight_bounds(res, ctrl.entries),
             "gap_to_oracle_pts": {"realised_top1_on_frames": 100 * (o["quality"] - c["quality"]),
                                   "menu_top1_in_sample": 100 * (o["menu_quality"] - c["menu_quality"]),

@@ -88,13 +88,16 @@ def test_a_run_on_schedule_or_beyond_rescue_drops_nothing(clock) -> None:
     d.finish()
     assert d.dropped == [] and d.executed(MID) is MID and d.full_ms == pytest.approx(9.5)
     shares = [0.1, 0.2, 0.2, 0.2, 0.2, 0.1]
-    for max_drop, at, dropped in ((4, 4.0, [1, 2]), (1, 4.0, []), (4, 9.0, [])):
+    for max_drop, at, dropped in ((4, 4.0, [3]), (0, 4.0, []), (4, 9.0, [])):
         late = Deadline(10.0, shares, order=[3, 2, 1, 0], start=0.0, max_drop=max_drop)
         late.skip(0, plan)
-        clock.at_ms(at)  # 4 ms: dropping the two unprotected blocks fits (3 changes the token count); 9 ms: nothing
-        late.skip(1, plan)
-        late.skip(2, plan)
-        assert late.skip(3, plan) is False and late.dropped == dropped
+        skipped = []
+        for i in (1, 2, 3):  # 2 ms a block from ``at``: at 4 ms, dropping 3 (which reduces tokens, and still will)
+            clock.at_ms(at + 2.0 * (i - 1))  # fits once blocks 1 and 2 ran; from 9 ms nothing fits
+            skipped += [i] if late.skip(i, plan) else []
+        assert skipped == late.dropped == dropped
+    assert late.executed(MID) is MID
+    assert Deadline(10.0, shares, order=[3, 2, 1, 0], start=0.0, max_drop=4).executed(MID) is MID
     assert Deadline(10.0, shares, order=[0]).max_drop is None  # a quarter of the blocks, once the plan is seen
 
 
@@ -114,24 +117,43 @@ def _vit():
     return dm, dm.example_input()
 
 
-@torch.inference_mode()
 def test_vit_forward_under_a_deadline_is_exactly_the_executed_path(ticking) -> None:
     dm, x = _vit()
+    dm.calibrate(torch.randn(16, 3, *dm.input_size), batch_size=8)  # compensated: a skipped block adds its means
+    with torch.inference_mode():
+        _deadline_runs_the_executed_path(dm, x)
+
+
+def _deadline_runs_the_executed_path(dm, x: torch.Tensor) -> None:
     n = len(dm.module.blocks)
     shares = [1.0] * (n + 2)  # every stage takes 1 ms: the whole path n + 2 ms
-    for cfg in (ExecConfig(mlp_width=0.5), ExecConfig(token_keep=0.7, token_layers=(3, 6))):
+    skipping = ExecConfig(mlp_width=0.5, skip_blocks=(1,))
+    dm.configure(skipping)
+    plain = dm(x)
+    dm.module.deadline = Deadline(1e6, shares, order=list(range(n)), start=0.0)  # roomy: nothing dropped
+    assert torch.equal(dm(x), plain) and dm.module.deadline.dropped == []  # the skip is compensated as planned
+    token_paths = (ExecConfig(token_keep=0.7, token_layers=(3, 6)), ExecConfig(token_method="merge", token_r=4),
+                   ExecConfig(token_method="merge", token_threshold=0.2, token_threshold_step=0.01),
+                   ExecConfig(token_method="prune+merge", token_keep=0.8, token_layers=tuple(range(n))))
+    for cfg in (ExecConfig(mlp_width=0.5), *token_paths):
         dm.configure(cfg)
         plain = dm(x)
-        dm.module.deadline = Deadline(1e6, shares, order=list(range(n)), start=0.0)  # roomy: nothing dropped
+        dm.module.deadline = Deadline(1e6, shares, order=list(range(n)), start=0.0)
         assert torch.equal(dm(x), plain) and dm.module.deadline.dropped == []
         order = [n - 1, 6, 5, 4, 3, 2]  # 6 and 3 change the token count in the second config
         d = dm.module.deadline = Deadline(n - 0.3, shares, order=order, start=deadline_mod.time.perf_counter(),
                                           max_drop=3)
         out = dm(x)
         dm.module.deadline = None
-        assert sorted(d.dropped) == sorted([j for j in order if j not in cfg.token_layers][:3])
+        assert sorted(d.dropped) == sorted(order[:3])
         assert d.elapsed_ms == pytest.approx(n - 1)  # made it: three blocks fewer
-        assert torch.equal(out, dm.configure(d.executed(cfg))(x))
+        ran = d.executed(cfg)
+        assert torch.equal(out, dm.configure(ran)(x))
+        reducing = {i for i, b in enumerate(dm.module.plan.blocks) if b.token_op}
+        # a dropped block that reduces tokens still reduces them: the later blocks see the timed token count
+        assert set(ran.skip_keep_tokens) == set(d.dropped) & reducing
+        assert set(ran.skip_blocks) == set(d.dropped) - reducing
+        assert (ran.skip_keep_tokens != ()) == (cfg in token_paths)
 
 
 def test_controller_runs_under_a_deadline_and_learns_from_the_pace(ticking) -> None:
@@ -232,7 +254,9 @@ def test_measure_rescue_walks_each_paths_droppable_blocks() -> None:
     saved = [s for s, _ in by["full"].ladder]
     assert saved == sorted(saved) and saved[0] > 0 and saved[-1] < 1
     assert all(FULL.replace(skip_blocks=tuple(range(n - k, n))) in seen for k in (1, 2, 3))
-    assert tokens.replace(skip_blocks=(n - 2,)) in seen  # the token layer is not droppable
+    # the token layer is dropped first as the others are, and still reduces its tokens
+    assert tokens.replace(skip_keep_tokens=(n - 1,)) in seen
+    assert tokens.replace(skip_keep_tokens=(n - 1,), skip_blocks=(n - 3, n - 2)) in seen
     assert tokens.replace(skip_blocks=(n - 1,)) not in seen and len(seen) == 6
     assert dm.exec_config == ExecConfig()
     with pytest.raises(DynavitError, match="block ranking"):

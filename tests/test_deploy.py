@@ -75,6 +75,7 @@ PATHS = [
     ("vit", {"token_keep": 0.7, "token_method": "merge"}, False),
     ("vit", {"token_r": 4, "token_method": "merge"}, False),  # ToMe's constant r: static shapes
     ("vit", {"token_r": 6, "token_method": "prune+merge", "token_layers": [0, 2]}, False),
+    ("vit", {"token_r": 4, "token_method": "merge", "skip_keep_tokens": [1]}, True),  # a deadline's drop: 1 reduces
     ("swin", {"heads": [1, 2, 3, 2], "mlp_width": 0.5, "skip_attn": [1]}, True),
     ("segformer", {"decoder_width": 0.5, "decoder_branches": [0, 1], "heads": 1, "mlp_width": 0.5}, True),
     ("segformer", {"resolution": [32, 32]}, False),  # antialiased downsizing inside the graph

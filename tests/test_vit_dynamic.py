@@ -69,6 +69,27 @@ def test_skip_attn_and_mlp(small):
     assert total_macs(small.module, lambda: small(x[:1])) == vit_macs(small, cfg, 64, 64)
 
 
+@pytest.mark.parametrize("tok", [dict(token_keep=0.7), dict(token_method="merge", token_r=3),
+                                 dict(token_method="prune+merge", token_keep=0.6),
+                                 dict(token_method="merge", token_threshold=0.1)])
+def test_skip_keep_tokens_is_the_block_with_zero_output_that_still_reduces(small, tok):
+    """A dropped token block (a deadline's drop) = the block with its attention and MLP outputs zeroed."""
+    x = torch.randn(2, 3, 64, 64)
+    cfg = ExecConfig(token_layers=(1, 2), **tok)
+    zeroed = dynavit.from_config(ViTConfig(**SMALL))
+    zeroed.module.load_state_dict(small.module.state_dict())
+    for lin in (zeroed.module.blocks[1].attn.o, zeroed.module.blocks[1].mlp.fc2):
+        torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
+    thin = ours(small, x, cfg.replace(skip_keep_tokens=(1,)))
+    assert rel_err(thin, ours(zeroed, x, cfg)) <= 1e-5
+    assert rel_err(thin, ours(small, x, cfg.replace(skip_blocks=(1,)))) > 1e-3  # skipping loses the reduction
+    plain = ExecConfig(mlp_width=0.5)  # without a token op it is ``skip_blocks``
+    assert torch.equal(ours(small, x, plain.replace(skip_keep_tokens=(0, 2))), ours(small, x, plain.replace(
+        skip_blocks=(0, 2))))
+    with pytest.raises(ConfigError, match="skip_keep_tokens contains block 9"):
+        small.configure(ExecConfig(skip_keep_tokens=(9,)))
+    assert ExecConfig.from_json(cfg.replace(skip_keep_tokens=[2, 1]).to_json()).skip_keep_tokens == (1, 2)
+
 def test_heads_equal_zeroed_heads(small):
     x = torch.randn(2, 3, 64, 64)
     hf = copy.deepcopy(small.reference)

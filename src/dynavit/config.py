@@ -8,6 +8,10 @@ legal range. The default ``ExecConfig()`` is the unmodified model.
 Knob semantics (block indices count blocks across all stages, from 0):
 - ``skip_blocks`` / ``skip_attn`` / ``skip_mlp``: blocks, attention or MLP sub-layers not run
   (their residual branch is dropped, the skip connection carries the input through).
+- ``skip_keep_tokens``: blocks skipped like ``skip_blocks``, except that a block that reduces
+  tokens still does: it projects its input's keys (and, where it prunes, the CLS query) and removes
+  the tokens the block would have, so every later block sees the token count the path was timed and measured
+  with. A deadline's drop in a token path runs this (``dynavit.deadline``).
 - ``heads``: heads kept per block (int for all blocks, or one per block): the first ``h``
   heads, which calibration orders by importance.
 - ``mlp_width``: fraction of MLP hidden channels kept (float, or one per block).
@@ -49,6 +53,7 @@ from dynavit.configvalues import ConfigError, int_tuple, is_int, is_number, num_
 
 PRECISIONS = ("fp32", "int8", "fp16", "bf16")  # ExecConfig.precision values; fp32 is the model as loaded
 TOKEN_METHODS = ("prune", "merge", "prune+merge")  # ExecConfig.token_method values
+SKIP_FIELDS = ("skip_blocks", "skip_attn", "skip_mlp", "skip_keep_tokens")  # block indices: what does not run
 THRESHOLD_OPS = {"prune": "threshold", "merge": "merge-similar"}  # token_method -> its per-image token op
 
 
@@ -85,6 +90,7 @@ class ExecConfig:
     skip_blocks: tuple[int, ...] = ()
     skip_attn: tuple[int, ...] = ()
     skip_mlp: tuple[int, ...] = ()
+    skip_keep_tokens: tuple[int, ...] = ()
     heads: int | tuple[int, ...] | None = None
     mlp_width: float | tuple[float, ...] = 1.0
     granularity: int = 1
@@ -164,7 +170,7 @@ ExecConfig.__init__ = _checked_init  # type: ignore[method-assign]
 def _normalised(cfg: ExecConfig) -> dict[str, Any]:
     """``cfg``'s values in canonical form (so equal paths hash equal), or a ConfigError naming the field."""
     v = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    for name in ("skip_blocks", "skip_attn", "skip_mlp", "token_layers"):
+    for name in SKIP_FIELDS + ("token_layers",):
         v[name] = int_tuple(name, v[name])
     if v["decoder_branches"] is not None:
         v["decoder_branches"] = int_tuple("decoder_branches", v["decoder_branches"])
@@ -258,11 +264,11 @@ def resolve(cfg: ExecConfig, space: Space) -> Plan:
         token_op = cfg.token_method if cfg.token_threshold is None else THRESHOLD_OPS[cfg.token_method]
     every = tuple(range(n)) if cfg.token_r or token_op == "merge-similar" else default_token_layers(n)  # EViT: 3, 6, 9
     layers = set(cfg.token_layers or (every if token_op else ()))
-    skip_all = set(cfg.skip_blocks)
+    skip_all, thin = set(cfg.skip_blocks), set(cfg.skip_keep_tokens)  # thin: only the token reduction runs
     blocks = tuple(
         BlockPlan(
-            attn=i not in skip_all and i not in cfg.skip_attn,
-            mlp=i not in skip_all and i not in cfg.skip_mlp,
+            attn=i not in skip_all | thin and i not in cfg.skip_attn,
+            mlp=i not in skip_all | thin and i not in cfg.skip_mlp,
             heads=space.heads[i] if heads[i] is None else heads[i],
             mlp_dim=keep_count(space.mlp_hidden[i], widths[i], cfg.granularity),
             token_op=token_op if (i in layers and i not in skip_all and i not in cfg.skip_attn) else None,
@@ -296,7 +302,7 @@ def _check_mux(cfg: ExecConfig, space: Space) -> None:
 def _check_blocks(cfg: ExecConfig, space: Space) -> tuple[tuple, tuple]:
     """Block indices, heads and MLP widths in range; returns heads and widths per block."""
     n = space.num_blocks
-    for name in ("skip_blocks", "skip_attn", "skip_mlp", "token_layers"):
+    for name in SKIP_FIELDS + ("token_layers",):
         bad = [i for i in getattr(cfg, name) if not 0 <= i < n]
         if bad:
             raise ConfigError(f"{name} contains block {bad[0]}, outside the model's blocks 0..{n - 1}")

@@ -111,10 +111,10 @@ def slice_to_plan(impl: FamilyModel, plan: Plan) -> None:
     """Cut ``impl``'s weights in place to what ``plan`` reads (see the module docstring)."""
     unused = _unused_stages(impl, plan)
     for i, (blk, p) in enumerate(zip(impl.blocks, plan.blocks, strict=True)):
-        if i in unused or not (p.attn or p.mlp):
+        if i in unused or not (p.attn or p.mlp or p.token_op):
             _drop(blk)
             continue
-        if p.attn:
+        if p.attn or p.token_op:  # a block that only reduces tokens reads its queries and keys
             _keep_heads(blk.attn, p.heads)
         else:
             _drop(blk.attn, blk.norm1)

@@ -75,8 +75,8 @@ class FamilyModel(nn.Module):
         carry = self.begin(pixel_values)
         deadline = self.deadline
         for i in range(len(self.blocks)):
-            if deadline is None or not deadline.skip(i, self.plan):
-                carry = self.step(carry, i)
+            dropped = deadline is not None and deadline.skip(i, self.plan)
+            carry = self.drop(carry, i) if dropped else self.step(carry, i)
         out = self.end(carry)
         if deadline is not None:
             deadline.finish()
@@ -89,6 +89,10 @@ class FamilyModel(nn.Module):
     def step(self, carry: Any, i: int) -> Any:
         """Block ``i`` under the current plan. Never modifies ``carry`` in place: a sweep may keep it."""
         raise TypeError(f"{type(self).__name__} does not run in block steps")
+
+    def drop(self, carry: Any, i: int) -> Any:
+        """Block ``i`` dropped by a deadline (``supports_deadline`` models): what ``skip_keep_tokens`` runs."""
+        raise TypeError(f"{type(self).__name__} does not drop blocks")
 
     def end(self, carry: Any) -> torch.Tensor:
         """Everything after the last block: the logits."""

@@ -22,6 +22,8 @@ from dynavit.knobs.permute import permute_heads, permute_units
 from dynavit.knobs.width import heads_of, merge_heads, observe
 from dynavit.models.base import DerivedCache, FamilyModel, interpolate_grid, resize_input
 
+SCORED = ("prune", "prune+merge", "threshold")  # token ops that read the CLS token's attention
+
 
 class Attention(nn.Module):
     """Separate q/k/v projections (transformers) or one fused ``qkv`` (timm: q, k, v at row offsets 0, C, 2C)."""
@@ -53,10 +55,29 @@ class Attention(nn.Module):
         """
         q, k, v = (heads_of(x, lin, heads, self.head_dim, off, precision) for lin, off in self.qkv_parts())
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        scores = tokens.cls_attention(q, k, bias) if token_op in ("prune", "prune+merge", "threshold") else None
+        scores, keys = _cues(q, k, bias, token_op)
         if self.record is not None:
             self.record.append(scores if scores is not None else tokens.cls_attention(q, k, bias))
-        return merge_heads(out, self.o, precision), (scores, k if token_op and "merge" in token_op else None)
+        return merge_heads(out, self.o, precision), (scores, keys)
+
+    def cues(self, x: torch.Tensor, heads: int, bias: torch.Tensor | None, token_op: str,
+             precision: str = "fp32") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What ``token_op`` reads, without the attention itself: the keys, and the CLS query for its attention.
+
+        A block a deadline drops still reduces its tokens from these (``skip_keep_tokens``): about a
+        twelfth of a ViT block's MACs, and every later block keeps the token count it was timed with.
+        """
+        (lq, oq), (lk, ok), _ = self.qkv_parts()
+        k = heads_of(x, lk, heads, self.head_dim, ok, precision)
+        q = heads_of(x[:, :1], lq, heads, self.head_dim, oq, precision) if token_op in SCORED else None
+        return _cues(q, k, bias, token_op)
+
+
+def _cues(q: torch.Tensor | None, k: torch.Tensor, bias: torch.Tensor | None,
+          token_op: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(CLS attention, keys), each or None: pruning and thresholding read the first, merging the second."""
+    scores = tokens.cls_attention(q, k, bias) if token_op in SCORED else None
+    return scores, k if token_op and "merge" in token_op else None
 
 
 class Block(nn.Module):
@@ -81,13 +102,8 @@ class Block(nn.Module):
             out = out if self.ls1 is None else out * self.ls1
             observe(self.attn, out)  # calibration records the sub-layer's mean output (compensation)
             x = x + out
-            if p.token_op == "threshold":
-                x, state = tokens.threshold(x, scores, plan.token_threshold, state)
-            elif p.token_op == "merge-similar":
-                x, state = tokens.merge_similar(x, keys, p.similarity, state)
-            elif p.token_op:
-                counts = tokens.removal(x.shape[1] - 1, p.token_op, plan.token_keep, plan.token_r)
-                x, state = tokens.reduce(x, p.token_op, scores, keys, counts, plan.token_fuse, state)
+            if p.token_op:
+                x, state = _reduce(x, scores, keys, p, plan, state)
         else:
             x = compensate.skipped(self.attn, x)
         if p.mlp:
@@ -99,9 +115,28 @@ class Block(nn.Module):
             x = compensate.skipped(self.mlp, x)
         return x, state
 
+    def thin(self, x: torch.Tensor, p: BlockPlan, plan: Plan, state: tokens.TokenState):
+        """The block skipped but for its token reduction (``skip_keep_tokens``), its cues from its input."""
+        out = compensate.skipped_block(self, x)
+        if not p.token_op:
+            return out, state
+        scores, keys = self.attn.cues(self.norm1(x), p.heads, state.attn_bias(x.dtype), p.token_op, p.precision)
+        return _reduce(out, scores, keys, p, plan, state)
+
     def permute(self, mlp_perm: torch.Tensor, head_perm: torch.Tensor) -> None:
         permute_units(mlp_perm, (self.mlp.fc1,), self.mlp.fc2)
         permute_heads(head_perm, self.attn.qkv_parts(), self.attn.o, self.attn.head_dim)
+
+
+def _reduce(x: torch.Tensor, scores: torch.Tensor | None, keys: torch.Tensor | None, p: BlockPlan, plan: Plan,
+            state: tokens.TokenState) -> tuple[torch.Tensor, tokens.TokenState]:
+    """Block ``p``'s token op on ``x``, from the cues its attention (or ``Attention.cues``) gave."""
+    if p.token_op == "threshold":
+        return tokens.threshold(x, scores, plan.token_threshold, state)
+    if p.token_op == "merge-similar":
+        return tokens.merge_similar(x, keys, p.similarity, state)
+    counts = tokens.removal(x.shape[1] - 1, p.token_op, plan.token_keep, plan.token_r)
+    return tokens.reduce(x, p.token_op, scores, keys, counts, plan.token_fuse, state)
 
 
 def _layer_scale(m: nn.Module) -> torch.Tensor | None:
@@ -204,7 +239,11 @@ class DynViT(FamilyModel):
         p = self.plan.blocks[i]
         if p.attn or p.mlp:
             return self.blocks[i](*carry[:1], p, self.plan, carry[1])
-        return compensate.skipped_block(self.blocks[i], carry[0]), carry[1]
+        return self.blocks[i].thin(carry[0], p, self.plan, carry[1])
+
+    def drop(self, carry: tuple[torch.Tensor, tokens.TokenState], i: int) -> tuple[torch.Tensor, tokens.TokenState]:
+        """Block ``i`` dropped by a deadline: as ``skip_keep_tokens`` runs it (``deadline.with_dropped``)."""
+        return self.blocks[i].thin(carry[0], self.plan.blocks[i], self.plan, carry[1])
 
     def end(self, carry: tuple[torch.Tensor, tokens.TokenState]) -> torch.Tensor:
         return self.head(self.norm(carry[0][:, 0]))

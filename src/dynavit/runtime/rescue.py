@@ -63,7 +63,7 @@ def measure_ladders(entries: Sequence[Entry], dm: DynamicModel, order: Sequence[
             limit = max_drop if max_drop is not None else default_max_drop(len(plan.blocks))
             blocks = droppable(plan, own)[:limit]
             plans[i] = (blocks, np.cumsum([e.shares[1 + j] for j in blocks]),
-                        [with_dropped(e.config, blocks[:k + 1]) for k in range(len(blocks))])
+                        [with_dropped(e.config, blocks[:k + 1], plan) for k in range(len(blocks))])
         rungs = _sharing_sequence([rungs for _, _, rungs in plans.values()], [b for b, _, _ in plans.values()])
         quality: dict[ExecConfig, float] = {}
         for c, nxt in tqdm(list(zip(rungs, [*rungs[1:], None], strict=True)), desc="rescue ladder",

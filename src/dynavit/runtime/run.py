@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dynavit.config import ExecConfig
-from dynavit.deadline import Deadline, attached, with_dropped
+from dynavit.deadline import Deadline, attached
 from dynavit.model import DynamicModel
 
 
@@ -32,11 +32,12 @@ class Ran:
     ms: float = 0.0
     dropped: tuple[int, ...] = ()  # blocks the deadline dropped
     pace_ms: float | None = None  # with drops: the whole path's time at the run's pace (``Deadline.full_ms``)
+    ran_config: ExecConfig | None = None  # with drops: the path that ran (``Deadline.executed``)
 
     @property
     def executed(self) -> ExecConfig:
         """The path that ran: the chosen config with the dropped blocks skipped as well."""
-        return with_dropped(self.config, self.dropped)
+        return self.ran_config or self.config
 
 
 DeadlineAt = Callable[[float], Deadline | None]  # the run's deadline, given its start (a perf_counter value)
@@ -64,7 +65,7 @@ def running(dm: DynamicModel, config: ExecConfig, deadline: Deadline | DeadlineA
             torch.cuda.synchronize()
         ran.ms = (time.perf_counter() - t0) * 1e3
         if d is not None and d.dropped:
-            ran.dropped, ran.pace_ms = tuple(sorted(d.dropped)), d.full_ms
+            ran.dropped, ran.pace_ms, ran.ran_config = tuple(sorted(d.dropped)), d.full_ms, d.executed(config)
         if restore:
             dm.configure(previous)
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from dynavit.config import ExecConfig
 from dynavit.data.metrics import percentile_ci
+from dynavit.deadline import dropped_blocks
 from dynavit.errors import DynavitError
 from dynavit.pipeline import Scorer
 from dynavit.runtime.choice import share_above
@@ -223,7 +224,7 @@ class _Policies:
         st.scores.append(self.score(output, label))
         st.configs.append(e.label)
         st.executed.append(path)
-        st.dropped.append(tuple(sorted(set(path.skip_blocks) - set(e.config.skip_blocks))))
+        st.dropped.append(dropped_blocks(e.config, path))
         st.quality.append(e.quality)  # a rescued frame's is measured after the passes
         st.held_out.append(math.nan)  # measured after the passes, off the clock
         if name == "controller":
