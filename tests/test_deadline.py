@@ -101,6 +101,19 @@ def test_a_run_on_schedule_or_beyond_rescue_drops_nothing(clock) -> None:
     assert Deadline(10.0, shares, order=[0]).max_drop is None  # a quarter of the blocks, once the plan is seen
 
 
+def test_a_dropped_block_that_reduces_tokens_saves_only_what_it_no_longer_runs(clock) -> None:
+    plan = SimpleNamespace(blocks=[SimpleNamespace(attn=True, mlp=True, token_op="merge") for _ in range(4)])
+    shares = [0.1, 0.2, 0.2, 0.2, 0.2, 0.1]
+    for residual, dropped in ((None, []), ([0.0, 0.1, 0.1, 0.1, 0.1, 0.0], [1])):
+        d = Deadline(10.0, shares, order=[3, 2, 1, 0], start=0.0, residual=residual, max_drop=4)
+        d.skip(0, plan)
+        clock.at_ms(4.0)  # the whole would take 13.3 ms: dropping 3 and 2 fits if each saves 0.2, not if 0.1
+        assert [i for i in (1,) if d.skip(i, plan)] == dropped
+        assert d.done == pytest.approx(0.3 + (0.1 if dropped else 0.2))  # a dropped block's reduction still ran
+    with pytest.raises(DynavitError, match="residual"):
+        Deadline(10.0, shares, order=[0], residual=[0.0, 0.1])
+
+
 def test_bad_deadlines() -> None:
     with pytest.raises(DynavitError, match="positive budget"):
         Deadline(0.0, [0.5, 0.5, 0.5], order=[0])
@@ -248,8 +261,13 @@ def test_measure_rescue_walks_each_paths_droppable_blocks() -> None:
         seen.append(cfg)
         return 0.8 - 0.1 * len(cfg.skip_blocks)
 
+    res = {e.label: e.residual for e in c.entries}  # what a dropped block still takes: timed by ``profile``
+    assert res["full"] is None and len(res["tokens"]) == n + 2
+    assert [j for j, r in enumerate(res["tokens"]) if r] == [n]  # stage n: block n - 1, the token layer
     c.measure_rescue(quality_of)
     by = {e.label: e for e in c.entries}
+    t = by["tokens"]
+    assert t.residual[n] <= t.shares[n] and t.ladder[0][0] == pytest.approx(t.shares[n] - t.residual[n])
     assert [q for _, q in by["full"].ladder] == pytest.approx([0.7, 0.6, 0.5])  # a quarter of 12 blocks
     saved = [s for s, _ in by["full"].ladder]
     assert saved == sorted(saved) and saved[0] > 0 and saved[-1] < 1

@@ -16,10 +16,10 @@ measured like any other.
 A dropped block that reduces tokens (pruning or merging) still reduces them, from its input's
 keys (``ExecConfig.skip_keep_tokens``, about a twelfth of a ViT block's MACs): the blocks after
 it were timed, and their accuracy measured, with fewer tokens, and a path that reduces tokens at
-every block (ToMe's schedules, per-image merging) would otherwise have nothing to drop. The
-projection counts the dropped block's whole share as saved, which overstates it: the keys and the
-matching stay (three drops of DeiT-tiny's token paths save 16-19 % of the time where the shares
-say 22-24 %, docs/results.md); the pace the next blocks show includes that cost.
+every block (ToMe's schedules, per-image merging) would otherwise have nothing to drop. What such
+a dropped block still takes (the keys, the matching) is ``residual``, measured by
+``runtime.timing.profile_menu``; without it the projection would count the whole share as saved
+(on DeiT-tiny's token paths three drops save 16-19 % of the time, not the 22-24 % of their shares).
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class Deadline:
     ``order``: blocks from least to most important, the order in which they may be dropped;
     ``safety``: the projection of the rest is multiplied by this before it is compared;
     ``max_drop``: the most blocks one run may drop. Blocks are dropped only when that makes the
-    projection fit: a run that would miss anyway keeps its accuracy.
+    projection fit: a run that would miss anyway keeps its accuracy;
+    ``residual``: per stage, like ``shares``, the share of the path's time a dropped block still
+    takes (a block that reduces tokens still reduces them); None: nothing.
     """
 
     budget_ms: float
@@ -57,6 +59,7 @@ class Deadline:
     start: float = field(default_factory=time.perf_counter)
     safety: float = 1.05
     max_drop: int | None = None  # most blocks one run may drop (None: a quarter of them)
+    residual: Sequence[float] | None = None  # per stage: what a dropped block still takes
     expected_ms: float | None = None  # the path's usual time now; the pace starts from it
     prior_weight: float = 0.25
     sync: Callable[[], None] | None = None  # e.g. torch.cuda.synchronize: kernels run asynchronously on a GPU
@@ -74,6 +77,9 @@ class Deadline:
             raise DynavitError("deadline shares: one non-negative share per stage (before, blocks, after)")
         total = float(sum(self.shares))
         self.shares = [s / total for s in self.shares]
+        if self.residual is not None and len(self.residual) != len(self.shares):
+            raise DynavitError("deadline residual: one share per stage, as many as shares")
+        self.residual = [0.0] * len(self.shares) if self.residual is None else [r / total for r in self.residual]
         self.done = self.shares[0]
 
     def skip(self, i: int, plan: Any) -> bool:
@@ -99,9 +105,10 @@ class Deadline:
                     break  # fits, or may drop no more
                 if j >= i:  # not run yet
                     need.append(j)
-                    rest -= self.shares[1 + j]
+                    rest -= self.shares[1 + j] - self.residual[1 + j]
             if i in need and not self._behind(now, rest):  # only when it saves the deadline
                 self.dropped.append(i)
+                self.done += self.residual[1 + i]  # the reduction it still runs
                 self._rest -= self.shares[1 + i]
                 return True
         self.done += self.shares[1 + i]

@@ -23,7 +23,7 @@ from dynavit.errors import DynavitError
 from dynavit.runtime.menu import Entry, Menu
 
 MENU_FILE = "menu.json"
-_RUN_TIME_ONLY = ("config", "shares", "ladder")  # measured where it runs, not shipped
+_RUN_TIME_ONLY = ("config", "shares", "residual", "ladder")  # measured where it runs, not shipped
 
 
 def model_meta(dm: Any) -> dict[str, Any]:

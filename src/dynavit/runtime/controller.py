@@ -345,8 +345,8 @@ class Controller:
             return None
         median = self._median_ms(choice.entry, batch)
         expected = median * self.slowdown * self._c.r.get(choice.config, 1.0) if median else None
-        return Deadline(budget, choice.entry.shares, order, safety=self.options.rescue_safety,
-                        max_drop=self.options.rescue_max_drop, expected_ms=expected,
+        return Deadline(budget, choice.entry.shares, order, residual=choice.entry.residual,
+                        safety=self.options.rescue_safety, max_drop=self.options.rescue_max_drop, expected_ms=expected,
                         sync=torch.cuda.synchronize if cuda else None)
 
     @property

@@ -49,6 +49,7 @@ class Entry:
     quality_lo: float | None = None  # the quality's confidence interval, where the sweep measured one
     quality_hi: float | None = None
     shares: tuple[float, ...] | None = None  # stage shares of its time (``timing.profile``): what a deadline reads
+    residual: tuple[float, ...] | None = None  # per stage, the share a dropped block still takes (its token reduction)
     ladder: tuple[tuple[float, float], ...] = ()  # (share saved, quality) with 1, 2, ... blocks dropped
 
     @classmethod

@@ -4,8 +4,8 @@ A ``Deadline`` (``dynavit.deadline``) drops a run's least important remaining bl
 falls behind. Selection can count on that only if it knows what the drops cost: for every entry
 with stage shares (``timing.profile``), the ladder holds the quality with its first 1, 2, ...
 droppable blocks dropped, up to the deadline's ``max_drop``, and the share of the path's time
-each saves. In paired runs on DeiT-tiny, deadlines without the ladder cost top-1
-(docs/results.md).
+each saves (less what a dropped block that reduces tokens still takes, ``Entry.residual``). In
+paired runs on DeiT-tiny, deadlines without the ladder cost top-1 (docs/results.md).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def measure_ladders(entries: Sequence[Entry], dm: DynamicModel, order: Sequence[
             plan = dm.configure(e.config).module.plan
             limit = max_drop if max_drop is not None else default_max_drop(len(plan.blocks))
             blocks = droppable(plan, own)[:limit]
-            plans[i] = (blocks, np.cumsum([e.shares[1 + j] for j in blocks]),
+            kept = e.residual or (0.0,) * len(e.shares)  # what a dropped block still takes: its token reduction
+            plans[i] = (blocks, np.cumsum([e.shares[1 + j] - kept[1 + j] for j in blocks]),
                         [with_dropped(e.config, blocks[:k + 1], plan) for k in range(len(blocks))])
         rungs = _sharing_sequence([rungs for _, _, rungs in plans.values()], [b for b, _, _ in plans.values()])
         quality: dict[ExecConfig, float] = {}

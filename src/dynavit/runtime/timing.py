@@ -3,7 +3,8 @@
 ``profile`` runs every entry round-robin on one input, in a shuffled order each round, so a drift
 in the machine's speed touches all of them alike. The measured p50 and p95 replace the stored
 ones (a stored batch time is scaled by the same factor); for models that run in stages, each
-stage is timed too, and its share of the path's time is what a deadline reads. The runs'
+stage is timed too, and its share of the path's time is what a deadline reads; so is what a
+block that reduces tokens still takes when a deadline drops it (``Entry.residual``). The runs'
 one-step errors (time / the entry's median) seed the controller's jitter window, so the tail is
 known before the first frame. A p95 of fewer than 50 runs is little more than their maximum, so
 callers that report it should time at least that many (the default).
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
-from dynavit.deadline import stage_shares, timed_stages
+from dynavit.deadline import stage_shares, timed_stages, with_dropped
 from dynavit.errors import DynavitError
 from dynavit.model import DynamicModel
 from dynavit.runtime.menu import Entry
@@ -47,11 +48,12 @@ def profile_menu(entries: Sequence[Entry], dm: DynamicModel, x: torch.Tensor, *,
     previous = dm.exec_config
     try:
         times, stages, log = _time_entries(entries, dm, x, runs, warmup, progress)
+        residual = [_residual(e, dm, x, st, max(3, runs // 5)) for e, st in zip(entries, stages, strict=True)]
     finally:
         dm.configure(previous)
     p50 = [float(np.median(t)) if t else math.nan for t in times]
     measured = []
-    for e, t, m, st in zip(entries, times, p50, stages, strict=True):
+    for e, t, m, st, res in zip(entries, times, p50, stages, residual, strict=True):
         if not t:
             measured.append(e)
             continue
@@ -59,6 +61,7 @@ def profile_menu(entries: Sequence[Entry], dm: DynamicModel, x: torch.Tensor, *,
         scale = p95 / e.latency_p95_ms if e.latency_p95_ms else 1.0
         measured.append(dataclasses.replace(
             e, latency_p95_ms=p95, latency_p50_ms=m, shares=tuple(stage_shares(st)) if st else e.shares,
+            residual=res if st else e.residual,
             batch_p95_ms=None if e.batch_p95_ms is None else e.batch_p95_ms * scale))
     keep = list(range(len(measured)))
     if front:
@@ -98,3 +101,29 @@ def _time_entries(entries: Sequence[Entry], dm: DynamicModel, x: torch.Tensor, r
                     times[i].append((time.perf_counter() - t0) * 1e3)
                 log.append((int(i), times[i][-1]))
     return times, stages, log
+
+
+def _residual(e: Entry, dm: DynamicModel, x: torch.Tensor, stage_ms: list[list[float]],
+              rounds: int) -> tuple[float, ...] | None:
+    """Per stage, the share of ``e``'s time a block that reduces tokens still takes when dropped; None: none does.
+
+    Timed on the path with every such block dropped at once (each keeps its token count, so the
+    other stages run as in the path), over the median time of the path's own timed runs.
+    """
+    if not stage_ms:
+        return None
+    plan = dm.configure(e.config).module.plan
+    thin = [j for j, b in enumerate(plan.blocks) if b.token_op and (b.attn or b.mlp)]
+    if not thin:
+        return None
+    sync = torch.cuda.synchronize if x.is_cuda else None
+    with torch.inference_mode():
+        dm.configure(with_dropped(e.config, thin, plan))
+        dm(x)  # the first run after a switch of path is cold
+        med = np.median([timed_stages(dm.module, x, sync) for _ in range(rounds)], axis=0)
+    total = float(np.median([sum(s) for s in stage_ms]))
+    own = np.median(np.asarray(stage_ms), axis=0)  # a dropped block cannot take more than running it
+    out = [0.0] * len(med)
+    for j in thin:
+        out[1 + j] = float(min(med[1 + j], own[1 + j])) / total
+    return tuple(out)
