@@ -54,6 +54,18 @@ def test_auto_compares_every_criterion_and_ranks_first_channels_first(small_and_
     assert cal.criterion == min(cal.comparison, key=cal.comparison.get)
 
 
+def test_calibrating_inside_inference_mode_matches_outside(small_and_images):
+    """The taylor criterion needs autograd: calibrate leaves inference mode, inputs made in it included."""
+    dm, imgs = small_and_images
+    twin = dynavit.from_config(ViTConfig(**SMALL), seed=1)
+    with torch.inference_mode():
+        frozen = imgs.clone()
+        cal = dm.calibrate(frozen, criterion="taylor", batch_size=8)
+    ref = twin.calibrate(imgs, criterion="taylor", batch_size=8)
+    assert all(torch.equal(a, b) for a, b in zip(cal.perms["mlp"], ref.perms["mlp"], strict=True))
+    assert cal.skip_orders == ref.skip_orders
+
+
 def test_calibration_helps_reduced_paths_on_real_model(deit_tiny_path, assets):
     """Calibrated on CamVid frames; reduced paths judged on ImageNet photos it never saw."""
     dm = dynavit.load(deit_tiny_path)

@@ -92,6 +92,11 @@ def test_calibrate_then_eval_on_a_path(deit_tiny_path, tiny_imagenet, assets, tm
                             "--criterion", "magnitude"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "cal" / "calibration.safetensors").is_file()
+    meta = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    ridges = meta["compensation"]["ridges"]
+    assert (meta["compensation"]["method"] == "matrix") == bool(ridges)
+    for group, ridge in ridges.items():  # the chosen ridges are said and saved
+        assert f"{group} ridge {ridge:g}" in " ".join(r.output.split()), r.output
     out = tmp_path / "m.json"
     args = ["eval", str(deit_tiny_path), "--data", str(tiny_imagenet), "--skip-bad", "--calibration",
             str(tmp_path / "cal"), "--config", '{"mlp_width": 0.75, "token_keep": 0.8}', "--json", str(out)]

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from dynavit.compensation import Compensation, choose, measure
+from dynavit.compensation import RIDGES, Compensation, choose, measure
 from dynavit.config import ExecConfig
 from dynavit.data.datasets import file_sha1, list_images, read_image
 from dynavit.errors import DynavitError
@@ -160,7 +160,7 @@ def _passes(n_fit: int, n_held: int, n_all: int, candidates: int, probes: int, b
             branches: int = 0) -> int:
     """Images run through the model by a calibration: the progress bar's total."""
     compare = n_held * candidates * probes + (candidates * n_fit if compensate else 0) if candidates > 1 else 0
-    fit_comp = n_fit + n_held * (3 * probes + 6 + 2 * branches) if compensate else 0
+    fit_comp = n_fit + n_held * ((3 + len(RIDGES)) * probes + 6 + 2 * branches) if compensate else 0
     composed = min(GREEDY_IMAGES, n_all) * (1 + len(SKIP_KINDS) * sum(blocks - s for s in range(1, blocks // 2)))
     return candidates * n_fit + n_held + compare + fit_comp + n_all * (1 + 3 * blocks) + composed
 
@@ -189,8 +189,8 @@ def pixel_hash(pixels: torch.Tensor) -> str:
 
 def _to_batches(dm: Any, images: Any, batch_size: int) -> list[torch.Tensor]:
     """Calibration images: a tensor (N, 3, H, W), PIL images, or a folder of image files."""
-    if isinstance(images, torch.Tensor):
-        return list(images.split(batch_size))
+    if isinstance(images, torch.Tensor):  # an inference-mode tensor cannot enter autograd (taylor): copied
+        return list((images.clone() if images.is_inference() else images).split(batch_size))
     if isinstance(images, (str, Path)):
         paths = list_images(Path(images), recursive=True)
         if not paths:
@@ -286,6 +286,9 @@ def _compensation(dm: Any, fit: list[torch.Tensor], held: list[torch.Tensor], re
     skip_probes = [ExecConfig(skip_attn=(n - 1,)), ExecConfig(skip_mlp=(n - 1,)), ExecConfig(skip_blocks=(n // 2,))]
     choose(comp, dm, probes, skip_probes, lambda cfgs: _held_kl(dm, held, ref, cfgs, bar),
            branch_probes=branch_probes)
+    if comp.method != "matrix" and bar.total:  # no ridges to choose: the bar's total counted them
+        bar.total -= sum(len(h) for h in held) * len(RIDGES) * len(probes)
+        bar.refresh()
     return comp
 
 

@@ -10,7 +10,9 @@ assumed: each method ("none", "bias", "matrix") is installed in turn and scored 
 KL(full || reduced) over reduced paths on calibration images held out from the fit; the lowest
 wins. Skipped sub-layers get their mean added back only if that lowers the held-out KL of the
 single-skip paths; dropped decoder branches are predicted from the kept ones only if that lowers
-the held-out KL of the single-drop paths.
+the held-out KL of the single-drop paths. With ``matrix``, the ridge of each group of layers (MLPs,
+attention projections, a decoder's classifier) is chosen the same way, on the probes of that
+group's knob: on DeiT-tiny the heads' correction wants a ridge 300 times the MLPs'.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from dynavit.knobs import compensate
 from dynavit.knobs.width import recording
 
 FILE = "compensation.safetensors"
+RIDGES = (1e-3, 1e-2, 0.1, 0.3, 1.0)  # ridge candidates per group, relative to the kept channels' mean variance
+GROUP_KNOBS = {"mlp": "mlp_width", "heads": "heads", "fuse": "decoder_width"}  # a group's layers -> its knob
 
 
 @dataclass
@@ -43,16 +47,18 @@ class Compensation:
     skip_means: bool = False  # whether skipped sub-layers get their mean back
     branch_fix: bool = False  # whether dropped decoder branches are predicted from the kept ones
     comparison: dict[str, float] = field(default_factory=dict)  # method (and "skip_*") -> held-out mean KL
+    ridges: dict[str, float] = field(default_factory=dict)  # group ("mlp", "heads", "fuse") -> chosen ridge
 
     def identity(self) -> str:
-        h = hashlib.sha1(f"{self.method}:{self.skip_means}{':branches' if self.branch_fix else ''}".encode())
+        ridges = "".join(f":{g}={r:g}" for g, r in sorted(self.ridges.items()))
+        h = hashlib.sha1(f"{self.method}:{self.skip_means}{':branches' if self.branch_fix else ''}{ridges}".encode())
         for key in sorted(self.layers):
             h.update(key.encode() + self.layers[key][0].double().sum().item().hex().encode())
         return h.hexdigest()[:12]
 
     def meta(self) -> dict[str, Any]:
         return {"method": self.method, "skip_means": self.skip_means, "branch_fix": self.branch_fix,
-                "comparison": self.comparison}
+                "comparison": self.comparison, "ridges": self.ridges}
 
     def save(self, folder: Path) -> None:
         tensors = {f"layer.{k}.mean": m.contiguous() for k, (m, _) in self.layers.items()}
@@ -81,7 +87,8 @@ class Compensation:
         targets = layer_targets(module)
         for key, (mean, cov) in self.layers.items():
             if key in targets and method != "none":
-                stats = compensate.LayerStats(mean, cov if method == "matrix" else None, method)
+                stats = compensate.LayerStats(mean, cov if method == "matrix" else None, method,
+                                              ridge=self.ridges.get(group(key), compensate.RIDGE))
                 compensate.install(targets[key], stats)
         if self.skip_means if skip_means is None else skip_means:
             subs = sublayer_targets(module)
@@ -91,6 +98,11 @@ class Compensation:
         fuse = fuse_target(module)
         if fuse is not None and "fuse.in" in self.layers and (self.branch_fix if branch_fix is None else branch_fix):
             compensate.install(fuse, compensate.LayerStats(*self.layers["fuse.in"], "matrix"))
+
+
+def group(key: str) -> str | None:
+    """The group whose ridge a layer key takes (None: a decoder's ``fuse`` input keeps the default)."""
+    return None if key == "fuse.in" else key.split(".")[0]
 
 
 def layer_targets(module: nn.Module) -> dict[str, nn.Module]:
@@ -190,6 +202,8 @@ def choose(comp: Compensation, dm: Any, probes: Sequence[ExecConfig], skip_probe
         comp.install(dm.module, method=m, skip_means=False)
         comp.comparison[m] = score(probes)
     comp.method = min(methods, key=lambda m: comp.comparison[m])
+    if comp.method == "matrix":
+        choose_ridges(comp, dm, probes, score)
     if skip_probes and comp.skips:
         for on in (False, True):
             comp.install(dm.module, skip_means=on)
@@ -201,3 +215,26 @@ def choose(comp: Compensation, dm: Any, probes: Sequence[ExecConfig], skip_probe
             comp.comparison[f"branch_fix={on}"] = score(branch_probes)
         comp.branch_fix = comp.comparison["branch_fix=True"] < comp.comparison["branch_fix=False"]
     comp.install(dm.module)
+
+
+def ridge_probes(comp: Compensation, probes: Sequence[ExecConfig]) -> dict[str, list[ExecConfig]]:
+    """Per group with layers in ``comp``, the probes that narrow that group's knob."""
+    default, groups = ExecConfig(), {group(k) for k in comp.layers}
+    out = {g: [p for p in probes if getattr(p, knob) != getattr(default, knob)] for g, knob in GROUP_KNOBS.items()}
+    return {g: ps for g, ps in out.items() if ps and g in groups}
+
+
+def choose_ridges(comp: Compensation, dm: Any, probes: Sequence[ExecConfig],
+                  score: Callable[[Sequence[ExecConfig]], float]) -> None:
+    """Each group's ridge: the candidate whose correction scores lowest on that group's probes.
+
+    How much to trust the kept channels' covariance differs by layer kind: an attention projection's
+    inputs (a head's channels) are few per image and strongly correlated, so its solve wants more
+    shrinkage than an MLP's; the held-out probes say how much.
+    """
+    for g, ps in ridge_probes(comp, probes).items():
+        for r in RIDGES:
+            comp.ridges[g] = r
+            comp.install(dm.module, skip_means=False)
+            comp.comparison[f"ridge.{g}={r:g}"] = score(ps)
+        comp.ridges[g] = min(RIDGES, key=lambda r, g=g: comp.comparison[f"ridge.{g}={r:g}"])

@@ -252,8 +252,9 @@ class DynamicModel(nn.Module):
         """Rank channels/heads/blocks on ``images`` and reorder the weights (see ``dynavit.calibrate``);
         ``compensate``: also restore what removed units contributed (``dynavit.compensation``)."""
         self._need_paths("calibrate")
-        self.calibration = calibration_.calibrate(self, images, criterion=criterion, batch_size=batch_size,
-                                                  compensate=compensate, progress=progress)
+        with torch.inference_mode(False):  # the taylor criterion needs autograd, even when called in inference mode
+            self.calibration = calibration_.calibrate(self, images, criterion=criterion, batch_size=batch_size,
+                                                      compensate=compensate, progress=progress)
         return self.calibration
 
     def save_calibration(self, folder: str | Path) -> Path:

@@ -102,7 +102,9 @@ def calibrate_cmd(model: ModelArg, images: ImagesOpt, out: CalibOutOpt, criterio
     console.print(f"calibrated on {cal.n_images} images in {cal.seconds:.1f}s; criterion {cal.criterion} "
                   f"(held-out KL {kl})")
     if cal.compensation is not None:
-        kl = ", ".join(f"{k} {v:.3f}" for k, v in cal.compensation.comparison.items())
-        console.print(f"compensation {cal.compensation.method}, skipped sub-layers' means "
-                      f"{'added' if cal.compensation.skip_means else 'not added'} (held-out KL {kl})")
+        comp = cal.compensation
+        kl = ", ".join(f"{k} {v:.3f}" for k, v in comp.comparison.items())
+        ridges = "".join(f", {g} ridge {r:g}" for g, r in comp.ridges.items())
+        console.print(f"compensation {comp.method}{ridges}, skipped sub-layers' means "
+                      f"{'added' if comp.skip_means else 'not added'} (held-out KL {kl})")
     console.print(f"least important blocks first: {order} ...; wrote {out}/")
