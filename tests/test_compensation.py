@@ -147,10 +147,10 @@ def test_each_group_gets_the_ridge_its_own_probes_score_best(calibrated):
 
 def test_calibration_records_its_ridges_and_reloads_them(calibrated, tmp_path):
     comp = calibrated.calibration.compensation
-    if comp.method == "matrix":
-        assert set(comp.ridges) == {"mlp", "heads"}
-        for g, r in comp.ridges.items():
-            assert comp.comparison[f"ridge.{g}={r:g}"] == min(comp.comparison[f"ridge.{g}={c:g}"] for c in RIDGES)
+    assert (comp.method == "matrix") == (set(comp.ridges) == {"mlp", "heads"})
+    assert (comp.method == "matrix") == bool(comp.ridges)
+    for g, r in comp.ridges.items():
+        assert comp.comparison[f"ridge.{g}={r:g}"] == min(comp.comparison[f"ridge.{g}={c:g}"] for c in RIDGES)
     comp.ridges = {"mlp": 0.01, "heads": 0.3}
     calibrated.save_calibration(tmp_path / "cal")
     loaded = Calibration.load(tmp_path / "cal").compensation
