@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dynavit-installed
 TORCH_VERSION ?= 2.13.0
 ASSETS ?= $(abspath ../shared/assets)
+# Test files run in this many processes (one file's tests stay together, sharing its fixtures).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test browser lint bench clean
 
@@ -28,7 +30,7 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 DYNAVIT_ASSETS=$${DYNAVIT_ASSETS:-$(ASSETS)} $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 DYNAVIT_ASSETS=$${DYNAVIT_ASSETS:-$(ASSETS)} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -11,6 +11,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Parallel workers share the cores: each takes its share of threads, as do its subprocesses."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
