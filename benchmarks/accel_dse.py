@@ -34,7 +34,7 @@ from docsection import write_json, write_section
 import dynavit
 from dynavit.accel.arch import Arch
 from dynavit.accel.cost import CostCache, fill_cache, path_cost
-from dynavit.accel.dse import design_points, explore, load_store_model
+from dynavit.accel.dse import Lowerer, design_points, explore, load_store_model, store_images
 from dynavit.accel.dse_report import markdown_table, write_exploration
 from dynavit.accel.lower import lower
 from dynavit.config import ExecConfig
@@ -65,12 +65,13 @@ def _store(out: Path) -> Path:
 def _full_check(ex, store: Path, out: Path) -> list[dict]:
     """Default and best-at-1pt paths of each design, re-costed with the full mapping search."""
     dm = load_store_model(store)
+    lowerer = Lowerer(dm, store_images(store, dm))
     cc = CostCache(out / "full-search-cache.db")
     rows = []
     for d in ex.designs:
         i1 = d.best_within_drop(ex.drops[0])
         picks = {"default": d.default(), f"best <= {100 * ex.drops[0]:g} pt": i1}
-        lows = {k: lower(dm, d.rows[i].config) for k, i in picks.items()}
+        lows = {k: lowerer(d.rows[i].config) for k, i in picks.items()}
         fill_cache([(d.arch, {op for low in lows.values() for op in low.mac_ops})], cc, search="full", workers=2)
         full = {k: path_cost(low, d.arch, cc, search="full") for k, low in lows.items()}
         rows.append({"design": d.arch.name,

@@ -8,9 +8,11 @@ from transformers import SwinConfig, ViTConfig
 
 import dynavit
 from dynavit.accel.layers import MacOp, VecOp
-from dynavit.accel.lower import lower
+from dynavit.accel.lower import lower, lower_mean
 from dynavit.config import ExecConfig
 from dynavit.cost import total_macs
+from dynavit.data.datasets import list_images, read_image
+from dynavit.errors import DynavitError
 from dynavit.models.configs import segformer_config
 
 VIT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, image_size=64,
@@ -116,6 +118,28 @@ def test_adaptive_threshold_lowers_the_image_it_is_given(vit):
     vit.configure(cfg)
     assert l1.macs == total_macs(vit.module, lambda: vit(x1))
     assert l2.macs == total_macs(vit.module, lambda: vit(x2))
+
+
+def test_lower_mean_averages_each_op_over_real_photos(deit_tiny, assets):
+    """DeiT-tiny's per-image merge keeps a different number of tokens on each photo: one op list, averaged."""
+    cfg = ExecConfig(token_method="merge", token_threshold=0.895, token_threshold_step=0.01)
+    photos = list_images(assets / "imagenet-samples" / "images")[3:300:100]
+    images = [deit_tiny.transform(read_image(p))[None] for p in photos]
+    each = [lower(deit_tiny, cfg, pixel_values=x) for x in images]
+    assert len({lo.macs for lo in each}) == 3
+    mean = lower_mean(deit_tiny, cfg, images)
+    assert mean.mac_modules == each[0].mac_modules and mean.vec_modules == each[0].vec_modules
+    for ops, got in ((list(zip(*(lo.mac_ops for lo in each), strict=True)), mean.mac_ops),
+                     (list(zip(*(lo.vec_ops for lo in each), strict=True)), mean.vec_ops)):
+        assert len(ops) == len(got)
+        for per_image, op in zip(ops, got, strict=True):
+            for field in ("B", "K", "C", "G") if isinstance(op, MacOp) else ("elems_in", "elems_out", "flops"):
+                assert getattr(op, field) == round(sum(getattr(o, field) for o in per_image) / len(per_image))
+    assert min(lo.macs for lo in each) < mean.macs < max(lo.macs for lo in each)
+    one = lower_mean(deit_tiny, cfg, images[1:2])
+    assert one.mac_ops == each[1].mac_ops and one.vec_ops == each[1].vec_ops
+    with pytest.raises(DynavitError, match="different operations"):  # another size resizes the position embeddings
+        lower_mean(deit_tiny, cfg, [images[0], images[0][..., :160, :160]])
 
 
 def test_op_records_reject_impossible_shapes():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,14 @@ from transformers import ViTConfig
 import dynavit
 from dynavit.accel.arch import Arch
 from dynavit.accel.cost import CostCache
-from dynavit.accel.dse import cost_store, design_points, explore
+from dynavit.accel.dse import cost_store, design_points, explore, load_store_model
 from dynavit.accel.dse_report import markdown_table, write_exploration
+from dynavit.accel.lower import lower
 from dynavit.config import ExecConfig
 from dynavit.runtime import Controller
 from dynavit.sweep import ResultStore, SweepTarget, run_sweep, stats
 from dynavit.sweep.pareto import cost_of, pareto
+from dynavit.sweep.run import measure_configs
 
 require("zigzag")  # the accel extra, part of the dev install: CI fails rather than skips
 DYNAVIT = [sys.executable, "-m", "dynavit.cli"]
@@ -60,6 +63,17 @@ def test_costs_go_back_into_the_store_and_become_a_pareto_cost(store, costed):
     cheapest = min(e.energy_mj for e in ctrl.entries)
     assert ctrl.select(energy_mj=cheapest * 1.5).entry.energy_mj <= cheapest * 1.5
     assert not ctrl.select(energy_mj=cheapest / 2).budget_met
+
+
+def test_a_per_image_path_is_costed_on_the_images_its_macs_were_measured_on(store, tmp_path):
+    copy = tmp_path / "deit.db"
+    shutil.copy(store, copy)
+    cfg = ExecConfig(token_method="merge", token_threshold=0.895, token_threshold_step=0.01)
+    assert measure_configs(copy, [cfg], latency=False, progress=False) == 1
+    (row, cost), = cost_store(copy, [Arch.preset("simba-v16")], configs=[cfg], progress=False)["simba-v16"]
+    assert abs(cost.macs / row.macs - 1) < 0.02  # the mean shapes: the attention's N x N counts a little low
+    on_noise = lower(load_store_model(copy), cfg).macs  # one random input, as these paths were costed before
+    assert abs(on_noise / row.macs - 1) > 0.1
 
 
 def test_path_costs_obey_physical_bounds(store, costed):

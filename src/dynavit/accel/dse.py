@@ -19,23 +19,25 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from dynavit.accel.arch import Arch
 from dynavit.accel.cost import CostCache, PathCost, fill_cache, path_cost
-from dynavit.accel.lower import Lowered, lower
+from dynavit.accel.lower import Lowered, lower, lower_mean
 from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
 from dynavit.sweep import stats
+from dynavit.sweep.engine import MAC_IMAGES
 from dynavit.sweep.measured import load_measured
 from dynavit.sweep.pareto import pareto
-from dynavit.sweep.run import measure_configs
+from dynavit.sweep.run import SweepTarget, measure_configs
 from dynavit.sweep.store import ResultStore, Row, config_key
 
 
@@ -52,17 +54,36 @@ def _plan_key(cfg: ExecConfig, dm: Any) -> Any:
 
 
 class Lowerer:
-    """Lowers each distinct plan once (two configs with equal plans execute the same ops)."""
+    """Lowers each distinct plan once (two configs with equal plans execute the same ops).
 
-    def __init__(self, dm: Any, bits: int = 8) -> None:
-        self.dm, self.bits = dm, bits
+    A path whose token counts depend on the image is lowered on ``images()`` (called once, when
+    the first such path comes), the images its MACs were measured on, and averaged (``lower_mean``).
+    """
+
+    def __init__(self, dm: Any, images: Callable[[], list[torch.Tensor]] | None = None, bits: int = 8) -> None:
+        self.dm, self.bits, self._images_of = dm, bits, images
+        self._images: list[torch.Tensor] | None = None
         self._by_plan: dict[Any, Lowered] = {}
 
     def __call__(self, cfg: ExecConfig) -> Lowered:
         key = _plan_key(cfg, self.dm)
         if key not in self._by_plan:  # a multiplexed path is lowered as one pass of its N images
-            self._by_plan[key] = lower(self.dm, cfg, bits=self.bits, batch=cfg.mux)
+            if cfg.token_threshold is not None and cfg.mux == 1:
+                if self._images_of is None:
+                    raise DynavitError(f"{cfg!r} keeps as many tokens as each image lets it: costing it needs "
+                                       "the images it was measured on")
+                self._images = self._images if self._images is not None else self._images_of()
+                self._by_plan[key] = lower_mean(self.dm, cfg, self._images, bits=self.bits)
+            else:
+                self._by_plan[key] = lower(self.dm, cfg, bits=self.bits, batch=cfg.mux)
         return self._by_plan[key]
+
+
+def store_images(store: str | Path, dm: Any) -> Callable[[], list[torch.Tensor]]:
+    """The images the store's sweep averaged per-image MACs over, decoded for ``dm`` when first asked."""
+    with ResultStore(store, readonly=True) as rs:
+        target = SweepTarget(**rs.last_target())
+    return lambda: target.images(dm)[0].spread(MAC_IMAGES)
 
 
 def _select(rows: Sequence[Row], configs: Sequence[ExecConfig] | None, store: Path) -> list[Row]:
@@ -89,7 +110,7 @@ def cost_store(store: str | Path, archs: Sequence[Arch], *, model: str | None = 
     dm = load_store_model(store, model)
     with ResultStore(store, readonly=True) as rs:
         rows = _select(rs.rows(per_image=False), configs, store)
-    lowerer = Lowerer(dm)
+    lowerer = Lowerer(dm, store_images(store, dm))
     lowered = [lowerer(r.config) for r in tqdm(rows, desc="lowering paths", unit="cfg", disable=not progress)]
     cc = CostCache(cache or store.with_name(store.name + ".accel-cache"))
     try:
@@ -261,7 +282,7 @@ def explore(store: str | Path, archs: Sequence[Arch], *, model: str | None = Non
     with ResultStore(store, readonly=True) as rs:
         by_key = {r.key: r for r in rs.rows(per_image=select_share is not None)}
     split = _split([by_key[config_key(c)] for cfgs in per_design for c in cfgs], select_share, seed)
-    lowerer = Lowerer(dm)
+    lowerer = Lowerer(dm, store_images(store, dm))
     lowered = {config_key(c): lowerer(c)
                for c in tqdm(list(dict.fromkeys(c for cfgs in per_design for c in cfgs)), desc="lowering paths",
                              unit="cfg", disable=not progress)}

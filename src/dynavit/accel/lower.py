@@ -8,13 +8,15 @@ its two GEMMs (QK^T, AV) plus its softmax; every other op that writes new data b
 ``VecOp``. Views (reshape, transpose, slice) write nothing and are dropped.
 
 Token counts of fixed-count reduction (``token_keep`` or ToMe's constant ``token_r``, any method)
-do not depend on the image;
-the adaptive threshold does, so lowering takes the image(s) to lower for.
+do not depend on the image; the adaptive threshold's do, so ``lower_mean`` lowers such a path on
+real images one at a time and averages each op's shape: on one random input DeiT-tiny's 0.895
+merge keeps 39 % of the MACs, on photos 55 % on average.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,3 +165,35 @@ def lower(dm: Any, cfg: ExecConfig | None = None, *, pixel_values: torch.Tensor 
             low.vec_ops.append(op)
             low.vec_modules.append(where)
     return low
+
+
+def lower_mean(dm: Any, cfg: ExecConfig, images: Sequence[torch.Tensor], *, bits: int = 8) -> Lowered:
+    """``cfg`` lowered on each of ``images`` (batch 1) and averaged op by op, each size rounded.
+
+    For paths whose token counts depend on the image: the cost of the mean shapes, one ZigZag search per
+    op as for any path, rather than one search per image's counts. An attention score product (N x N)
+    of the mean count slightly undercounts the mean of the products.
+    """
+    if not images:
+        raise DynavitError("lower_mean needs at least one image")
+    lows = [lower(dm, cfg, pixel_values=x, bits=bits) for x in images]
+    first = lows[0]
+    if any(_ops_run(lo) != _ops_run(first) for lo in lows):
+        raise DynavitError(f"{cfg!r}: the images ran different operations; their costs cannot be averaged "
+                           "op by op")
+    return Lowered(first.config, first.input_shape,
+                   [_mean_op(ops) for ops in zip(*(lo.mac_ops for lo in lows), strict=True)], list(first.mac_modules),
+                   [_mean_op(ops) for ops in zip(*(lo.vec_ops for lo in lows), strict=True)], list(first.vec_modules))
+
+
+def _ops_run(low: Lowered) -> tuple:
+    """Which ops ran where, without their sizes."""
+    return (tuple(zip(low.mac_modules, (o.kind for o in low.mac_ops), strict=True)),
+            tuple(zip(low.vec_modules, ((v.cls, v.op) for v in low.vec_ops), strict=True)))
+
+
+def _mean_op(ops: tuple[Any, ...]) -> Any:
+    """One op whose integer sizes are the rounded means of ``ops`` (the same op on different images)."""
+    sizes = {f.name: round(sum(getattr(o, f.name) for o in ops) / len(ops))
+             for f in dataclasses.fields(ops[0]) if isinstance(getattr(ops[0], f.name), int)}
+    return dataclasses.replace(ops[0], **sizes)

@@ -41,6 +41,10 @@ from dynavit.sweep import stats
 from dynavit.sweep.store import Row
 from dynavit.version import __version__
 
+# images a path whose token counts depend on the image (the adaptive threshold) is costed over:
+# 8 misread DeiT-tiny's per-image merges by up to 1.5 points of saving against all 400 images
+MAC_IMAGES = 32
+
 
 @dataclass
 class CachedData:
@@ -79,6 +83,12 @@ class CachedData:
         bs = len(self.batches[0])
         return CachedData(list(px.split(bs)), [flat[i:i + bs] for i in range(0, len(flat), bs)], self.task,
                           self.num_classes, self.ignore_index, [], self.describe)
+
+    def spread(self, k: int) -> list[torch.Tensor]:
+        """k single images (1, 3, H, W) spread evenly over the data: the batch-1 inputs that MACs are
+        averaged over, here and wherever a path's cost is read off real images (the accelerator's)."""
+        flat = [img for b in self.batches for img in b.split(1)]
+        return [flat[i * len(flat) // k] for i in range(min(k, len(flat)))]
 
     def pixel_hashes(self) -> list[str]:
         """``calibrate.pixel_hash`` of every image, in order: what identifies an image across tools."""
@@ -171,7 +181,7 @@ class Evaluator:
 
     def __init__(self, dm: Any, data: CachedData, *, latency_repeats: int = 50, warmup: int = 2,
                  throughput_repeats: int = 3, measure_latency: bool = True, reuse_prefix: bool = True,
-                 n_boot: int = 1000, seed: int = 0, mac_images: int = 32) -> None:
+                 n_boot: int = 1000, seed: int = 0, mac_images: int = MAC_IMAGES) -> None:
         self.dm, self.data = dm, data
         self.latency_repeats, self.warmup = latency_repeats, warmup
         self.throughput_repeats = throughput_repeats
@@ -232,8 +242,7 @@ class Evaluator:
     def _images(self, k: int) -> list[torch.Tensor]:
         """k single images spread over the data (batch-1 inputs for MACs and latency), made once per k."""
         if k not in self._singles:
-            flat = [img for b in self.data.batches for img in b.split(1)]
-            self._singles[k] = [flat[i * len(flat) // k].to(self.device, self.dtype) for i in range(min(k, len(flat)))]
+            self._singles[k] = [x.to(self.device, self.dtype) for x in self.data.spread(k)]
         return self._singles[k]
 
     def _passes(self, k: int, mux: int) -> list[torch.Tensor]:
@@ -244,8 +253,7 @@ class Evaluator:
         return [torch.cat(imgs[i::k]) for i in range(k)]
 
     def _macs(self, impl: Any, cfg: ExecConfig) -> dict[str, float]:
-        """Per-image MACs by class at batch 1, averaged over ``mac_images`` images when the path is adaptive
-        (8 misread DeiT-tiny's per-image merges by up to 1.5 points of saving against all 400 images)."""
+        """Per-image MACs by class at batch 1, averaged over ``mac_images`` images when the path is adaptive."""
         imgs = self._passes(self.mac_images if cfg.token_threshold is not None else 1, cfg.mux)
         by_class: dict[str, float] = {}
         for x in imgs:
