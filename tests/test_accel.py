@@ -120,8 +120,9 @@ def test_adaptive_threshold_lowers_the_image_it_is_given(vit):
     assert l2.macs == total_macs(vit.module, lambda: vit(x2))
 
 
-def test_lower_mean_averages_each_op_over_real_photos(deit_tiny, assets):
+def test_lower_mean_averages_each_op_over_real_photos(deit_tiny_path, assets):
     """DeiT-tiny's per-image merge keeps a different number of tokens on each photo: one op list, averaged."""
+    deit_tiny = dynavit.load(deit_tiny_path)  # lowering configures the model: not the session's shared one
     cfg = ExecConfig(token_method="merge", token_threshold=0.895, token_threshold_step=0.01)
     photos = list_images(assets / "imagenet-samples" / "images")[3:300:100]
     images = [deit_tiny.transform(read_image(p))[None] for p in photos]
