@@ -103,6 +103,19 @@ def test_less_work_lowers_to_fewer_macs_and_vector_elements(vit):
         assert sum(v.elems_out for v in low.vec_ops) <= sum(v.elems_out for v in full.vec_ops)
 
 
+def test_lowering_leaves_the_model_on_its_own_path(vit):
+    """Lowering measures a path; it must not switch the caller's model to it."""
+    own = ExecConfig(mlp_width=0.5)
+    vit.configure(own)
+    x = vit.example_input(1)
+    before = vit(x)
+    low = lower(vit, VIT_CFGS[1])
+    assert low.config == VIT_CFGS[1] and vit.exec_config == own
+    assert torch.equal(vit(x), before)
+    assert lower(vit).config == own  # no config: the current path is lowered
+    vit.configure(ExecConfig())
+
+
 def test_lowering_is_deterministic_and_batch_scales(vit):
     a, b = lower(vit, VIT_CFGS[2]), lower(vit, VIT_CFGS[2])
     assert a.mac_ops == b.mac_ops and a.vec_ops == b.vec_ops
@@ -120,9 +133,8 @@ def test_adaptive_threshold_lowers_the_image_it_is_given(vit):
     assert l2.macs == total_macs(vit.module, lambda: vit(x2))
 
 
-def test_lower_mean_averages_each_op_over_real_photos(deit_tiny_path, assets):
+def test_lower_mean_averages_each_op_over_real_photos(deit_tiny, assets):
     """DeiT-tiny's per-image merge keeps a different number of tokens on each photo: one op list, averaged."""
-    deit_tiny = dynavit.load(deit_tiny_path)  # lowering configures the model: not the session's shared one
     cfg = ExecConfig(token_method="merge", token_threshold=0.895, token_threshold_step=0.01)
     photos = list_images(assets / "imagenet-samples" / "images")[3:300:100]
     images = [deit_tiny.transform(read_image(p))[None] for p in photos]

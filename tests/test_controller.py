@@ -164,8 +164,29 @@ def test_profile_remeasures_the_menu_and_keeps_the_measured_front() -> None:
     roomy = by[FULL].latency_p50_ms * max(c._c.jitter) * 1.01  # above every profiled run: no risk
     assert c.miss_risk(by[FULL], roomy) == 0.0 and c.select(latency_ms=roomy).config == FULL
     assert dm.exec_config == ExecConfig()  # restored
-    with pytest.raises(DynavitError, match="one input image"):
-        c.profile(torch.zeros(2, 3, 224, 224))
+    with pytest.raises(DynavitError, match="input images of shape"):
+        c.profile(torch.zeros(3, 224, 224))
+
+
+def test_profile_times_each_path_on_every_image_it_is_given() -> None:
+    """A path's time can depend on the image (per-image token counts): each round runs the next image."""
+    from dynavit.model import from_config
+    from dynavit.models.configs import preset_config
+
+    dm = from_config(preset_config("vit-t16"), seed=0)
+    images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    sums = [float(x.sum()) for x in images]
+    seen: list[float] = []
+    conv = next(m for m in dm.module.modules() if isinstance(m, torch.nn.Conv2d))
+    hook = conv.register_forward_pre_hook(lambda _m, args: seen.append(float(args[0].sum())))
+    try:
+        c = Controller([Entry(MID, 0.7, latency_p95_ms=2.0), Entry(FULL, 0.8, latency_p95_ms=4.0)],
+                       model=dm).profile(images, runs=6, warmup=1, front=False)
+    finally:
+        hook.remove()
+    assert len(c._c.jitter) == 12
+    timed = seen[2:2 + 12]  # after one warm-up run per path: 6 rounds of both paths
+    assert [round(v, 2) for v in timed] == [round(sums[r % 3], 2) for r in range(6) for _ in range(2)]
 
 
 def test_traces() -> None:

@@ -12,12 +12,14 @@ import torch
 from helpers import LABELS, SIZE, Shapes, tiny_vit
 
 from dynavit.accel.dse import load_store_model
+from dynavit.calibrate import pixel_hash
 from dynavit.config import ExecConfig
 from dynavit.errors import DynavitError
 from dynavit.model import load
 from dynavit.multiplex import build, save_multiplexer
 from dynavit.runtime import Controller, Menu
-from dynavit.runtime.startup import start
+from dynavit.runtime.startup import _probe, start
+from dynavit.runtime.timing import PROFILE_IMAGES
 from dynavit.sweep import ResultStore, SweepTarget, run_sweep, stats
 from dynavit.sweep.measured import model_fingerprint
 from dynavit.sweep.row import config_key, pack
@@ -140,3 +142,7 @@ def test_start_chooses_the_menu_on_the_menu_half_without_the_frames(swept, tmp_p
     assert [e.quality for e in s.menu] == pytest.approx([0.8, 1.0])
     assert s.data.n == len(menu_idx) and s.frames.n == len(frame_idx) and s.images["overlap"] == 0
     assert s.held_out_of(roles["Y"]) == pytest.approx(1.0)  # the frames score, from the store's frame-half results
+    probe = _probe(s)  # the start-up profile times on menu images, never on the frames
+    assert len(probe) == min(PROFILE_IMAGES, s.data.n) > 1
+    hashes = [pixel_hash(x) for x in probe]
+    assert set(hashes) <= set(s.images["menu_images"]) and not set(hashes) & set(s.images["frame_images"])

@@ -142,10 +142,14 @@ class LowerMode(TorchDispatchMode):
 
 def lower(dm: Any, cfg: ExecConfig | None = None, *, pixel_values: torch.Tensor | None = None,
           batch: int = 1, input_size: tuple[int, int] | None = None, bits: int = 8) -> Lowered:
-    """Run ``cfg`` once on ``pixel_values`` (default: a fixed random image) and list what executed."""
+    """Run ``cfg`` once on ``pixel_values`` (default: a fixed random image) and list what executed.
+
+    The model's own path is put back afterwards: lowering is a measurement, not a switch.
+    """
+    previous = dm.exec_config if hasattr(dm, "exec_config") else None
     if cfg is not None:
         dm.configure(cfg)
-    cfg = dm.exec_config if hasattr(dm, "exec_config") else ExecConfig()
+    cfg = dm.exec_config if previous is not None else ExecConfig()
     x = pixel_values if pixel_values is not None else dm.example_input(batch, input_size)
     module = dm.module
     stack = ModuleStack(module)
@@ -156,6 +160,8 @@ def lower(dm: Any, cfg: ExecConfig | None = None, *, pixel_values: torch.Tensor 
                 dm(x)
     finally:
         stack.remove()
+        if previous is not None and previous != cfg:
+            dm.configure(previous)
     low = Lowered(cfg, tuple(x.shape))
     for where, op in mode.result:
         if isinstance(op, MacOp):

@@ -133,7 +133,7 @@ class Controller:
                    **options: Any) -> Controller:
         """A controller on a store's menu: ``Menu.read``, or ``Menu.from_store`` with a ``model`` or ``probe``.
 
-        With a ``probe`` input (one image, batch 1) the candidates are the fronts by MACs and by the
+        With ``probe`` images (N, C, H, W; each run is batch 1) the candidates are the fronts by MACs and by the
         stored latencies together, re-measured here with ``profile`` (``runs`` rounds) on ``model``
         (default: the store's, loaded as the sweep measured it).
         """
@@ -145,7 +145,8 @@ class Controller:
 
     def profile(self, x: torch.Tensor, *, runs: int = 30, warmup: int = 2, front: bool = True,
                 progress: bool = False) -> Controller:
-        """Time every entry on ``x`` here and now (``timing.profile_menu``); keep the front by what was measured.
+        """Time every entry here and now (``timing.profile_menu``), round r on image r mod N of ``x`` (N, C, H, W);
+        keep the front by what was measured.
 
         The correction restarts from these runs: level 1, the tail from their spread.
         """

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from dynavit.data import open_dataset
 from dynavit.deploy.compiled import compile_paths
@@ -29,6 +30,7 @@ from dynavit.model import DynamicModel
 from dynavit.runtime.controller import Controller
 from dynavit.runtime.menu import Menu
 from dynavit.runtime.simulate import path_quality
+from dynavit.runtime.timing import PROFILE_IMAGES
 from dynavit.sweep import stats
 from dynavit.sweep.engine import CachedData, cache_dataset
 from dynavit.sweep.store import ResultStore
@@ -98,8 +100,7 @@ def start(store: str | Path, model: str | DynamicModel | None = None, *, device:
         _split(s, store, frames, menu_share, seed, progress, wide=profile_runs > 0, precisions=precisions)
         ctrl = s.controller = Controller(menu, rescue=rescue is not False, **options)  # on the menu's qualities
     if profile_runs:
-        probe = s.data.frames()[0][0] if s.data is not None else menu.model.example_input()
-        ctrl.profile(probe, runs=profile_runs, progress=progress)
+        ctrl.profile(_probe(s), runs=profile_runs, progress=progress)
     if ladders:
         ctrl.measure_rescue(s.quality_of, progress=progress)
     log.info("memory held: %s", ", ".join(f"{k} {v['total'] / 2**20:.1f} MiB" for k, v in s.memory.items()))
@@ -134,6 +135,15 @@ def _split(s: Started, store: str | Path, frames: str | Path | None, share: floa
         raise DynavitError(f"{s.images['overlap']} frame images are also menu images: the frames must be unseen")
 
 
+def _probe(s: Started) -> torch.Tensor:
+    """What the start-up profile times on: menu images spread over the part that chose the menu (a
+    path that keeps as many tokens as each image lets it takes as long as its image), else one
+    random input."""
+    if s.data is None:
+        return s.menu.model.example_input()
+    return torch.cat(s.data.spread(PROFILE_IMAGES))
+
+
 def _per_image(store: str | Path) -> dict[Any, np.ndarray]:
     with ResultStore(store, readonly=True) as rs:
         return {r.config: r.per_image for r in rs.rows() if r.per_image is not None}
@@ -163,6 +173,5 @@ def _start_deployed(store: str | Path, model: Any, *, device: str | None, profil
         menu.model = compile_paths(menu.model, [e.config for e in menu.entries], **backend)
         s.controller = Controller(menu, rescue=False, **options)
     if profile_runs:
-        probe = s.data.frames()[0][0] if s.data is not None else menu.model.example_input()
-        s.controller.profile(probe, runs=profile_runs, progress=progress)
+        s.controller.profile(_probe(s), runs=profile_runs, progress=progress)
     return s

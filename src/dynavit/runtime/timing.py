@@ -1,13 +1,14 @@
 """Time a menu where it will run: a sweep's latencies come from another time, often another machine.
 
-``profile`` runs every entry round-robin on one input, in a shuffled order each round, so a drift
-in the machine's speed touches all of them alike. The measured p50 and p95 replace the stored
-ones (a stored batch time is scaled by the same factor); for models that run in stages, each
-stage is timed too, and its share of the path's time is what a deadline reads; so is what a
-block that reduces tokens still takes when a deadline drops it (``Entry.residual``). The runs'
-one-step errors (time / the entry's median) seed the controller's jitter window, so the tail is
-known before the first frame. A p95 of fewer than 50 runs is little more than their maximum, so
-callers that report it should time at least that many (the default).
+``profile`` runs every entry round-robin, in a shuffled order each round, so a drift in the
+machine's speed touches all of them alike; each round runs the next of the given images (batch 1),
+so a path whose token counts depend on the image is timed over a mix of images, not on one. The
+measured p50 and p95 replace the stored ones (a stored batch time is scaled by the same factor);
+for models that run in stages, each stage is timed too, and its share of the path's time is what
+a deadline reads; so is what a block that reduces tokens still takes when a deadline drops it
+(``Entry.residual``). The runs' one-step errors (time / the entry's median) seed the controller's
+jitter window, so the tail is known before the first frame. A p95 of fewer than 50 runs is little
+more than their maximum, so callers that report it should time at least that many (the default).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dynavit.model import DynamicModel
 from dynavit.runtime.menu import Entry
 from dynavit.sweep.pareto import front_indices
 
+PROFILE_IMAGES = 8  # real images a start-up profile cycles through, one per round
+
 
 @dataclass
 class Profiled:
@@ -37,12 +40,13 @@ class Profiled:
 
 def profile_menu(entries: Sequence[Entry], dm: DynamicModel, x: torch.Tensor, *, runs: int = 50, warmup: int = 2,
             front: bool = True, progress: bool = False) -> Profiled:
-    """Time every entry on ``x`` (batch 1) ``runs`` rounds; keep the front by what was measured (``front``).
+    """Time every entry ``runs`` rounds, round r on image r mod N of ``x`` (N, C, H, W) at batch 1; keep
+    the front by what was measured (``front``).
 
     Multiplexed paths (``mux`` > 1) need several images per pass and keep their stored latencies.
     """
-    if x.ndim != 4 or len(x) != 1:
-        raise DynavitError(f"profile needs one input image of shape (1, C, H, W), got {tuple(x.shape)}")
+    if x.ndim != 4 or len(x) < 1:
+        raise DynavitError(f"profile needs input images of shape (N, C, H, W), got {tuple(x.shape)}")
     if runs < 3:
         raise DynavitError(f"profile needs at least 3 runs per config, got {runs}")
     previous = dm.exec_config
@@ -84,18 +88,19 @@ def _time_entries(entries: Sequence[Entry], dm: DynamicModel, x: torch.Tensor, r
         for i in timed:
             dm.configure(entries[i].config)
             for _ in range(warmup):
-                dm(x)
-        for _ in trange(runs, desc="profile menu", disable=not progress, dynamic_ncols=True):
+                dm(x[:1])
+        for r in trange(runs, desc="profile menu", disable=not progress, dynamic_ncols=True):
+            xr = _image(x, r)
             for i in rng.permutation(timed):
                 dm.configure(entries[i].config)
                 if sync is not None:
                     sync()
                 if staged:
-                    stages[i].append(timed_stages(dm.module, x, sync))
+                    stages[i].append(timed_stages(dm.module, xr, sync))
                     times[i].append(sum(stages[i][-1]))
                 else:
                     t0 = time.perf_counter()
-                    dm(x)
+                    dm(xr)
                     if sync is not None:
                         sync()
                     times[i].append((time.perf_counter() - t0) * 1e3)
@@ -103,12 +108,19 @@ def _time_entries(entries: Sequence[Entry], dm: DynamicModel, x: torch.Tensor, r
     return times, stages, log
 
 
+def _image(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Round ``r``'s image of ``x``, batch 1."""
+    j = r % len(x)
+    return x[j:j + 1]
+
+
 def _residual(e: Entry, dm: DynamicModel, x: torch.Tensor, stage_ms: list[list[float]],
               rounds: int) -> tuple[float, ...] | None:
     """Per stage, the share of ``e``'s time a block that reduces tokens still takes when dropped; None: none does.
 
     Timed on the path with every such block dropped at once (each keeps its token count, so the
-    other stages run as in the path), over the median time of the path's own timed runs.
+    other stages run as in the path), over the same images in turn, over the median time of the
+    path's own timed runs.
     """
     if not stage_ms:
         return None
@@ -119,8 +131,8 @@ def _residual(e: Entry, dm: DynamicModel, x: torch.Tensor, stage_ms: list[list[f
     sync = torch.cuda.synchronize if x.is_cuda else None
     with torch.inference_mode():
         dm.configure(with_dropped(e.config, thin, plan))
-        dm(x)  # the first run after a switch of path is cold
-        med = np.median([timed_stages(dm.module, x, sync) for _ in range(rounds)], axis=0)
+        dm(x[:1])  # the first run after a switch of path is cold
+        med = np.median([timed_stages(dm.module, _image(x, r), sync) for r in range(rounds)], axis=0)
     total = float(np.median([sum(s) for s in stage_ms]))
     own = np.median(np.asarray(stage_ms), axis=0)  # a dropped block cannot take more than running it
     out = [0.0] * len(med)
