@@ -197,6 +197,40 @@ def test_merge_similar_merges_per_image_and_pads_at_the_end():
     assert torch.equal(out[0, 0], x[0, 0])  # CLS is never merged
 
 
+def _merged_by_hand(x: torch.Tensor, keys: torch.Tensor, size: torch.Tensor, theta: float | None, r: int = 0):
+    """One image's bipartite merge token by token: A = even positions (CLS first), B = odd; each A token
+    joins its most similar B token if the similarity beats ``theta`` (or is among the ``r`` best);
+    out: A's unmerged tokens, then all of B, each the size-weighted mean of what it now holds."""
+    m = keys.mean(0)
+    m = m / m.norm(dim=-1, keepdim=True)
+    a_pos, b_pos = list(range(0, len(x), 2)), list(range(1, len(x), 2))
+    best = {a: max(b_pos, key=lambda b, a=a: float(m[a] @ m[b])) for a in a_pos[1:]}
+    sim = {a: float(m[a] @ m[b]) for a, b in best.items()}
+    moved = {a for a in best if sim[a] > theta} if theta is not None else \
+        set(sorted(best, key=lambda a: -sim[a])[:r])
+    total = {b: (x[b] * size[b], size[b].clone()) for b in b_pos}
+    for a in sorted(moved):
+        v, s = total[best[a]]
+        total[best[a]] = (v + x[a] * size[a], s + size[a])
+    rows = [(x[a], size[a]) for a in a_pos if a not in moved] + [(v / s, s) for v, s in total.values()]
+    return torch.stack([v for v, _ in rows]), torch.stack([s for _, s in rows])
+
+
+@pytest.mark.parametrize("theta", [0.3, 0.6, 2.0])
+def test_merges_equal_the_algorithm_done_token_by_token(theta):
+    g = torch.Generator().manual_seed(3)
+    x, keys = torch.randn(1, 23, 6, generator=g), torch.randn(1, 2, 23, 4, generator=g)
+    size = torch.randint(1, 4, (1, 23, 1), generator=g).float()
+    out, state = tokens.merge_similar(x, keys, theta, tokens.TokenState(size=size))
+    want, want_size = _merged_by_hand(x[0], keys[0], size[0], theta)
+    assert out.shape[1] == len(want) and torch.allclose(out[0], want, atol=1e-6)
+    assert torch.equal(state.size[0], want_size)
+    out, state = tokens.merge(x, keys, 5, tokens.TokenState(size=size))  # ToMe's r best pairs
+    want, want_size = _merged_by_hand(x[0], keys[0], size[0], None, r=5)
+    assert out.shape[1] == 23 - 5 and torch.allclose(out[0], want, atol=1e-6)
+    assert torch.equal(state.size[0], want_size)
+
+
 def test_merge_similar_path_runs_batched_as_one_image_at_a_time(small):
     torch.manual_seed(1)
     x = torch.randn(4, 3, 64, 64)

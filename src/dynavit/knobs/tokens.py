@@ -129,28 +129,40 @@ def merge(x: torch.Tensor, keys: torch.Tensor, r: int, state: TokenState) -> tup
 
     ``keys``: (B, H, 1 + n, d), or their mean over heads (B, 1 + n, d).
     """
-    b, n1, c = x.shape
+    b, n1, _ = x.shape
     r = min(r, (n1 - 1) // 2)
     if r <= 0:
         return x, state
-    size = state.size if state.size is not None else torch.ones(b, n1, 1, dtype=x.dtype, device=x.device)
     best, best_idx = best_match(keys)
     order = best.argsort(dim=-1, descending=True)
     unmerged = order[:, r:].sort(dim=-1).values  # keeps CLS first
     src = order[:, :r]
     dst = best_idx.gather(1, src)
+    nb = n1 - best.shape[1]
+    base = torch.arange(b, device=x.device)[:, None] * n1
+    every_b = torch.arange(nb, device=x.device).expand(b, nb)
+    kept = torch.cat([2 * unmerged, 2 * every_b + 1], dim=1) + base  # A's unmerged, then all of B
+    x, size = _fold(x, state.size, (2 * src + base).flatten(), (2 * dst + 1 + base).flatten(), kept.flatten())
+    return x, TokenState(size=size)
 
-    def combine(t: torch.Tensor) -> torch.Tensor:
-        ta, tb = t[:, ::2], t[:, 1::2]
-        ch = t.shape[-1]
-        kept_a = ta.gather(1, unmerged.unsqueeze(-1).expand(b, unmerged.shape[1], ch))
-        moved = ta.gather(1, src.unsqueeze(-1).expand(b, r, ch))
-        tb = tb.scatter_add(1, dst.unsqueeze(-1).expand(b, r, ch), moved)
-        return torch.cat([kept_a, tb], dim=1)
 
-    x = combine(x * size)
-    size = combine(size)
-    return x / size, TokenState(size=size)
+def _fold(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor, kept: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the tokens at flat positions ``src`` into those at ``dst`` (size-weighted), then take ``kept``.
+
+    Positions index the batch flattened to (B * N, C): row-wise index ops, a few per block, where
+    gathers and scatters of expanded indices cost several times more at batch 1 (``merge`` runs in
+    every block of a merging path). Returns (x, size), each (B, len(kept) / B, ...): the tokens
+    standing for several patches are their size-weighted means.
+    """
+    b, n1, c = x.shape
+    flat = (x if size is None else x * size).reshape(b * n1, c)
+    sizes = torch.ones(b * n1, 1, dtype=x.dtype, device=x.device) if size is None else size.reshape(b * n1, 1)
+    if len(src):
+        flat = flat.index_add(0, dst, flat.index_select(0, src))
+        sizes = sizes.index_add(0, dst, sizes.index_select(0, src))
+    size = sizes.index_select(0, kept).view(b, -1, 1)
+    return flat.index_select(0, kept).view(b, -1, c) / size, size
 
 
 def reduce(x: torch.Tensor, method: str, scores: torch.Tensor | None, keys: torch.Tensor | None,
@@ -190,21 +202,24 @@ def merge_similar(x: torch.Tensor, keys: torch.Tensor, theta: float, state: Toke
     computes what it computes alone); the batch is padded at the end to the longest. Padded tokens
     never match (their similarity is -inf) and carry nothing into a merge.
     """
-    b, n1, c = x.shape
-    size = state.size if state.size is not None else torch.ones(b, n1, 1, dtype=x.dtype, device=x.device)
-    valid = state.valid if state.valid is not None else torch.ones(b, n1, dtype=torch.bool, device=x.device)
-    best, dst = best_match(keys, valid)
-    moves = (best > theta).unsqueeze(-1)  # (B, nA, 1): this A token merges into its dst in B
-    ta, tb = (x * size)[:, ::2], (x * size)[:, 1::2]
-    sa, sb = size[:, ::2], size[:, 1::2]
-    tb = tb.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, c), ta * moves)
-    sb = sb.scatter_add(1, dst.unsqueeze(-1), sa * moves)
-    keep = torch.cat([valid[:, ::2] & ~moves[..., 0], valid[:, 1::2]], dim=1)
-    order = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :int(keep.sum(1).max())]  # kept first
-    size = torch.cat([sa, sb], dim=1).gather(1, order.unsqueeze(-1))
-    x = torch.cat([ta, tb], dim=1).gather(1, order.unsqueeze(-1).expand(-1, -1, c)) / size
-    valid = keep.gather(1, order)
-    return x, TokenState(size=size, valid=None if bool(valid.all()) else valid)
+    b, n1, _ = x.shape
+    best, dst = best_match(keys, state.valid)
+    moves = best > theta  # (B, nA): this A token merges into its dst in B
+    img, a = moves.nonzero(as_tuple=True)
+    na, dev = moves.shape[1], x.device
+    keep_a = ~moves if state.valid is None else state.valid[:, ::2] & ~moves
+    keep = torch.cat([keep_a, torch.ones(b, n1 - na, dtype=torch.bool, device=dev)
+                      if state.valid is None else state.valid[:, 1::2]], dim=1)  # A's kept, then B's
+    pos = torch.cat([torch.arange(0, n1, 2, device=dev), torch.arange(1, n1, 2, device=dev)])
+    if b == 1:
+        kept, valid = pos[keep[0]], None
+    else:
+        order = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :int(keep.sum(1).max())]  # kept first
+        kept = (pos[order] + torch.arange(b, device=dev)[:, None] * n1).flatten()
+        valid = keep.gather(1, order)
+        valid = None if bool(valid.all()) else valid
+    x, size = _fold(x, state.size, img * n1 + 2 * a, img * n1 + 2 * dst[img, a] + 1, kept)
+    return x, TokenState(size=size, valid=valid)
 
 
 @contextmanager
