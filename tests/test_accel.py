@@ -155,6 +155,18 @@ def test_lower_mean_averages_each_op_over_real_photos(deit_tiny, assets):
         lower_mean(deit_tiny, cfg, [images[0], images[0][..., :160, :160]])
 
 
+def test_a_per_image_merge_runs_the_same_ops_whether_or_not_an_image_merges(vit):
+    """Lowering averages a path's ops over images: a block that merges nothing must still run them."""
+    cfg = ExecConfig(token_method="merge", token_threshold=0.9, token_threshold_step=0.0)
+    noise = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    flat = torch.full((1, 3, 64, 64), 0.5)  # every patch alike: every pair merges
+    each = [lower(vit, cfg, pixel_values=x) for x in (noise, flat)]
+    tokens = [[op.B for op in lo.mac_ops if op.kind == "linear" and op.K == 256] for lo in each]  # fc1: B = tokens
+    assert set(tokens[0]) == {65} and min(tokens[1]) < 65  # the noise merged nothing, the flat image merged
+    mean = lower_mean(vit, cfg, [noise, flat])
+    assert mean.mac_modules == each[0].mac_modules and mean.vec_modules == each[0].vec_modules
+
+
 def test_op_records_reject_impossible_shapes():
     with pytest.raises(ValueError, match="K=0"):
         MacOp("linear", B=4, K=0, C=3)

@@ -146,21 +146,25 @@ def merge(x: torch.Tensor, keys: torch.Tensor, r: int, state: TokenState) -> tup
     return x, TokenState(size=size)
 
 
-def _fold(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor, kept: torch.Tensor
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def _fold(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor, kept: torch.Tensor,
+          moves: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the tokens at flat positions ``src`` into those at ``dst`` (size-weighted), then take ``kept``.
 
     Positions index the batch flattened to (B * N, C): row-wise index ops, a few per block, where
-    gathers and scatters of expanded indices cost several times more at batch 1 (``merge`` runs in
-    every block of a merging path). Returns (x, size), each (B, len(kept) / B, ...): the tokens
-    standing for several patches are their size-weighted means.
+    gathers and scatters of expanded indices cost several times more at batch 1 (a merge runs in
+    every block of a merging path). ``moves`` (0 or 1 per ``src``) masks which of them merge: the
+    same ops run whatever an image merges, as lowering (``accel.lower.lower_mean``) needs. Returns
+    (x, size), each (B, len(kept) / B, ...): a token standing for several patches is their
+    size-weighted mean.
     """
     b, n1, c = x.shape
     flat = (x if size is None else x * size).reshape(b * n1, c)
     sizes = torch.ones(b * n1, 1, dtype=x.dtype, device=x.device) if size is None else size.reshape(b * n1, 1)
-    if len(src):
-        flat = flat.index_add(0, dst, flat.index_select(0, src))
-        sizes = sizes.index_add(0, dst, sizes.index_select(0, src))
+    moved, moved_size = flat.index_select(0, src), sizes.index_select(0, src)
+    if moves is not None:
+        moved, moved_size = moved * moves, moved_size * moves
+    flat = flat.index_add(0, dst, moved)
+    sizes = sizes.index_add(0, dst, moved_size)
     size = sizes.index_select(0, kept).view(b, -1, 1)
     return flat.index_select(0, kept).view(b, -1, c) / size, size
 
@@ -205,20 +209,22 @@ def merge_similar(x: torch.Tensor, keys: torch.Tensor, theta: float, state: Toke
     b, n1, _ = x.shape
     best, dst = best_match(keys, state.valid)
     moves = best > theta  # (B, nA): this A token merges into its dst in B
-    img, a = moves.nonzero(as_tuple=True)
     na, dev = moves.shape[1], x.device
+    base = torch.arange(b, device=dev)[:, None] * n1
     keep_a = ~moves if state.valid is None else state.valid[:, ::2] & ~moves
     keep = torch.cat([keep_a, torch.ones(b, n1 - na, dtype=torch.bool, device=dev)
                       if state.valid is None else state.valid[:, 1::2]], dim=1)  # A's kept, then B's
-    pos = torch.cat([torch.arange(0, n1, 2, device=dev), torch.arange(1, n1, 2, device=dev)])
+    every_a = torch.arange(0, n1, 2, device=dev)
+    pos = torch.cat([every_a, torch.arange(1, n1, 2, device=dev)])
     if b == 1:
         kept, valid = pos[keep[0]], None
     else:
         order = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :int(keep.sum(1).max())]  # kept first
-        kept = (pos[order] + torch.arange(b, device=dev)[:, None] * n1).flatten()
+        kept = (pos[order] + base).flatten()
         valid = keep.gather(1, order)
         valid = None if bool(valid.all()) else valid
-    x, size = _fold(x, state.size, img * n1 + 2 * a, img * n1 + 2 * dst[img, a] + 1, kept)
+    x, size = _fold(x, state.size, (every_a + base).flatten(), (2 * dst + 1 + base).flatten(), kept,
+                    moves.reshape(-1, 1).to(x.dtype))
     return x, TokenState(size=size, valid=valid)
 
 
