@@ -150,9 +150,9 @@ def _fold(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: to
           moves: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the tokens at flat positions ``src`` into those at ``dst`` (size-weighted), then take ``kept``.
 
-    Positions index the batch flattened to (B * N, C): row-wise index ops, a few per block, where
-    gathers and scatters of expanded indices cost several times more at batch 1 (a merge runs in
-    every block of a merging path). ``moves`` (0 or 1 per ``src``) masks which of them merge: the
+    Positions index the batch flattened to (B * N, C): a few row-wise ops per block, where gathers
+    over the (B, N, C) tensors cost several times more at batch 1 (a merge runs in every block of a
+    merging path). ``moves`` (0 or 1 per ``src``) masks which of them merge: the
     same ops run whatever an image merges, as lowering (``accel.lower.lower_mean``) needs. Returns
     (x, size), each (B, len(kept) / B, ...): a token standing for several patches is their
     size-weighted mean.
@@ -163,8 +163,8 @@ def _fold(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: to
     moved, moved_size = flat.index_select(0, src), sizes.index_select(0, src)
     if moves is not None:
         moved, moved_size = moved * moves, moved_size * moves
-    flat = flat.index_add(0, dst, moved)
-    sizes = sizes.index_add(0, dst, moved_size)
+    flat = flat.scatter_add(0, dst[:, None].expand(-1, c), moved)  # not index_add: ONNX exports it as a
+    sizes = sizes.scatter_add(0, dst[:, None], moved_size)  # scatter that overwrites repeated rows
     size = sizes.index_select(0, kept).view(b, -1, 1)
     return flat.index_select(0, kept).view(b, -1, c) / size, size
 
