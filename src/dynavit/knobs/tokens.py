@@ -152,10 +152,9 @@ def _fold(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: to
 
     Positions index the batch flattened to (B * N, C): a few row-wise ops per block, where gathers
     over the (B, N, C) tensors cost several times more at batch 1 (a merge runs in every block of a
-    merging path). ``moves`` (0 or 1 per ``src``) masks which of them merge: the
-    same ops run whatever an image merges, as lowering (``accel.lower.lower_mean``) needs. Returns
-    (x, size), each (B, len(kept) / B, ...): a token standing for several patches is their
-    size-weighted mean.
+    merging path). ``moves`` (0 or 1 per ``src``) masks which of them merge, so the same ops run
+    whatever an image merges, as lowering (``accel.lower.lower_mean``) needs. Returns (x, size),
+    each (B, len(kept) / B, ...): a token standing for several patches is their size-weighted mean.
     """
     b, n1, c = x.shape
     flat = (x if size is None else x * size).reshape(b * n1, c)
