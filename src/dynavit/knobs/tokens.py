@@ -150,11 +150,12 @@ def _fold(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: to
           moves: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the tokens at flat positions ``src`` into those at ``dst`` (size-weighted), then take ``kept``.
 
-    Positions index the batch flattened to (B * N, C): a few row-wise ops per block, where gathers
-    over the (B, N, C) tensors cost several times more at batch 1 (a merge runs in every block of a
-    merging path). ``moves`` (0 or 1 per ``src``) masks which of them merge, so the same ops run
-    whatever an image merges, as lowering (``accel.lower.lower_mean``) needs. Returns (x, size),
-    each (B, len(kept) / B, ...): a token standing for several patches is their size-weighted mean.
+    Positions index the batch flattened to (B * N, C): a few row-wise ops per block instead of
+    gathers over expanded (B, N, C) indices, which cost more at batch 1, where a merge in every
+    block of a path is a large part of its time (docs/results.md, token paths at batch 1).
+    ``moves`` (0 or 1 per ``src``) masks which of them merge, so the same ops run whatever an image
+    merges, as lowering (``accel.lower.lower_mean``) needs. Returns (x, size), each
+    (B, len(kept) / B, ...): a token standing for several patches is their size-weighted mean.
     """
     b, n1, c = x.shape
     flat = (x if size is None else x * size).reshape(b * n1, c)
