@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from dynavit.compensation import RIDGES, Compensation, choose, measure
+from dynavit.compensation import FOCUS, RIDGES, Compensation, choose, measure
 from dynavit.config import ExecConfig
 from dynavit.data.datasets import file_sha1, list_images, read_image
 from dynavit.errors import DynavitError
@@ -157,10 +157,10 @@ def _outputs(dm: Any, batches: Sequence[torch.Tensor], cfg: ExecConfig, bar: Any
 
 
 def _passes(n_fit: int, n_held: int, n_all: int, candidates: int, probes: int, blocks: int, compensate: bool,
-            branches: int = 0) -> int:
-    """Images run through the model by a calibration: the progress bar's total."""
+            branches: int = 0, focus: int = 0) -> int:
+    """Images run through the model by a calibration: the progress bar's total (``focus``: focus probe runs)."""
     compare = n_held * candidates * probes + (candidates * n_fit if compensate else 0) if candidates > 1 else 0
-    fit_comp = n_fit + n_held * ((3 + len(RIDGES)) * probes + 6 + 2 * branches) if compensate else 0
+    fit_comp = n_fit + n_held * ((3 + len(RIDGES)) * probes + 6 + 2 * branches + focus) if compensate else 0
     composed = min(GREEDY_IMAGES, n_all) * (1 + len(SKIP_KINDS) * sum(blocks - s for s in range(1, blocks // 2)))
     return candidates * n_fit + n_held + compare + fit_comp + n_all * (1 + 3 * blocks) + composed
 
@@ -228,7 +228,8 @@ def calibrate(dm: Any, images: Any, *, criterion: str = "auto", batch_size: int 
     probes, n = _probe_configs(dm), dm.space.num_blocks
     n_all, n_held, n_fit = (sum(len(b) for b in bs) for bs in (batches, held, fit))
     branch_probes = _branch_probes(dm)
-    total = _passes(n_fit, n_held, n_all, len(candidates), len(probes), n, compensate, len(branch_probes))
+    focus = len(FOCUS) * sum(p.mlp_width != 1.0 for p in probes) if dm.family == "vit" else 0
+    total = _passes(n_fit, n_held, n_all, len(candidates), len(probes), n, compensate, len(branch_probes), focus)
     bar = tqdm(total=total, desc="calibrate", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         perms = {c: {k: [v.argsort(descending=True, stable=True) for v in group]

@@ -33,6 +33,7 @@ from dynavit.knobs import compensate
 from dynavit.knobs.width import recording
 
 FILE = "compensation.safetensors"
+FOCUS = (None, 0.0, 0.08, 0.16, 0.25)  # focus fractions a CLS-token ViT's calibration compares per MLP width
 RIDGES = (1e-3, 1e-2, 0.1, 0.3, 1.0)  # ridge candidates per group, relative to the kept channels' mean variance
 GROUP_KNOBS = {"mlp": "mlp_width", "heads": "heads", "fuse": "decoder_width"}  # a group's layers -> its knob
 
@@ -48,17 +49,24 @@ class Compensation:
     branch_fix: bool = False  # whether dropped decoder branches are predicted from the kept ones
     comparison: dict[str, float] = field(default_factory=dict)  # method (and "skip_*") -> held-out mean KL
     ridges: dict[str, float] = field(default_factory=dict)  # group ("mlp", "heads", "fuse") -> chosen ridge
+    focus: tuple[tuple[float, float | None], ...] | None = None  # (MLP width, focus fraction or off), knobs.focus
+
+    def __post_init__(self) -> None:
+        if self.focus is not None:  # from JSON: lists
+            self.focus = tuple((float(w), None if f is None else float(f)) for w, f in self.focus)
 
     def identity(self) -> str:
         ridges = "".join(f":{g}={r:g}" for g, r in sorted(self.ridges.items()))
-        h = hashlib.sha1(f"{self.method}:{self.skip_means}{':branches' if self.branch_fix else ''}{ridges}".encode())
+        focus = "" if self.focus is None else f":focus={self.focus}"
+        branches = ":branches" if self.branch_fix else ""
+        h = hashlib.sha1(f"{self.method}:{self.skip_means}{branches}{ridges}{focus}".encode())
         for key in sorted(self.layers):
             h.update(key.encode() + self.layers[key][0].double().sum().item().hex().encode())
         return h.hexdigest()[:12]
 
     def meta(self) -> dict[str, Any]:
         return {"method": self.method, "skip_means": self.skip_means, "branch_fix": self.branch_fix,
-                "comparison": self.comparison, "ridges": self.ridges}
+                "comparison": self.comparison, "ridges": self.ridges, "focus": self.focus}
 
     def save(self, folder: Path) -> None:
         tensors = {f"layer.{k}.mean": m.contiguous() for k, (m, _) in self.layers.items()}
@@ -83,6 +91,7 @@ class Compensation:
                 branch_fix: bool | None = None) -> None:
         """Put the corrections on ``module``'s layers (replacing any); the keyword arguments override."""
         compensate.uninstall(module)
+        install_focus(module, self.focus)
         method = self.method if method is None else method
         targets = layer_targets(module)
         for key, (mean, cov) in self.layers.items():
@@ -98,6 +107,14 @@ class Compensation:
         fuse = fuse_target(module)
         if fuse is not None and "fuse.in" in self.layers and (self.branch_fix if branch_fix is None else branch_fix):
             compensate.install(fuse, compensate.LayerStats(*self.layers["fuse.in"], "matrix"))
+
+
+def install_focus(module: nn.Module, table: tuple[tuple[float, float | None], ...] | None) -> None:
+    """A CLS-token ViT's MLPs focus by ``table`` (``knobs.focus``; None: every token narrowed alike)."""
+    if getattr(module, "family", "") != "vit":
+        return
+    for b in module.blocks:
+        compensate.install_focus(b.mlp, table)
 
 
 def group(key: str) -> str | None:
@@ -204,6 +221,8 @@ def choose(comp: Compensation, dm: Any, probes: Sequence[ExecConfig], skip_probe
     comp.method = min(methods, key=lambda m: comp.comparison[m])
     if comp.method == "matrix":
         choose_ridges(comp, dm, probes, score)
+    comp.install(dm.module, skip_means=False)
+    choose_focus(comp, dm, probes, score)
     if skip_probes and comp.skips:
         for on in (False, True):
             comp.install(dm.module, skip_means=on)
@@ -238,3 +257,24 @@ def choose_ridges(comp: Compensation, dm: Any, probes: Sequence[ExecConfig],
             comp.install(dm.module, skip_means=False)
             comp.comparison[f"ridge.{g}={r:g}"] = score(ps)
         comp.ridges[g] = min(RIDGES, key=lambda r, g=g: comp.comparison[f"ridge.{g}={r:g}"])
+
+
+
+def choose_focus(comp: Compensation, dm: Any, probes: Sequence[ExecConfig],
+                 score: Callable[[Sequence[ExecConfig]], float]) -> None:
+    """Per MLP-width probe, the fraction of ``FOCUS`` whose focused path scores lowest (CLS-token ViTs only).
+
+    One fraction for every width would be judged mostly by the narrowest probe, whose KL dwarfs
+    the others'; each width band gets its own (``knobs.focus.fraction`` takes the nearest probe's).
+    """
+    ps = ridge_probes(comp, probes).get("mlp")
+    if not ps or getattr(dm.module, "family", "") != "vit":
+        return
+    table = []
+    for p in sorted(ps, key=lambda p: p.mlp_width):
+        for f in FOCUS:
+            install_focus(dm.module, ((p.mlp_width, f),))
+            comp.comparison[f"focus.{p.mlp_width:g}={f}"] = score([p])
+        table.append((p.mlp_width, min(FOCUS, key=lambda f, p=p: comp.comparison[f"focus.{p.mlp_width:g}={f}"])))
+    comp.focus = tuple(table)
+    install_focus(dm.module, comp.focus)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from dynavit.config import ExecConfig, Plan
-from dynavit.deploy.slice import DeployError, slice_to_plan
+from dynavit.deploy.slice import DeployError, focused_block, slice_to_plan
 from dynavit.knobs import compensate
 from dynavit.models import hub
 
@@ -52,6 +52,13 @@ def derive(dm: Any, config: ExecConfig | dict, folder: str | Path, *, half: bool
         compensate.copy_to(dm.module, impl)
     finally:
         dm.configure(previous)
+    focused = _unfocus(impl, plan)
+    if focused:
+        note = (f"{note}\n\nThe path runs its MLPs focused (the class token and the patch tokens it attends to "
+                "most keep every channel); a transformers config has one width for every token, so the "
+                "derived model narrows them all alike until it is trained.").strip()
+        warnings.warn("the path's focused MLPs are derived at one width for every token (train it before use)",
+                      stacklevel=2)
     kept = [i for i, b in enumerate(plan.blocks) if b.attn and b.mlp]
     stage_of = tuple(impl.stage_of) if dm.family == "segformer" else (0,) * len(plan.blocks)
     with torch.no_grad():
@@ -72,6 +79,14 @@ def derive(dm: Any, config: ExecConfig | dict, folder: str | Path, *, half: bool
     DynamicModel(out).save_pretrained(folder, half=half)
     (folder / "README.md").write_text(_card(dm, cfg, small, note))
     return folder
+
+
+def _unfocus(impl: Any, plan: Plan) -> bool:
+    """Remove the copy's focused MLPs (``knobs.focus``), which a config cannot hold; whether the path had any."""
+    focused = any(focused_block(b, p) for b, p in zip(impl.blocks, plan.blocks, strict=True))
+    for b in impl.blocks:
+        compensate.install_focus(b.mlp, None)
+    return focused
 
 
 def _check_structural(plan: Plan, full: Plan) -> None:

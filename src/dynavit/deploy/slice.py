@@ -11,6 +11,9 @@ once the weights are cut, every "first k" in the forward is the whole tensor, so
 forward runs with no slicing at all, which is what a tracer or compiler then sees. A calibrated
 compensation (``knobs.compensate``) is folded into the cut weights (for dropped decoder branches, the
 constant into the batch norm's running mean); skipped sub-layers keep their mean as a constant add.
+A focused MLP (``knobs.focus``) runs all its channels for the tokens the class token reads: it is
+kept whole, and its correction for the other tokens stays installed on the copy (a tracer records
+the solved weights as constants).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import copy
 import torch
 from torch import nn
 
-from dynavit.config import ExecConfig, Plan
+from dynavit.config import BlockPlan, ExecConfig, Plan
 from dynavit.errors import DynavitError
 from dynavit.knobs import compensate
 from dynavit.models.base import DerivedCache, FamilyModel
@@ -92,6 +95,9 @@ def path_module(dm: nn.Module, config: ExecConfig | dict | None = None, *, slice
     if sliced and hasattr(impl, "blocks") and impl.family in ("vit", "swin", "segformer"):
         with torch.no_grad():
             slice_to_plan(impl, plan)
+    if any(focused_block(b, p) for b, p in zip(impl.blocks, plan.blocks, strict=True)):
+        with torch.no_grad():  # solve the focused MLPs' live corrections now: a tracer must find real tensors
+            impl(dm.example_input(1))
     return PathModule(impl, cfg)
 
 
@@ -118,7 +124,9 @@ def slice_to_plan(impl: FamilyModel, plan: Plan) -> None:
             _keep_heads(blk.attn, p.heads)
         else:
             _drop(blk.attn, blk.norm1)
-        if p.mlp:
+        if p.mlp and focused_block(blk, p):
+            pass  # a focused MLP (knobs.focus) runs every channel for some tokens: kept whole, its correction live
+        elif p.mlp:
             _keep_mlp(blk.mlp, p.mlp_dim)
         else:
             _drop(blk.mlp, blk.norm2)
@@ -126,6 +134,11 @@ def slice_to_plan(impl: FamilyModel, plan: Plan) -> None:
         stages = {impl.stage_of[i] for i in unused}
         _drop(*(impl.patch_embeds[s] for s in stages), *(impl.norms[s] for s in stages))
         _keep_decoder(impl.decoder, plan.decoder_dim, plan.decoder_branches)
+
+
+def focused_block(blk: nn.Module, p: BlockPlan) -> bool:
+    """Whether a ViT block's MLP runs focused on this path (``knobs.focus``)."""
+    return getattr(blk, "focus_of", lambda _: None)(p) is not None
 
 
 def _unused_stages(impl: FamilyModel, plan: Plan) -> set[int]:

@@ -58,6 +58,7 @@ class LayerStats:
 
 _layers: weakref.WeakKeyDictionary[nn.Module, LayerStats] = weakref.WeakKeyDictionary()
 _skips: weakref.WeakKeyDictionary[nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()  # sub-layer -> mean
+_focus: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()  # MLP -> (width, fraction) pairs
 
 
 def install(layer: nn.Module, stats: LayerStats) -> None:
@@ -67,6 +68,20 @@ def install(layer: nn.Module, stats: LayerStats) -> None:
 def install_skip(sublayer: nn.Module, mean: torch.Tensor) -> None:
     """``mean``: (1, C), or (2, C) = (CLS token, patch tokens) for CLS-token models."""
     _skips[sublayer] = mean
+
+
+def install_focus(mlp: nn.Module, table: tuple[tuple[float, float | None], ...] | None) -> None:
+    """Narrowed, ``mlp`` keeps full width for the class token and a fraction of the patch tokens, per
+    (MLP width, fraction) pair of ``table`` (``knobs.focus``); None: every token narrowed alike."""
+    if table is None:
+        _focus.pop(mlp, None)
+    else:
+        _focus[mlp] = table
+
+
+def focus(mlp: nn.Module) -> tuple[tuple[float, float | None], ...] | None:
+    """The (MLP width, fraction) pairs ``install_focus`` gave ``mlp`` (None: none)."""
+    return _focus.get(mlp)
 
 
 def skip_mean(sublayer: nn.Module) -> torch.Tensor | None:
@@ -79,10 +94,11 @@ def uninstall(module: nn.Module) -> None:
     for m in module.modules():
         _layers.pop(m, None)
         _skips.pop(m, None)
+        _focus.pop(m, None)
 
 
 def active(module: nn.Module) -> bool:
-    return any(m in _layers or m in _skips for m in module.modules())
+    return any(m in _layers or m in _skips or m in _focus for m in module.modules())
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
@@ -153,6 +169,8 @@ def copy_to(src: nn.Module, dst: nn.Module) -> None:
             _layers[b] = _layers[a]
         if a in _skips:
             _skips[b] = _skips[a]
+        if a in _focus:
+            _focus[b] = _focus[a]
 
 
 def forget(layer: nn.Module) -> None:

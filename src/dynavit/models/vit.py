@@ -17,6 +17,7 @@ from torch import nn
 
 from dynavit.config import BlockPlan, Plan, Space
 from dynavit.knobs import compensate, tokens
+from dynavit.knobs.focus import focused_mlp, fraction
 from dynavit.knobs.layers import MLP
 from dynavit.knobs.permute import permute_heads, permute_units
 from dynavit.knobs.width import heads_of, merge_heads, observe
@@ -48,14 +49,17 @@ class Attention(nn.Module):
         return [(self.q, 0), (self.k, 0), (self.v, 0)]
 
     def forward(self, x: torch.Tensor, heads: int, bias: torch.Tensor | None, token_op: str | None,
-                precision: str = "fp32"):
+                precision: str = "fp32", cls_attention: bool = False):
         """Attention output, plus what the following token op reads: (CLS attention, keys), each or None.
 
-        Pruning and thresholding read the CLS attention, merging the keys, "prune+merge" both.
+        Pruning and thresholding read the CLS attention, merging the keys, "prune+merge" both;
+        ``cls_attention``: return the CLS attention anyway (a focused MLP reads it, ``knobs.focus``).
         """
         q, k, v = (heads_of(x, lin, heads, self.head_dim, off, precision) for lin, off in self.qkv_parts())
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         scores, keys = _cues(q, k, bias, token_op)
+        if cls_attention and scores is None:
+            scores = tokens.cls_attention(q, k, bias)
         if self.record is not None:
             self.record.append(scores if scores is not None else tokens.cls_attention(q, k, bias))
         return merge_heads(out, self.o, precision), (scores, keys)
@@ -96,9 +100,11 @@ class Block(nn.Module):
             self.ls1, self.ls2 = _layer_scale(src.ls1), _layer_scale(src.ls2)
 
     def forward(self, x: torch.Tensor, p: BlockPlan, plan: Plan, state: tokens.TokenState):
+        focus = self.focus_of(p)
+        scores = None
         if p.attn:
             bias = state.attn_bias(x.dtype)
-            out, (scores, keys) = self.attn(self.norm1(x), p.heads, bias, p.token_op, p.precision)
+            out, (scores, keys) = self.attn(self.norm1(x), p.heads, bias, p.token_op, p.precision, focus is not None)
             out = out if self.ls1 is None else out * self.ls1
             observe(self.attn, out)  # calibration records the sub-layer's mean output (compensation)
             x = x + out
@@ -107,13 +113,25 @@ class Block(nn.Module):
         else:
             x = compensate.skipped(self.attn, x)
         if p.mlp:
-            out = self.mlp(self.norm2(x), p.mlp_dim, p.precision)
+            if focus is not None and scores is not None:
+                out = focused_mlp(self.norm2(x), self.mlp.fc1, self.mlp.fc2, p.mlp_dim, self.mlp.act, scores, focus,
+                                  p.precision)
+            else:
+                out = self.mlp(self.norm2(x), p.mlp_dim, p.precision)
             out = out if self.ls2 is None else out * self.ls2
             observe(self.mlp, out)
             x = x + out
         else:
             x = compensate.skipped(self.mlp, x)
         return x, state
+
+    def focus_of(self, p: BlockPlan) -> float | None:
+        """The calibrated focus fraction when this block's narrowed MLP can use it: its own attention ran and
+        kept every token (after a token op the scores no longer match the tokens)."""
+        if not (p.attn and p.mlp and not p.token_op and p.mlp_dim < self.mlp.fc1.out_features):
+            return None
+        table = compensate.focus(self.mlp)
+        return None if table is None else fraction(table, p.mlp_dim / self.mlp.fc1.out_features)
 
     def thin(self, x: torch.Tensor, p: BlockPlan, plan: Plan, state: tokens.TokenState):
         """The block skipped but for its token reduction (``skip_keep_tokens``), its cues from its input."""
