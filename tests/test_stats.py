@@ -123,13 +123,13 @@ def test_round_robin_timing_flags_a_config_that_slows_down(monkeypatch) -> None:
 
     def slowed(*a, **k):
         if calls["timing"]:
-            # every timed run takes at least 5 ms, so a shared machine's jitter on a sub-millisecond
-            # forward cannot reach the 1.5x spread on its own
-            time.sleep(0.005)
+            # every timed run takes at least 20 ms, so a shared machine's jitter on a sub-millisecond
+            # forward (a few ms under a full load) cannot reach the 1.5x spread on its own
+            time.sleep(0.02)
             if dm.exec_config == slow:
                 calls["n"] += 1
                 if calls["n"] > 12:  # after the warm-up and half of its timed runs: the machine got slower for it
-                    time.sleep(0.02)
+                    time.sleep(0.06)
         return forward(*a, **k)
 
     monkeypatch.setattr(dm.module, "forward", slowed)
